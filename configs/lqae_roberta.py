@@ -1,0 +1,52 @@
+"""LQAE as in the paper: ViT-B/16 encoder and decoder, frozen RoBERTa-base codebook, ImageNet.
+
+    python -m lqae_vlap.main --config=configs/lqae_roberta.py --workdir=$WORKDIR \
+        --config.data.manual_dir=/path/to/imagenet_tars --config.data.data_dir=/path/to/tfds
+
+Settings from arXiv 2302.00902 and its released run (see ../shared/reference/methods.md):
+batch 512, AdamW (0.9, 0.95), lr 1.5e-4 per 256 images (3e-4 at 512), 5 warm-up epochs then
+cosine, weight decay 5e-4 (not on biases, norms, embeddings), 100 epochs, commitment 0.005,
+mask ratio 0.5, masked-LM weight 1e-4, both reconstructions weight 1.0. The released code adds its
+commitment term twice (0.005 acts as 0.01): set --config.loss.commitment=0.01 to match it.
+
+``get_config(arg)``: arg is the image size (default 256), e.g. ``configs/lqae_roberta.py:224``.
+"""
+
+import ml_collections
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def get_config(arg=None):
+    image_size = int(arg) if arg else 256
+    c = ml_collections.ConfigDict()
+    c.method = "lqae"
+    c.mode = "train"  # train | eval
+    c.seed = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: the rest of the devices
+
+    c.data = dict(name="imagenet", batch_size=512, seed=0, num_workers=16,
+                  data_dir="", manual_dir="")
+
+    c.model = dict(
+        lm_path="roberta-base",  # HF hub name or local folder (config.json + weights)
+        lm_dtype="float32",
+        dtype="float32",  # compute dtype of the trainable ViTs
+        image_size=image_size, patch_size=16, channels=3, remat=False,
+        encoder=dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+        decoder=dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    )
+    # Nearest word by cosine; the encoder output is L2-normalised (l2_normalize=True in the
+    # released run) and the RAW word vector goes on through the straight-through estimator.
+    c.quantizer = dict(metric="cosine", l2_normalize=True, chunk_size=8192)
+    c.loss = dict(recon_quantized=1.0, recon_lm=1.0, commitment=0.005, mlm=1e-4,
+                  mask_ratio_min=0.5, mask_ratio_max=0.5)
+
+    steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.data.batch_size
+    c.optim = dict(lr=1.5e-4, lr_scale_batch=256, b1=0.9, b2=0.95, eps=1e-8,
+                   weight_decay=5e-4, warmup_steps=5 * steps_per_epoch, grad_clip=0.0,
+                   end_lr_ratio=0.0)
+    c.train = dict(steps=100 * steps_per_epoch, log_every=100, checkpoint_every=5000,
+                   keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
+    c.eval = dict(batch_size=64, num_batches=8, num_images=8)
+    return c

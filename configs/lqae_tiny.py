@@ -1,0 +1,22 @@
+"""The smallest LQAE that exercises every code path: for tests and quick checks on a CPU.
+
+8x8 digits, 2x2 patches (16 tokens), one-block ViTs, the real MiniLM codebook by default
+(tests point ``model.lm_path`` at a tiny random BERT they create).
+"""
+
+from lqae_vlap import config_files
+
+
+def get_config(arg=None):
+    c = config_files.load_sibling(__file__, "lqae_demo").get_config(arg or "4")
+    c.data.batch_size = 16
+    c.model.image_size = 8
+    c.model.patch_size = 2
+    c.model.encoder = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.model.decoder = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.quantizer.chunk_size = 1024
+    c.optim.warmup_steps = 1
+    c.train.update(dict(log_every=1, checkpoint_every=2, keep_checkpoints=2, eval_every=0,
+                        async_checkpoint=False))
+    c.eval = dict(batch_size=16, num_batches=1, num_images=4)
+    return c

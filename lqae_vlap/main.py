@@ -1,0 +1,104 @@
+"""Command line: ``python -m lqae_vlap.main --config=configs/FILE.py[:ARG] --workdir=DIR``.
+
+Override any config value with ``--config.KEY=VALUE`` (e.g. ``--config.train.steps=100``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py), optionally with :ARG for get_config.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+
+
+def _methods():
+    # A plain dict, no registry: each entry builds the method's ``Method`` for the trainer.
+    from lqae_vlap.methods import lqae
+
+    return {"lqae": lqae.build}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if "--verbosity" not in " ".join(sys.argv) and "-v=" not in " ".join(sys.argv):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from lqae_vlap.train import trainer
+
+    methods = _methods()
+    if config.method not in methods:
+        raise ValueError(f"config.method={config.method!r} is not known; use one of "
+                         f"{sorted(methods)}")
+    build = methods[config.method]
+    if config.mode == "train":
+        trainer.train_and_evaluate(config, _WORKDIR.value, build)
+    elif config.mode == "eval":
+        trainer.evaluate_checkpoint(config, _WORKDIR.value, build)
+    else:
+        raise ValueError(f"config.mode={config.mode!r} is not known; use 'train' or 'eval'")
+
+
+class _UserError(Exception):
+    """Errors whose message is the whole story: printed as one line, no traceback."""
+
+
+def _flag_error_line(error: Exception, argv: list[str]) -> str:
+    """One line from absl / ml_collections flag errors, which nest tracebacks and repr()s."""
+    text = str(error).replace("\\n", "\n").strip("'\"")
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if isinstance(error, (AttributeError, KeyError)) and lines:
+        key = re.findall(r"[A-Za-z_]\w*", lines[0])[0]
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                     and a.split("=")[0].split(".")[-1] == key), f"--config...{key}")
+        hint = f" ({lines[-1]})" if len(lines) > 1 else ""
+        return f"{flag}: the config has no key {key!r}{hint}"
+    if "earlier failure to load" in text:
+        cause = error.__cause__ or error
+        return f"--config: cannot load the config file: {' '.join(str(cause).split())}"
+    if "Traceback" in text:  # an exception inside get_config(): keep the flag and the cause
+        return f"{lines[0].split(': Error whilst')[0]}: get_config failed: {lines[-1]}"
+    return lines[0] if len(lines) == 1 else " ".join(lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        rest = flags.FLAGS(argv)
+        config = _CONFIG.value
+        if config is not None:
+            config.get("method")  # a file that failed to load raises here (ml_collections' _ErrorConfig)
+    except Exception as e:  # absl and ml_collections raise several types for a bad flag
+        _die(f"config error: {_flag_error_line(e, argv)}")
+    if config is None:
+        _die("missing --config: pass --config=configs/FILE.py (see configs/)")
+    if not _WORKDIR.value:
+        _die("missing --workdir: pass --workdir=DIR for checkpoints and metrics")
+    return rest
+
+
+def _die(message: str) -> None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run() -> None:
+    from lqae_vlap.train.checkpoint import CheckpointError
+
+    user_errors = (FileNotFoundError, ValueError, KeyError, CheckpointError, _UserError)
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except user_errors as e:
+        # Bad input (paths, config values, checkpoints): one line that names it, no traceback.
+        _die(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,470 @@
+"""The project's one loader of Hugging Face checkpoint folders into Flax param trees.
+
+Three layers, so new families (OPT, T5, Llama, CLIP) only add a name map:
+  1. reading:    ``open_state_dict(folder)`` -> a lazy ``{pytorch_name: np.ndarray}`` over
+                 safetensors (single or sharded), pytorch_model.bin (single or sharded) or HF's
+                 flax_model.msgpack (renamed to PyTorch naming). bfloat16 reads via ml_dtypes.
+  2. name map:   per family, ``{flax_param_path: Source(hf_keys, transform)}``; the first present
+                 key of ``hf_keys`` wins, so tied or legacy names are simply alternatives.
+  3. conversion: ``convert_checkpoint`` checks the map against ``jax.eval_shape(module.init)``
+                 (missing, unexpected and mis-shaped keys all reported by name, before any tensor
+                 is read), then converts leaf by leaf, casting and, given a mesh, placing each leaf
+                 on its sharding at once so a big model never sits whole on the host twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from lqae_vlap.models.roberta import EncoderLMConfig, MaskedLM
+from lqae_vlap.train.sharding import boxed_shardings, fit_sharding_to_shape
+
+# --------------------------------------------------------------------------------------------
+# 1. Finding and reading a checkpoint folder
+# --------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "flax_model.msgpack")
+# owner/name or a bare name such as "roberta-base"; anything else is treated as a path.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a hub name fetched with ``huggingface_hub.snapshot_download``.
+
+    Raises FileNotFoundError naming ``path_or_name`` when it is neither an existing folder nor a
+    hub name that can be fetched (no network, offline mode, unknown repository).
+    """
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} is a file; pass the folder that holds "
+                         "config.json and the weight files")
+    name = str(path_or_name)
+    if ".." in name or not _HUB_NAME.fullmatch(name):
+        raise FileNotFoundError(f"checkpoint folder {name!r} does not exist; pass a local folder "
+                                "holding config.json and the weights (or a hub name like 'roberta-base')")
+    try:
+        import huggingface_hub  # noqa: PLC0415  (only needed where there is a hub)
+
+        # safetensors first; the legacy formats only when a repository has no safetensors.
+        folder = Path(huggingface_hub.snapshot_download(
+            name, allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"]))
+        if not any((folder / f).exists() for f in WEIGHT_FILES):
+            folder = Path(huggingface_hub.snapshot_download(
+                name, allow_patterns=["*.json", "*.txt", "*.model", "*.bin", "*.msgpack"]))
+    except Exception as e:  # noqa: BLE001  (every hub failure means the same thing to the caller)
+        raise FileNotFoundError(
+            f"checkpoint {name!r} is not a local folder and could not be fetched from the Hugging "
+            f"Face hub ({type(e).__name__}: {e}); download it where there is network and pass the "
+            "local folder instead") from e
+    return folder
+
+
+def read_hf_config(folder: str | os.PathLike) -> Any:
+    """The folder's config.json as a transformers config object (no network)."""
+    from transformers import AutoConfig  # noqa: PLC0415  (heavy import, only when loading)
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+class StateDict(Mapping):
+    """A lazy ``{pytorch_name: np.ndarray}``: shapes are known up front, tensors read on access."""
+
+    def __init__(self, entries: Mapping[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]],
+                 source: str):
+        self._entries = dict(entries)
+        self.source = source  # for error messages
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][0]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._entries[key][1]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _read_bytes(path: Path, start: int, end: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    with open(path, "rb") as f:
+        f.seek(start)
+        buf = f.read(end - start)
+    return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
+def _safetensors_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    # The format is an 8-byte header length, a JSON header, then raw little-endian bytes; reading
+    # it directly handles bfloat16 (safetensors' numpy API cannot) without torch or a device.
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    entries = {}
+    for key, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which this reader "
+                             f"does not handle (known: {sorted(_SAFETENSORS_DTYPES)})")
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        entries[key] = (shape, functools.partial(_read_bytes, path, 8 + n + start, 8 + n + end,
+                                                 _SAFETENSORS_DTYPES[info["dtype"]], shape))
+    return entries
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    import torch  # noqa: PLC0415
+
+    tensor = tensor.detach().contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _torch_bin_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    import torch  # noqa: PLC0415  (only the legacy .bin format needs torch)
+
+    try:  # mmap keeps a big .bin on disk until each tensor is asked for
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # pre-zipfile (torch < 1.6) files cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: (tuple(v.shape), functools.partial(_torch_to_numpy, v)) for k, v in state.items()}
+
+
+def flax_to_pytorch_name(path: Sequence[str], value: np.ndarray) -> tuple[str, np.ndarray]:
+    """One HF-flax leaf ('bert','encoder','layer','0',...,'kernel') in PyTorch naming and layout."""
+    *parents, leaf = path
+    if leaf == "kernel":
+        leaf = "weight"
+        if value.ndim == 2:  # Dense [in, out] -> Linear [out, in]
+            value = value.T
+        elif value.ndim == 4:  # Conv [h, w, in, out] -> [out, in, h, w]
+            value = value.transpose(3, 2, 0, 1)
+    elif leaf in ("embedding", "scale"):
+        leaf = "weight"
+    return ".".join([*parents, leaf]), value
+
+
+def _flax_msgpack_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    from flax import serialization  # noqa: PLC0415
+
+    tree = serialization.msgpack_restore(path.read_bytes())
+    entries = {}
+    for flax_path, value in traverse_util.flatten_dict(tree).items():
+        key, value = flax_to_pytorch_name([str(p) for p in flax_path], np.asarray(value))
+        entries[key] = (tuple(value.shape), functools.partial(lambda v: v, value))
+    return entries
+
+
+def _sharded(folder: Path, index_name: str, reader: Callable) -> dict:
+    weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+    entries = {}
+    for shard in sorted(set(weight_map.values())):
+        entries.update(reader(folder / shard))
+    return entries
+
+
+def open_state_dict(folder: str | os.PathLike) -> StateDict:
+    """Lazy PyTorch-named state dict of a checkpoint folder; formats tried in ``WEIGHT_FILES`` order."""
+    folder = Path(folder)
+    readers = {
+        "model.safetensors": lambda: _safetensors_entries(folder / "model.safetensors"),
+        "model.safetensors.index.json":
+            lambda: _sharded(folder, "model.safetensors.index.json", _safetensors_entries),
+        "pytorch_model.bin": lambda: _torch_bin_entries(folder / "pytorch_model.bin"),
+        "pytorch_model.bin.index.json":
+            lambda: _sharded(folder, "pytorch_model.bin.index.json", _torch_bin_entries),
+        "flax_model.msgpack": lambda: _flax_msgpack_entries(folder / "flax_model.msgpack"),
+    }
+    for name in WEIGHT_FILES:
+        if (folder / name).exists():
+            return StateDict(readers[name](), source=str(folder / name))
+    raise FileNotFoundError(f"{folder} holds no weights: looked for {', '.join(WEIGHT_FILES)}")
+
+
+def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint folder in PyTorch naming, read into host memory."""
+    state = open_state_dict(folder)
+    return {k: np.array(state[k]) for k in state}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Name maps: how one Flax leaf is made from one HF tensor
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """Same layout in both frameworks (embeddings, LayerNorm, plain biases)."""
+
+    def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(target)
+
+    def __call__(self, x: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """torch Linear weight [out, in] -> DenseGeneral kernel [*in_dims, *out_dims]."""
+
+    in_dims: int = 1  # how many leading kernel dims are the input (2 for an attention output)
+
+    def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
+        return (math.prod(target[self.in_dims:]), math.prod(target[:self.in_dims]))
+
+    def __call__(self, x: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+        return x.T.reshape(target)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape:
+    """A flat torch bias [H * Dh] -> [H, Dh]."""
+
+    def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
+        return (math.prod(target),)
+
+    def __call__(self, x: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+        return x.reshape(target)
+
+
+Transform = Copy | Linear | Reshape
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one Flax leaf comes from: the first of ``keys`` present in the checkpoint."""
+
+    keys: tuple[str, ...]
+    transform: Transform = Copy()
+
+
+NameMap = dict[tuple[str, ...], Source]
+
+
+def detect_prefix(keys: Iterable[str], anchor: str, prefixes: Sequence[str]) -> str:
+    """Which of ``prefixes`` ('bert.', 'roberta.', '') the base model's keys carry."""
+    keys = set(keys)
+    for prefix in prefixes:
+        if prefix + anchor in keys:
+            return prefix
+    raise ValueError(f"checkpoint has no {anchor!r} under any of the prefixes {list(prefixes)}; "
+                     "it is not a checkpoint of this model family")
+
+
+def _layer_norm(flax_path: tuple[str, ...], hf: str) -> NameMap:
+    # '.gamma'/'.beta' are the names of the original TF-converted BERT checkpoints.
+    return {flax_path + ("scale",): Source((f"{hf}.weight", f"{hf}.gamma")),
+            flax_path + ("bias",): Source((f"{hf}.bias", f"{hf}.beta"))}
+
+
+def _dense(flax_path: tuple[str, ...], hf: str, kernel: Transform = Linear(),
+           bias: Transform = Copy()) -> NameMap:
+    return {flax_path + ("kernel",): Source((f"{hf}.weight",), kernel),
+            flax_path + ("bias",): Source((f"{hf}.bias",), bias)}
+
+
+# Heads of BertForMaskedLM / RobertaForMaskedLM: they never carry the base-model prefix.
+_MLM_HEAD_KEYS = {
+    "bert": dict(dense="cls.predictions.transform.dense", norm="cls.predictions.transform.LayerNorm",
+                 bias="cls.predictions.bias", decoder="cls.predictions.decoder"),
+    "roberta": dict(dense="lm_head.dense", norm="lm_head.layer_norm", bias="lm_head.bias",
+                    decoder="lm_head.decoder"),
+}
+
+
+def encoder_lm_has_head(keys: Iterable[str], model_type: str) -> bool:
+    """Whether a BERT-family checkpoint carries a masked-LM head (BertModel/MiniLM do not)."""
+    return f"{_MLM_HEAD_KEYS[model_type]['dense']}.weight" in set(keys)
+
+
+def encoder_lm_name_map(cfg: EncoderLMConfig, prefix: str) -> NameMap:
+    """BERT / RoBERTa: our MaskedLM param paths -> transformers state-dict names."""
+    p = prefix
+    m: NameMap = {
+        ("embeddings", "word_embeddings", "embedding"): Source((f"{p}embeddings.word_embeddings.weight",)),
+        ("embeddings", "position_embeddings", "embedding"):
+            Source((f"{p}embeddings.position_embeddings.weight",)),
+        ("embeddings", "token_type_embeddings", "embedding"):
+            Source((f"{p}embeddings.token_type_embeddings.weight",)),
+        **_layer_norm(("embeddings", "layer_norm"), f"{p}embeddings.LayerNorm"),
+    }
+    for i in range(cfg.num_hidden_layers):
+        hf, fx = f"{p}encoder.layer.{i}", (f"layer_{i}",)
+        for name in ("query", "key", "value"):
+            m.update(_dense(fx + ("attention", name), f"{hf}.attention.self.{name}", bias=Reshape()))
+        m.update(_dense(fx + ("attention", "out"), f"{hf}.attention.output.dense", Linear(in_dims=2)))
+        m.update(_layer_norm(fx + ("attention_norm",), f"{hf}.attention.output.LayerNorm"))
+        m.update(_dense(fx + ("mlp", "wi"), f"{hf}.intermediate.dense"))
+        m.update(_dense(fx + ("mlp", "wo"), f"{hf}.output.dense"))
+        m.update(_layer_norm(fx + ("mlp_norm",), f"{hf}.output.LayerNorm"))
+    if cfg.has_lm_head:
+        head = _MLM_HEAD_KEYS[cfg.model_type]
+        m.update(_dense(("lm_head", "dense"), head["dense"]))
+        m.update(_layer_norm(("lm_head", "layer_norm"), head["norm"]))
+        # Tied heads share one bias stored as either or both names; an untied head (transformers 5)
+        # also unties the bias and its forward adds decoder.bias.
+        bias_keys = (head["bias"], f"{head['decoder']}.bias")
+        m[("lm_head", "bias")] = Source(bias_keys if cfg.tie_word_embeddings else bias_keys[::-1])
+        if not cfg.tie_word_embeddings:
+            m[("lm_head", "decoder", "kernel")] = Source(
+                (f"{head['decoder']}.weight", f"{p}embeddings.word_embeddings.weight"), Linear())
+    return m
+
+
+def encoder_lm_ignored(cfg: EncoderLMConfig) -> tuple[str, ...]:
+    """Regexes of checkpoint keys a BERT-family MaskedLM knowingly does not use."""
+    head = _MLM_HEAD_KEYS[cfg.model_type]
+    ignored = [r"(^|\.)embeddings\.(position_ids|token_type_ids)$",  # buffers, not weights
+               r"(^|\.)pooler\.",  # the [CLS] pooler of BertModel / BertForPreTraining
+               r"^cls\.seq_relationship\."]  # BERT's next-sentence head
+    if cfg.tie_word_embeddings:  # the decoder reuses the word embeddings
+        ignored.append("^" + re.escape(f"{head['decoder']}.weight") + "$")
+    return tuple(ignored)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Conversion engine
+# --------------------------------------------------------------------------------------------
+
+
+def _listing(title: str, items: Sequence[str], limit: int = 20) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{title} ({len(items)}): {', '.join(items[:limit])}{more}"
+
+
+def convert_checkpoint(state: StateDict, name_map: NameMap, abstract_params: Any, *,
+                       dtype: Any = None, mesh: Mesh | None = None,
+                       ignored: Sequence[str] = ()) -> dict[str, Any]:
+    """Builds a plain (unboxed) Flax params tree from a checkpoint.
+
+    Args:
+      state: the checkpoint (``open_state_dict``).
+      name_map: Flax param path (inside 'params') -> Source.
+      abstract_params: ``jax.eval_shape(module.init, ...)['params']``, boxed with logical names.
+      dtype: cast floating leaves to this dtype (default: the abstract leaf's dtype).
+      mesh: when given, each leaf goes straight to its NamedSharding from the logical names.
+      ignored: regexes of checkpoint keys that may stay unused.
+
+    Raises:
+      ValueError naming every missing, unexpected and mis-shaped key, before any tensor is read.
+    """
+    targets = traverse_util.flatten_dict(nn.meta.unbox(abstract_params))
+    uncovered = sorted("/".join(k) for k in set(targets) - set(name_map))
+    stale = sorted("/".join(k) for k in set(name_map) - set(targets))
+    if uncovered or stale:  # a bug in a family's name map, not in the checkpoint
+        raise ValueError("name map and model disagree: "
+                         + "; ".join(filter(None, [uncovered and _listing("params with no source", uncovered),
+                                                   stale and _listing("sources for no param", stale)])))
+
+    available, chosen, missing, mismatched = set(state), {}, [], []
+    consumed: set[str] = set()
+    for path, src in name_map.items():
+        present = [k for k in src.keys if k in available]
+        consumed.update(present)  # alternatives of one tensor are all accounted for
+        if not present:
+            missing.append(src.keys[0])
+            continue
+        chosen[path] = present[0]
+        want = src.transform.source_shape(tuple(targets[path].shape))
+        if tuple(state.shape(present[0])) != want:
+            mismatched.append(f"{present[0]} has shape {tuple(state.shape(present[0]))}, "
+                              f"expected {want} for {'/'.join(path)}")
+    patterns = [re.compile(r) for r in ignored]
+    unexpected = sorted(k for k in available - consumed if not any(r.search(k) for r in patterns))
+    if missing or unexpected or mismatched:
+        problems = [missing and _listing("missing keys", sorted(missing)),
+                    unexpected and _listing("unexpected keys", unexpected),
+                    mismatched and _listing("shape mismatches", mismatched)]
+        raise ValueError(f"checkpoint {state.source} does not fit the model: "
+                         + "; ".join(p for p in problems if p)
+                         + ". Check that config.json matches the weights and the model family.")
+
+    shardings = None
+    if mesh is not None:
+        shardings = traverse_util.flatten_dict(boxed_shardings(abstract_params, mesh))
+    out = {}
+    for path, key in chosen.items():
+        target = targets[path]
+        leaf = name_map[path].transform(state[key], tuple(target.shape))
+        cast = dtype is not None and jnp.issubdtype(target.dtype, jnp.floating)
+        leaf = np.asarray(leaf).astype(dtype if cast else target.dtype, copy=False)
+        if shardings is not None:
+            out[path] = jax.device_put(leaf, fit_sharding_to_shape(shardings[path], leaf.shape))
+        else:
+            out[path] = jax.device_put(leaf)
+        del leaf  # the host copy goes as soon as the device holds it
+    return traverse_util.unflatten_dict(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def load_masked_lm(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32,
+                   mesh: Mesh | None = None) -> tuple[MaskedLM, dict[str, Any], Any]:
+    """Loads a BERT / RoBERTa / XLM-R checkpoint (with or without its MLM head) as a frozen MaskedLM.
+
+    Args:
+      path_or_name: local checkpoint folder (or a hub name where there is network).
+      dtype: param and compute dtype (e.g. jnp.bfloat16).
+      mesh: place every weight on this mesh by its logical axis names while loading.
+
+    Returns:
+      (module, variables, hf_config): ``module.apply(variables, input_ids, ...)`` runs it;
+      ``variables = {'params': ...}`` holds plain jax arrays. Checkpoints without a head
+      (e.g. a plain BertModel) load with ``config.has_lm_head=False``.
+    """
+    folder = resolve_checkpoint(path_or_name)
+    hf_config = read_hf_config(folder)
+    state = open_state_dict(folder)
+    cfg = EncoderLMConfig.from_hf(hf_config)  # raises for other families
+    cfg = dataclasses.replace(cfg, has_lm_head=encoder_lm_has_head(state, cfg.model_type))
+    prefix = detect_prefix(state, "embeddings.word_embeddings.weight", ("bert.", "roberta.", ""))
+    module = MaskedLM(cfg, dtype=dtype, param_dtype=dtype)
+    abstract = jax.eval_shape(
+        functools.partial(module.init, with_lm_head=cfg.has_lm_head),
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = convert_checkpoint(state, encoder_lm_name_map(cfg, prefix), abstract, dtype=dtype,
+                                mesh=mesh, ignored=encoder_lm_ignored(cfg))
+    return module, {"params": params}, hf_config
+
+
+def load_tokenizer(path_or_name: str | os.PathLike) -> Any:
+    """The checkpoint's transformers tokenizer (AutoTokenizer, local files only)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    return AutoTokenizer.from_pretrained(str(resolve_checkpoint(path_or_name)), local_files_only=True)

@@ -1,0 +1,333 @@
+"""Frozen BERT / RoBERTa masked language model (the LQAE codebook and its "filler").
+
+Matches transformers' ``BertForMaskedLM`` / ``RobertaForMaskedLM`` (and plain ``BertModel`` /
+``RobertaModel`` with ``has_lm_head=False``) in eval mode: post-LayerNorm encoder, learned absolute
+positions, token-type embeddings, and an MLM head whose decoder is tied to the word embeddings.
+No dropout: the model is only ever run frozen.
+
+Param tree (``{'params': ...}``), every leaf with logical axis names:
+  embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding, embeddings/layer_norm
+  layer_{i}/attention/{query,key,value}/kernel [embed, heads, kv], .../out/kernel [heads, kv, embed]
+  layer_{i}/attention_norm, layer_{i}/mlp/{wi,wo}, layer_{i}/mlp_norm
+  lm_head/{dense,layer_norm,bias} (+ lm_head/decoder/kernel only when the head is untied)
+
+Checkpoint loading lives in ``models/hf_weights.py`` (``load_masked_lm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Families with this exact architecture; the value is the family whose position scheme they use.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderLMConfig:
+    """Hyper-parameters of a BERT-family encoder (names follow the Hugging Face config)."""
+
+    model_type: str = "roberta"  # 'bert' | 'roberta' (xlm-roberta maps to 'roberta')
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    pad_token_id: int = 1
+    has_lm_head: bool = True
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ("bert", "roberta"):
+            raise ValueError(
+                f"EncoderLMConfig.model_type={self.model_type!r} is not supported; use one of "
+                f"{sorted(SUPPORTED_MODEL_TYPES)} (build it with EncoderLMConfig.from_hf)")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of "
+                             f"{sorted(_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_offset(self) -> int:
+        """First position id of a real token: RoBERTa reserves 0..pad for padding (fairseq legacy)."""
+        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, *, has_lm_head: bool = True) -> EncoderLMConfig:
+        """Reads a transformers ``BertConfig`` / ``RobertaConfig`` / ``XLMRobertaConfig``."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not a BERT-family encoder this module implements; "
+                f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+        pos_type = getattr(hf_config, "position_embedding_type", "absolute") or "absolute"
+        if pos_type != "absolute":
+            raise ValueError(f"position_embedding_type={pos_type!r} is not supported; only "
+                             "'absolute' learned positions are implemented")
+        if getattr(hf_config, "is_decoder", False):
+            raise ValueError("hf_config.is_decoder=True (causal attention) is not supported; "
+                             "this is a bidirectional masked-LM encoder")
+        pad = hf_config.pad_token_id
+        return cls(
+            model_type=SUPPORTED_MODEL_TYPES[model_type],
+            vocab_size=int(hf_config.vocab_size),
+            hidden_size=int(hf_config.hidden_size),
+            num_hidden_layers=int(hf_config.num_hidden_layers),
+            num_attention_heads=int(hf_config.num_attention_heads),
+            intermediate_size=int(hf_config.intermediate_size),
+            hidden_act=str(hf_config.hidden_act),
+            layer_norm_eps=float(hf_config.layer_norm_eps),
+            max_position_embeddings=int(hf_config.max_position_embeddings),
+            type_vocab_size=int(hf_config.type_vocab_size),
+            pad_token_id=int(pad if pad is not None else 0),
+            has_lm_head=has_lm_head,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+        )
+
+
+def _init(names: tuple[str, ...], init: Callable = nn.initializers.normal(0.02)) -> Callable:
+    return nn.with_logical_partitioning(init, names)
+
+
+def _layer_norm(cfg: EncoderLMConfig, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
+    # flax computes the statistics in float32 even for a bfloat16 dtype, as HF's fp32 LayerNorm does.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                        scale_init=_init(("norm",), nn.initializers.ones),
+                        bias_init=_init(("norm",), nn.initializers.zeros), name=name)
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type embeddings, then LayerNorm. ``attend`` is the tied decoder."""
+
+    config: EncoderLMConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size,
+                                        embedding_init=_init(("vocab", "embed")), **kw)
+        self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                            embedding_init=_init(("position", "embed")), **kw)
+        # A (tiny) vocabulary of segment ids, hence 'vocab'; fit_sharding_to_shape replicates it.
+        self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                                              embedding_init=_init(("vocab", "embed")), **kw)
+        self.layer_norm = _layer_norm(cfg, self.dtype, self.param_dtype, "layer_norm")
+
+    def __call__(self, word_vectors: jax.Array | None, input_ids: jax.Array | None,
+                 position_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+        """word_vectors: [B, L, D] or None (then looked up from input_ids: [B, L]) -> [B, L, D]."""
+        if word_vectors is None:
+            word_vectors = self.word_embeddings(input_ids)
+        x = (word_vectors.astype(self.dtype) + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(position_ids))
+        return self.layer_norm(x)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] -> [B, L, V] against the word-embedding table."""
+        return self.word_embeddings.attend(x)
+
+
+class SelfAttention(nn.Module):
+    config: EncoderLMConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """x: [B, L, D], bias: [B, 1, 1, L] additive mask -> [B, L, D]."""
+        cfg = self.config
+        qkv = lambda name: nn.DenseGeneral(  # noqa: E731
+            (cfg.num_attention_heads, cfg.head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_init(("embed", "heads", "kv")),
+            bias_init=_init(("heads", "kv"), nn.initializers.zeros), name=name)
+        q, k, v = qkv("query")(x), qkv("key")(x), qkv("value")(x)  # [B, L, H, Dh]
+        # Softmax in float32 so a bfloat16 model keeps the -inf-like padding bias exact.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        probs = jax.nn.softmax(scores + bias, axis=-1).astype(self.dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
+                               param_dtype=self.param_dtype,
+                               kernel_init=_init(("heads", "kv", "embed")),
+                               bias_init=_init(("embed",), nn.initializers.zeros), name="out")(ctx)
+
+
+class Mlp(nn.Module):
+    config: EncoderLMConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] -> [B, L, D]."""
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.Dense(cfg.intermediate_size, kernel_init=_init(("embed", "mlp")),
+                     bias_init=_init(("mlp",), nn.initializers.zeros), name="wi", **kw)(x)
+        h = _ACTIVATIONS[cfg.hidden_act](h)
+        return nn.Dense(cfg.hidden_size, kernel_init=_init(("mlp", "embed")),
+                        bias_init=_init(("embed",), nn.initializers.zeros), name="wo", **kw)(h)
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN block: x = LN(x + attn(x)); x = LN(x + mlp(x)), as in BertLayer."""
+
+    config: EncoderLMConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = _layer_norm(cfg, self.dtype, self.param_dtype, "attention_norm")(
+            x + SelfAttention(cfg, name="attention", **kw)(x, bias))
+        return _layer_norm(cfg, self.dtype, self.param_dtype, "mlp_norm")(
+            x + Mlp(cfg, name="mlp", **kw)(x))
+
+
+class LMHead(nn.Module):
+    """dense -> gelu -> LayerNorm -> vocab logits (decoder tied to the word embeddings + bias)."""
+
+    config: EncoderLMConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, embeddings: Embeddings) -> jax.Array:
+        """x: [B, L, D] -> logits [B, L, V]."""
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # A D->D map; 'mlp' on the output side because one array cannot name 'embed' twice.
+        x = nn.Dense(cfg.hidden_size, kernel_init=_init(("embed", "mlp")),
+                     bias_init=_init(("mlp",), nn.initializers.zeros), name="dense", **kw)(x)
+        # BERT's head uses hidden_act; RobertaLMHead hard-codes the exact gelu.
+        act = cfg.hidden_act if cfg.model_type == "bert" else "gelu"
+        x = _ACTIVATIONS[act](x)
+        x = _layer_norm(cfg, self.dtype, self.param_dtype, "layer_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embeddings.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(("embed", "vocab")),
+                              name="decoder", **kw)(x)
+        bias = self.param("bias", _init(("vocab",), nn.initializers.zeros), (cfg.vocab_size,),
+                          self.param_dtype)
+        return logits + bias.astype(self.dtype)
+
+
+class MaskedLM(nn.Module):
+    """BERT / RoBERTa encoder with an optional masked-LM head; a pure function of its params."""
+
+    config: EncoderLMConfig
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array | None = None, *,
+                 inputs_embeds: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None,
+                 position_ids: jax.Array | None = None,
+                 with_lm_head: bool = True) -> dict[str, jax.Array]:
+        """Runs the encoder.
+
+        Args:
+          input_ids: [B, L] int token ids, or None when inputs_embeds is given.
+          inputs_embeds: [B, L, D] vectors that REPLACE the word-embedding lookup (LQAE feeds its
+            quantized word vectors here); positions and token types are still added.
+          attention_mask: [B, L], 1 = real token, 0 = padding. Default: all real.
+          token_type_ids: [B, L] segment ids. Default: zeros.
+          position_ids: [B, L] or [L]. Default as in HF: BERT 0..L-1; RoBERTa counts non-pad
+            tokens from pad_token_id+1 for input_ids, and pad+1..pad+L for inputs_embeds.
+          with_lm_head: also return the MLM logits.
+
+        Returns:
+          dict(last_hidden_state=[B, L, D], logits=[B, L, V] only when with_lm_head).
+        """
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MaskedLM: pass exactly one of input_ids [B, L] or inputs_embeds [B, L, D]")
+        if with_lm_head and not cfg.has_lm_head:
+            raise ValueError("MaskedLM: this checkpoint has no masked-LM head (has_lm_head=False, e.g. a "
+                             "plain BertModel); call with with_lm_head=False for hidden states only")
+        if inputs_embeds is not None:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"MaskedLM: inputs_embeds must be [batch, length, {cfg.hidden_size}], "
+                                 f"got shape {inputs_embeds.shape}")
+            shape = inputs_embeds.shape[:2]
+        else:
+            if input_ids.ndim != 2:
+                raise ValueError(f"MaskedLM: input_ids must be [batch, length], got {input_ids.shape}")
+            shape = input_ids.shape
+        batch, length = shape
+        max_length = cfg.max_position_embeddings - cfg.position_offset
+        if length > max_length:
+            raise ValueError(f"MaskedLM: length {length} exceeds the {max_length} positions this "
+                             "checkpoint has; truncate the sequences")
+
+        if position_ids is None:
+            position_ids = self._default_positions(input_ids, length)
+        position_ids = jnp.broadcast_to(position_ids, shape)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros(shape, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones(shape, jnp.int32)
+        # HF adds finfo.min to masked keys; identical for any row with at least one real key.
+        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                         jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+        embeddings = Embeddings(cfg, name="embeddings", **kw)
+        x = embeddings(inputs_embeds, input_ids, position_ids, token_type_ids)
+        for i in range(cfg.num_hidden_layers):
+            x = EncoderLayer(cfg, name=f"layer_{i}", **kw)(x, bias)
+        out = {"last_hidden_state": x}
+        if with_lm_head:
+            out["logits"] = LMHead(cfg, name="lm_head", **kw)(x, embeddings)
+        return out
+
+    def _default_positions(self, input_ids: jax.Array | None, length: int) -> jax.Array:
+        cfg = self.config
+        if cfg.model_type == "roberta" and input_ids is not None:
+            # HF create_position_ids_from_input_ids: pads keep position pad_token_id.
+            real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            return jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+        return jnp.arange(length, dtype=jnp.int32) + cfg.position_offset
+
+
+def word_embedding_matrix(params: Mapping[str, Any]) -> jax.Array:
+    """The frozen word-embedding table [V, D] (LQAE's codebook) from a MaskedLM params tree.
+
+    Accepts either the variables dict ``{'params': ...}`` or the inner params tree, boxed or not.
+    """
+    tree = params["params"] if "params" in params else params
+    try:
+        table = tree["embeddings"]["word_embeddings"]["embedding"]
+    except (KeyError, TypeError) as e:
+        raise ValueError("word_embedding_matrix: params lack embeddings/word_embeddings/embedding; "
+                         "pass the tree returned by load_masked_lm or MaskedLM.init") from e
+    return nn.meta.unbox(table)

@@ -1,0 +1,258 @@
+"""ViT encoder and decoder that LQAE trains from scratch (pre-LayerNorm, no class token).
+
+Architecture follows big_vision's ViT / MAE: pre-LN blocks
+``x + MHSA(LN(x))`` then ``x + MLP(LN(x))`` with an exact (erf) GELU, LayerNorm epsilon 1e-6,
+xavier-uniform Dense kernels, zero biases and a learned position embedding drawn from N(0, 0.02^2)
+(learned rather than MAE's fixed 2-D sincos because the released LQAE code learns an N(0, 0.02^2)
+table for both encoder and decoder).
+
+Deliberate differences from the released LQAE code (``base_vit.py``), which uses NormFormer-style
+blocks (an extra LayerNorm after attention, a GLU MLP with a depthwise 3x3 conv, no biases, LN
+epsilon 1e-5) and a ConvTranspose head: the paper describes a plain ViT-Base, which is what we build.
+A Dense over the flattened patch equals a stride-p conv whose HWIO kernel is reshaped to
+``[p*p*C, width]``, because ``patchify`` flattens each patch in (row, column, channel) order.
+
+Per-block outputs are sown into the ``intermediates`` collection (``block_outputs``) for the linear
+probe: ``module.apply(params, x, mutable=['intermediates'])``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros
+_posemb_init = nn.initializers.normal(stddev=0.02)
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """Cuts images into non-overlapping square patches, each flattened in (row, col, channel) order.
+
+    images: [batch, height, width, channels] -> [batch, (height/patch)*(width/patch), patch*patch*channels]
+    Patches are ordered row-major over the patch grid.
+    """
+    if images.ndim != 4:
+        raise ValueError(
+            f"patchify expects images of shape [batch, height, width, channels], got shape "
+            f"{tuple(images.shape)}; add a batch axis or move channels last")
+    _, height, width, _ = images.shape
+    if patch <= 0 or height % patch or width % patch:
+        raise ValueError(
+            f"image height x width {height}x{width} is not a multiple of the patch size {patch}; "
+            f"resize or crop the images so both sides are multiples of {patch}, "
+            "or choose a patch size that divides both")
+    return einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=patch, p2=patch)
+
+
+def unpatchify(patches: jax.Array, patch: int, height: int, width: int,
+               channels: int) -> jax.Array:
+    """Inverse of ``patchify``.
+
+    patches: [batch, (height/patch)*(width/patch), patch*patch*channels] -> [batch, height, width, channels]
+    """
+    if height % patch or width % patch:
+        raise ValueError(
+            f"image height x width {height}x{width} is not a multiple of the patch size {patch}; "
+            "pass the height and width that the patches were cut from")
+    grid_h, grid_w = height // patch, width // patch
+    expected = (grid_h * grid_w, patch * patch * channels)
+    if patches.ndim != 3 or tuple(patches.shape[1:]) != expected:
+        raise ValueError(
+            f"unpatchify expects patches of shape [batch, {expected[0]}, {expected[1]}] for a "
+            f"{height}x{width}x{channels} image with patch {patch}, got {tuple(patches.shape)}; "
+            "check height, width, channels and patch against the encoder's")
+    return einops.rearrange(patches, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c",
+                            h=grid_h, w=grid_w, p1=patch, p2=patch, c=channels)
+
+
+def _dense(features: int, names: tuple[str | None, str | None], *, dtype: Dtype,
+           param_dtype: Dtype, name: str) -> nn.Dense:
+    """A Dense with xavier kernel / zero bias, both carrying logical axis names."""
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(_xavier, names),
+                    bias_init=nn.with_logical_partitioning(_zeros, (names[1],)))
+
+
+def _layer_norm(*, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    # Flax LayerNorm reduces in float32 even under bfloat16 compute.
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                        bias_init=nn.with_logical_partitioning(_zeros, ("norm",)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention without a mask (every patch sees every patch).
+
+    x: [batch, tokens, width] -> [batch, tokens, width]
+    """
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}; "
+                             "choose num_heads that divides the width")
+        head_dim = width // self.num_heads
+
+        def proj(name: str) -> jax.Array:
+            # DenseGeneral initialises on the flat [width, width] view, so xavier sees the true
+            # fan-in/fan-out of a width x width projection (as big_vision's separate q, k, v).
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+                name=name,
+                kernel_init=nn.with_logical_partitioning(_xavier, ("embed", "heads", "kv")),
+                bias_init=nn.with_logical_partitioning(_zeros, ("heads", "kv")))(x)
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        # Scale q before the product to keep bfloat16 logits in range.
+        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return nn.DenseGeneral(
+            width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+            kernel_init=nn.with_logical_partitioning(_xavier, ("heads", "kv", "embed")),
+            bias_init=nn.with_logical_partitioning(_zeros, ("embed",)))(out)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block.
+
+    x: [batch, tokens, width] -> [batch, tokens, width]
+    """
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = _layer_norm(name="ln_attn", **kw)(x)
+        x = x + SelfAttention(self.num_heads, name="attn", **kw)(y)
+        y = _layer_norm(name="ln_mlp", **kw)(x)
+        y = _dense(self.mlp_dim, ("embed", "mlp"), name="mlp_in", **kw)(y)
+        y = nn.gelu(y, approximate=False)
+        y = _dense(x.shape[-1], ("mlp", "embed"), name="mlp_out", **kw)(y)
+        return x + y
+
+
+class Transformer(nn.Module):
+    """``depth`` blocks then a final LayerNorm; sows each block's output.
+
+    x: [batch, tokens, width] -> [batch, tokens, width]
+    """
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # A python loop keeps per-block param names (block_0, ...); nn.remat keeps the same names,
+        # so params are interchangeable between remat=True and remat=False.
+        block_cls = nn.remat(Block) if self.remat else Block
+        for i in range(self.depth):
+            x = block_cls(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=f"block_{i}")(x)
+            self.sow("intermediates", "block_outputs", x)
+        return _layer_norm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final")(x)
+
+
+def _check_grid(image_size: int, patch_size: int, who: str) -> int:
+    if patch_size <= 0 or image_size % patch_size:
+        raise ValueError(
+            f"{who}: image_size {image_size} is not a multiple of patch_size {patch_size}; "
+            "set image_size to a multiple of patch_size")
+    return (image_size // patch_size) ** 2
+
+
+class ViTEncoder(nn.Module):
+    """Images to one token per patch (no class token: LQAE quantizes every patch).
+
+    images: [batch, image_size, image_size, channels], float in [-1, 1]
+      -> tokens: [batch, (image_size/patch_size)^2, out_dim or width]
+    """
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    out_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        num_patches = _check_grid(self.image_size, self.patch_size, "ViTEncoder")
+        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"ViTEncoder expects images [batch, {self.image_size}, {self.image_size}, channels], "
+                f"got {tuple(images.shape)}; resize the images or set image_size to match")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = patchify(images, self.patch_size)
+        x = _dense(self.width, ("patch", "embed"), name="patch_embed", **kw)(x)
+        pos = self.param("pos_embed",
+                         nn.with_logical_partitioning(_posemb_init, ("position", "embed")),
+                         (num_patches, self.width), self.param_dtype)
+        x = x + pos.astype(self.dtype)
+        x = Transformer(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
+                        name="transformer", **kw)(x)
+        if self.out_dim is not None:
+            # The output width is the language model's, which has no logical name of its own here.
+            x = _dense(self.out_dim, ("embed", None), name="out_proj", **kw)(x)
+        return x
+
+
+class ViTDecoder(nn.Module):
+    """Tokens (one per patch) back to pixels.
+
+    tokens: [batch, (image_size/patch_size)^2, in_dim] -> images: [batch, image_size, image_size, channels]
+    No output activation: the reconstruction loss compares raw outputs with targets in [-1, 1], and
+    a tanh would flatten gradients at saturated pixels; clip when displaying.
+    """
+    image_size: int
+    patch_size: int
+    channels: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        num_patches = _check_grid(self.image_size, self.patch_size, "ViTDecoder")
+        if tokens.ndim != 3 or tokens.shape[1] != num_patches:
+            raise ValueError(
+                f"ViTDecoder expects tokens [batch, {num_patches}, dim] for image_size "
+                f"{self.image_size} and patch_size {self.patch_size}, got {tuple(tokens.shape)}; "
+                "use the same image_size and patch_size as the encoder")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # The input width is the language model's, which has no logical name of its own here.
+        x = _dense(self.width, (None, "embed"), name="in_proj", **kw)(tokens)
+        pos = self.param("pos_embed",
+                         nn.with_logical_partitioning(_posemb_init, ("position", "embed")),
+                         (num_patches, self.width), self.param_dtype)
+        x = x + pos.astype(self.dtype)
+        x = Transformer(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
+                        name="transformer", **kw)(x)
+        x = _dense(self.patch_size ** 2 * self.channels, ("embed", "patch"), name="to_pixels",
+                   **kw)(x)
+        return unpatchify(x, self.patch_size, self.image_size, self.image_size, self.channels)

@@ -1,0 +1,91 @@
+"""Metrics: TensorBoard event files + one JSON line per record in the workdir, and a progress line.
+
+Only process 0 writes (``active=False`` elsewhere) so a pod does not write the same file 64 times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def _scalar(v: Any) -> float | None:
+    a = np.asarray(v)
+    if a.size != 1 or not np.issubdtype(a.dtype, np.number):
+        return None
+    return float(a.reshape(()))
+
+
+class MetricWriter:
+    """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tensorboard``."""
+
+    def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True):
+        self.active = active
+        self._tb = None
+        self._jsonl = None
+        if not active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # optional: JSONL alone is still complete
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        scalars = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
+        if self.active:
+            self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+            if self._tb is not None:
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, int(step))
+        return scalars
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Steps/s and ETA over the steps since the last report (compilation excluded after the first)."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total = total_steps
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def line(self, step: int, scalars: Mapping[str, float]) -> str:
+        now = time.perf_counter()
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if not k.startswith("_"))
+        return (f"step {step}/{self.total} {shown} | {rate:.2f} steps/s | "
+                f"ETA {_fmt_duration(eta)}")

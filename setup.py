@@ -1,0 +1,34 @@
+"""lqae_vlap: frozen language models that see (VLAP and LQAE) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lqae_vlap",
+    version="0.1.0",
+    description="VLAP and LQAE in JAX/Flax: frozen language models that see.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lqae_vlap", "lqae_vlap.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "transformers>=5.0",
+        "ml_collections>=1.0",
+        "tensorflow-datasets>=4.9.7",
+        "importlib_resources",  # tensorflow-datasets builders import it without declaring it
+        "einops>=0.8",
+        "absl-py",
+        "numpy",
+        "safetensors",
+        "pillow",
+        "scikit-learn",  # the demo's real images (handwritten digits)
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+    ],
+    extras_require={
+        # torch is the parity reference for our Flax models (transformers' PyTorch classes).
+        "test": ["pytest", "torch==2.13.0"],
+    },
+)

@@ -1,0 +1,220 @@
+"""IndexedBatches: order from the documented formula, resumability, process slices, prefetching."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from lqae_vlap.data.batches import IndexedBatches
+
+
+class ArraySource:
+    """n examples whose 'index' field records which source row they came from."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"index": np.int64(i), "x": np.full((2, 3), i, np.float32)}
+
+
+def expected_indices(step: int, n: int, g: int, seed: int) -> np.ndarray:
+    """The documented order, written out independently: position p -> perm_{p // n}[p % n]."""
+    out = []
+    for p in range(step * g, (step + 1) * g):
+        perm = np.random.default_rng([seed, p // n]).permutation(n)
+        out.append(perm[p % n])
+    return np.array(out)
+
+
+def draw_preprocess(example: dict, rng: np.random.Generator) -> dict:
+    # Records the random draw so tests can see which stream each example got.
+    return {**example, "draw": rng.integers(0, 2**62)}
+
+
+def test_batch_at_matches_formula_and_is_deterministic():
+    n, g, seed = 10, 4, 3
+    batches = IndexedBatches(ArraySource(n), global_batch_size=g, seed=seed)
+    for step in range(8):  # 32 positions: three full epochs and part of a fourth
+        b = batches.batch_at(step)
+        np.testing.assert_array_equal(b["index"], expected_indices(step, n, g, seed))
+        assert b["x"].shape == (g, 2, 3) and b["x"].dtype == np.float32
+        np.testing.assert_array_equal(b["x"][:, 0, 0], b["index"].astype(np.float32))
+    # Same step twice, and a fresh object with the same seed (a restarted process): same batch.
+    again = IndexedBatches(ArraySource(n), global_batch_size=g, seed=seed)
+    for step in (7, 0, 5):
+        np.testing.assert_array_equal(batches.batch_at(step)["index"], again.batch_at(step)["index"])
+    other = IndexedBatches(ArraySource(n), global_batch_size=g, seed=seed + 1)
+    assert any(
+        not np.array_equal(batches.batch_at(s)["index"], other.batch_at(s)["index"]) for s in range(3)
+    )
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    n, g = 12, 3
+    batches = IndexedBatches(ArraySource(n), global_batch_size=g, seed=0)
+    stream = np.concatenate([batches.batch_at(s)["index"] for s in range(3 * n // g)])
+    epochs = stream.reshape(3, n)
+    for e in range(3):
+        np.testing.assert_array_equal(np.sort(epochs[e]), np.arange(n))
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_batches_straddle_epoch_boundaries_without_dropping():
+    n, g, seed = 10, 4, 7
+    batches = IndexedBatches(ArraySource(n), global_batch_size=g, seed=seed)
+    # Step 2 holds positions 8..11: the last two of epoch 0 and the first two of epoch 1.
+    got = batches.batch_at(2)["index"]
+    perm0 = np.random.default_rng([seed, 0]).permutation(n)
+    perm1 = np.random.default_rng([seed, 1]).permutation(n)
+    np.testing.assert_array_equal(got, np.concatenate([perm0[8:10], perm1[0:2]]))
+    # Five steps of 4 = two epochs of 10 exactly: each example seen exactly twice.
+    seen = np.concatenate([batches.batch_at(s)["index"] for s in range(5)])
+    np.testing.assert_array_equal(np.bincount(seen, minlength=n), np.full(n, 2))
+
+
+def test_no_shuffle_reads_in_order():
+    batches = IndexedBatches(ArraySource(5), global_batch_size=2, seed=0, shuffle=False)
+    stream = np.concatenate([batches.batch_at(s)["index"] for s in range(5)])
+    np.testing.assert_array_equal(stream, np.tile(np.arange(5), 2))
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_slices_concatenate_to_the_global_batch(process_count):
+    n, g, seed = 13, 8, 5
+    single = IndexedBatches(ArraySource(n), global_batch_size=g, seed=seed, preprocess=draw_preprocess)
+    parts = [
+        IndexedBatches(
+            ArraySource(n),
+            global_batch_size=g,
+            seed=seed,
+            process_index=k,
+            process_count=process_count,
+            preprocess=draw_preprocess,
+        )
+        for k in range(process_count)
+    ]
+    for step in (0, 1, 4):  # step 1 straddles epochs 0 and 1 (positions 8..15, n = 13)
+        whole = single.batch_at(step)
+        local = [p.batch_at(step) for p in parts]
+        assert all(b["index"].shape == (g // process_count,) for b in local)
+        for key in ("index", "x", "draw"):
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in local]), whole[key])
+
+
+def test_preprocess_rng_is_a_function_of_seed_and_position():
+    n, g, seed = 6, 3, 11
+    plain = IndexedBatches(ArraySource(n), global_batch_size=g, seed=seed, preprocess=draw_preprocess)
+    threaded = IndexedBatches(
+        ArraySource(n), global_batch_size=g, seed=seed, preprocess=draw_preprocess, num_workers=3
+    )
+    with threaded:
+        for step in range(4):
+            np.testing.assert_array_equal(plain.batch_at(step)["draw"], threaded.batch_at(step)["draw"])
+    draws = np.concatenate([plain.batch_at(s)["draw"] for s in range(4)])
+    # Every position its own stream: the same example in two epochs gets two different crops.
+    assert len(np.unique(draws)) == len(draws)
+    reseeded = IndexedBatches(ArraySource(n), global_batch_size=g, seed=seed + 1, preprocess=draw_preprocess)
+    assert not np.array_equal(reseeded.batch_at(0)["draw"], plain.batch_at(0)["draw"])
+
+
+@pytest.mark.parametrize("num_workers,prefetch", [(0, 0), (0, 2), (2, 3)])
+def test_iterate_equals_batch_at_and_resumes(num_workers, prefetch):
+    n, g, seed = 9, 4, 2
+    make = lambda: IndexedBatches(  # noqa: E731
+        ArraySource(n),
+        global_batch_size=g,
+        seed=seed,
+        preprocess=draw_preprocess,
+        num_workers=num_workers,
+        prefetch=prefetch,
+    )
+    reference = make()
+    with make() as batches:
+        got = list(batches.iterate(0, stop_step=7))
+    assert [s for s, _ in got] == list(range(7))
+    for step, batch in got:
+        want = reference.batch_at(step)
+        for key in want:
+            np.testing.assert_array_equal(batch[key], want[key])
+
+    # A "training run": state folds in every batch. Killed after step 3 and resumed from a fresh
+    # object at step 3, it must end where the uninterrupted run ends.
+    def run(steps):
+        state = np.zeros(2)
+        for _, batch in steps:
+            state = state * 0.5 + np.array([batch["index"].sum(), batch["draw"].sum() % 1000])
+        return state
+
+    uninterrupted = run(make().iterate(0, stop_step=8))
+    first = make()
+    state = np.zeros(2)
+    for _, batch in first.iterate(0, stop_step=3):
+        state = state * 0.5 + np.array([batch["index"].sum(), batch["draw"].sum() % 1000])
+    for _, batch in make().iterate(3, stop_step=8):
+        state = state * 0.5 + np.array([batch["index"].sum(), batch["draw"].sum() % 1000])
+    np.testing.assert_array_equal(state, uninterrupted)
+
+
+def test_abandoned_iterator_stops_its_thread():
+    batches = IndexedBatches(ArraySource(20), global_batch_size=4, seed=0, prefetch=2)
+    it = batches.iterate(0)
+    for step, _ in it:
+        if step == 3:
+            break
+    it.close()
+    assert not any(t.name == "IndexedBatches-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_loading_error_surfaces_at_its_step():
+    class Broken(ArraySource):
+        def __getitem__(self, i):
+            if i == 3:
+                raise RuntimeError("corrupt record 3")
+            return super().__getitem__(i)
+
+    batches = IndexedBatches(Broken(8), global_batch_size=2, seed=0, shuffle=False, prefetch=2)
+    seen = []
+    with pytest.raises(RuntimeError, match="corrupt record 3"):
+        for step, _ in batches.iterate(0):
+            seen.append(step)
+    assert seen == [0]  # step 1 holds index 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,source_len,message",
+    [
+        (dict(global_batch_size=6, process_count=4), 20, "not divisible by process_count"),
+        (dict(global_batch_size=4), 0, "source is empty"),
+        (dict(global_batch_size=8), 5, "larger than the source"),
+        (dict(global_batch_size=4, process_index=2, process_count=2), 20, "process_index"),
+        (dict(global_batch_size=0), 20, "must be positive"),
+    ],
+)
+def test_bad_configuration_is_named(kwargs, source_len, message):
+    with pytest.raises(ValueError, match=message):
+        IndexedBatches(ArraySource(source_len), seed=0, **kwargs)
+
+
+def test_unstackable_examples_are_named():
+    class Ragged(ArraySource):
+        def __getitem__(self, i):
+            return {"image": np.zeros((i + 1, 2), np.uint8)}
+
+    batches = IndexedBatches(Ragged(4), global_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="'image' has different shapes.*preprocess"):
+        batches.batch_at(0)
+
+    class NotDict(ArraySource):
+        def __getitem__(self, i):
+            return np.zeros(3)
+
+    with pytest.raises(TypeError, match="dict of arrays"):
+        IndexedBatches(NotDict(4), global_batch_size=2, seed=0).batch_at(0)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        IndexedBatches(ArraySource(4), global_batch_size=2, seed=0).batch_at(-1)

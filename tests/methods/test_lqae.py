@@ -1,0 +1,103 @@
+"""LQAE loss terms on tiny shapes against NumPy, and the straight-through gradient path."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lqae_vlap.methods import lqae
+from lqae_vlap.models import roberta
+from lqae_vlap.train import sharding
+from tests.train.test_trainer import tiny_config
+
+
+@pytest.fixture(scope="module")
+def built(tiny_mlm_dir):
+    config = tiny_config(tiny_mlm_dir)
+    config.loss.mlm = 0.1  # the tiny BERT has its masked-LM head: exercise every term
+    config.loss.commitment = 0.3
+    config.loss.recon_lm = 0.7
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    method = lqae.build(config, mesh)
+    params = sharding.unbox(method.init_params(jax.random.PRNGKey(0)))
+    batch = method.train_batches.batch_at(0)
+    return config, method, params, batch
+
+
+def test_random_mask_counts():
+    for lo, hi in [(0.5, 0.5), (0.25, 0.75), (0.0, 0.0)]:
+        m = np.asarray(lqae.random_mask(jax.random.PRNGKey(1), 64, 16, lo, hi))
+        counts = m.sum(1)
+        assert counts.min() >= round(lo * 16) and counts.max() <= round(hi * 16)
+        if lo == hi:
+            assert (counts == round(lo * 16)).all()
+    # positions differ between samples
+    m = np.asarray(lqae.random_mask(jax.random.PRNGKey(2), 8, 16, 0.5, 0.5))
+    assert len({tuple(r) for r in m}) > 1
+
+
+def test_masked_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, size=(2, 5))
+    mask = rng.random((2, 5)) < 0.5
+    lp = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    want = -np.take_along_axis(lp, targets[..., None], -1)[..., 0][mask].mean()
+    got = lqae.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    none = lqae.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+                                     jnp.zeros((2, 5), bool))
+    assert float(none) == 0.0
+
+
+def test_loss_is_weighted_sum_of_numpy_terms(built):
+    config, method, params, batch = built
+    rng = jax.random.PRNGKey(3)
+    loss, aux = method.loss_fn(params, method.frozen, batch, rng)
+    kw = method.loss_fn.keywords
+    out = jax.device_get(lqae.forward(params, method.frozen, batch["image"], rng,
+                                      model=kw["model"], lm=kw["lm"], cfg=config, with_mlm=True))
+    x = batch["image"].astype(np.float64) / 127.5 - 1.0
+    codebook = np.asarray(roberta.word_embedding_matrix(method.frozen["lm"]), np.float64)
+    z = np.asarray(out["z"], np.float64)
+    idx = np.asarray(out["q"].indices)
+    # nearest word by cosine, brute force in float64
+    zn = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    cn = codebook / np.maximum(np.linalg.norm(codebook, axis=-1, keepdims=True), 1e-12)  # [PAD] row is 0
+    sims = zn @ cn.T
+    best = sims.max(-1)
+    assert np.all(np.take_along_axis(sims, idx[..., None], -1)[..., 0] >= best - 1e-5)
+    rec_q = np.mean((out["recon_q"] - x) ** 2)
+    rec_lm = np.mean((out["recon_lm"] - x) ** 2)
+    z_st = zn if config.quantizer.l2_normalize else z  # what the straight-through sees
+    commit = np.mean((codebook[idx] - z_st) ** 2)
+    logits = np.asarray(out["lm_out"]["logits"], np.float64)
+    lp = logits - logits.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    mask = np.asarray(out["mask"])
+    mlm = -np.take_along_axis(lp, idx[..., None], -1)[..., 0][mask].mean()
+    w = config.loss
+    want = (w.recon_quantized * rec_q + w.recon_lm * rec_lm + w.commitment * commit + w.mlm * mlm)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+    np.testing.assert_allclose(float(aux["commitment"]), commit, rtol=1e-4)
+    np.testing.assert_allclose(float(aux["mlm"]), mlm, rtol=1e-4)
+    assert float(aux["mask_ratio"]) == pytest.approx(0.5)
+    assert 0 < float(aux["codebook_usage"]) <= 1
+
+
+def test_straight_through_reaches_encoder(built):
+    config, method, params, batch = built
+    # Only the reconstruction from the quantized words: without the straight-through estimator
+    # the encoder would get no gradient at all from it.
+    cfg = config.copy_and_resolve_references()
+    cfg.loss.update(dict(recon_lm=0.0, commitment=0.0, mlm=0.0))
+    kw = method.loss_fn.keywords
+    loss = functools.partial(lqae.loss_fn, model=kw["model"], lm=kw["lm"], cfg=cfg)
+    grads = jax.grad(lambda p: loss(p, method.frozen, batch, jax.random.PRNGKey(0))[0])(params)
+    enc = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads["encoder"])))
+    dec = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads["decoder"])))
+    assert float(enc) > 0 and float(dec) > 0
+    # the frozen LM is an argument jax.grad does not differentiate: its tree is not in grads
+    assert set(grads) == {"encoder", "decoder"}

