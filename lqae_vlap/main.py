@@ -17,6 +17,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py), optionally with :ARG for get_config.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for a multi-process run (default: $JAX_COORDINATOR_ADDRESS; TPU pods "
+    "and SLURM are detected without it).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the run (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index (default: $JAX_PROCESS_ID).")
 
 
 def _methods():
@@ -32,6 +40,9 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if "--verbosity" not in " ".join(sys.argv) and "-v=" not in " ".join(sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from lqae_vlap.train import distributed
+
+    distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from lqae_vlap.train import trainer
 
     methods = _methods()

@@ -203,7 +203,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def make_evaluate(cfg, model, lm, tokenizer, eval_batches, mesh):
-    fwd = jax.jit(functools.partial(forward, model=model, lm=lm, cfg=cfg, with_mlm=False))
+    # Replicated outputs: every process can read them (multi-host), process 0 writes the files.
+    fwd = jax.jit(functools.partial(forward, model=model, lm=lm, cfg=cfg, with_mlm=False),
+                  out_shardings=sharding_lib.replicated(mesh))
     num_batches = int(cfg.eval.num_batches)
 
     def evaluate(params, frozen, step, workdir):

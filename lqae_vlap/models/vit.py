@@ -104,16 +104,18 @@ class SelfAttention(nn.Module):
                              "choose num_heads that divides the width")
         head_dim = width // self.num_heads
 
-        def proj(name: str) -> jax.Array:
+        def proj(name: str, use_bias: bool = True) -> jax.Array:
             # DenseGeneral initialises on the flat [width, width] view, so xavier sees the true
             # fan-in/fan-out of a width x width projection (as big_vision's separate q, k, v).
             return nn.DenseGeneral(
                 (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-                name=name,
+                name=name, use_bias=use_bias,
                 kernel_init=nn.with_logical_partitioning(_xavier, ("embed", "heads", "kv")),
                 bias_init=nn.with_logical_partitioning(_zeros, ("heads", "kv")))(x)
 
-        q, k, v = proj("query"), proj("key"), proj("value")
+        # No key bias: it adds q.b to every logit of a query, which softmax ignores, so its
+        # gradient is exactly zero and AdamW would only random-walk it on rounding noise.
+        q, k, v = proj("query"), proj("key", use_bias=False), proj("value")
         # Scale q before the product to keep bfloat16 logits in range.
         q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)

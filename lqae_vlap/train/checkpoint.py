@@ -27,6 +27,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers=ocp.StandardCheckpointHandler(),  # lets item_metadata read the tree
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=max(int(save_every), 1),
                 max_to_keep=max(int(keep), 1),
@@ -63,6 +64,18 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} does not match this config's model "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); use a fresh --workdir or "
                 "the config the checkpoint was trained with") from e
+
+    def restore_on_one_device(self, step: int | None = None) -> Any:
+        """Restores a checkpoint onto this process's first device, whatever mesh or number of
+        processes wrote it (to inspect or compare runs on a laptop)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            self._manager.item_metadata(step))
+        return self.restore(abstract, step)
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once any process got a preemption notice (multi-host TPU)."""

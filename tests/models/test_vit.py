@@ -68,7 +68,7 @@ def _np_block(x, p, num_heads):
         wk = a["key"]["kernel"][:, h, :]
         wv = a["value"]["kernel"][:, h, :]
         q = y @ wq + a["query"]["bias"][h]
-        k = y @ wk + a["key"]["bias"][h]
+        k = y @ wk  # the key projection has no bias (softmax would ignore it)
         v = y @ wv + a["value"]["bias"][h]
         s = q @ k.transpose(0, 2, 1) / np.sqrt(hd)
         s = np.exp(s - s.max(-1, keepdims=True))

@@ -1,0 +1,651 @@
+"""Frozen T5 encoder-decoder (T5, T5 v1.1, Flan-T5) with a decoder KV cache, greedy and beam search.
+
+Matches transformers' ``T5ForConditionalGeneration`` in eval mode:
+  - RMS-style T5LayerNorm (no mean, no bias; statistics in float32), pre-norm blocks.
+  - No bias anywhere, and no 1/sqrt(d) on the attention scores (T5 folds it into the q init).
+  - Relative position buckets: bidirectional in the encoder, causal in the decoder; one bias table
+    per stack, stored in the first block of the checkpoint and shared by every layer.
+  - FFN 'relu' (original T5) or 'gated-gelu' (v1.1 / Flan-T5: gelu_new(wi_0 x) * wi_1 x).
+  - LM head: the shared embedding (tied) or its own ``lm_head`` (v1.1 checkpoints store one); the
+    decoder output is multiplied by d_model**-0.5 first when ``scale_decoder_outputs`` (original
+    T5, i.e. the HF config's ``tie_word_embeddings`` was not False).
+
+VLAP puts its projected visual tokens in front of the text in the ENCODER input: ``encode`` takes
+``inputs_embeds`` and the generators take ``prefix_embeds``.
+
+Param tree (``{'params': ...}``), every leaf with logical axis names:
+  shared/embedding [vocab, embed]; lm_head/kernel [embed, vocab] only when untied
+  {encoder,decoder}/relative_attention_bias/embedding [position, heads]
+  {encoder,decoder}/block_{i}/{self_attn,cross_attn}/{q,k,v}/kernel [embed, heads, kv], o/kernel [heads, kv, embed]
+  {encoder,decoder}/block_{i}/{self_attn_norm,cross_attn_norm,mlp_norm}/scale [norm]
+  {encoder,decoder}/block_{i}/mlp/{wi | wi_0, wi_1}/kernel [embed, mlp], mlp/wo/kernel [mlp, embed]
+  {encoder,decoder}/final_norm/scale
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from lqae_vlap.models.hf_weights import (Linear, NameMap, Source, convert_checkpoint,
+                                         open_state_dict, read_hf_config, resolve_checkpoint)
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+# Cache pytree: one {'key', 'value'} per decoder layer, each [batch, max_len, heads, head_dim].
+Cache = tuple[dict[str, jax.Array], ...]
+_NEG = -1.0e9  # HF beam search's "impossible" score; kept identical so tie-breaking matches
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Hyper-parameters of a T5 model (names follow the Hugging Face ``T5Config``)."""
+
+    vocab_size: int = 32128
+    d_model: int = 768
+    d_kv: int = 64
+    d_ff: int = 3072
+    num_layers: int = 12
+    num_decoder_layers: int = 12
+    num_heads: int = 12
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"  # 'relu' | 'gated-gelu' | 'gated-silu' | ...
+    tie_word_embeddings: bool = True  # lm head = shared embedding (no lm_head param)
+    scale_decoder_outputs: bool = True  # multiply by d_model**-0.5 before the lm head
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; use "
+                             f"'relu', 'gated-gelu' or '[gated-]<act>' with act in {sorted(_ACTIVATIONS)}")
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        act = self.feed_forward_proj.split("-")[-1]
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act  # HF's legacy alias
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, *, tie_word_embeddings: bool | None = None) -> T5Config:
+        """Reads a transformers ``T5Config`` (t5, mt5, flan-t5). ``tie_word_embeddings`` overrides
+        whether the lm head reuses the shared embedding (the loader decides it from the weights)."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in ("t5", "mt5"):
+            raise ValueError(f"model_type {model_type!r} is not a T5 checkpoint; supported: 't5', 'mt5'")
+        # transformers 5 keeps the old "tie_word_embeddings=False means no rescale" meaning in
+        # scale_decoder_outputs; older configs only have tie_word_embeddings.
+        scale = getattr(hf_config, "scale_decoder_outputs", None)
+        if scale is None:
+            scale = getattr(hf_config, "tie_word_embeddings", True) is not False
+        eos = hf_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+        start = getattr(hf_config, "decoder_start_token_id", None)
+        return cls(
+            vocab_size=int(hf_config.vocab_size), d_model=int(hf_config.d_model),
+            d_kv=int(hf_config.d_kv), d_ff=int(hf_config.d_ff), num_layers=int(hf_config.num_layers),
+            num_decoder_layers=int(hf_config.num_decoder_layers or hf_config.num_layers),
+            num_heads=int(hf_config.num_heads),
+            relative_attention_num_buckets=int(hf_config.relative_attention_num_buckets),
+            relative_attention_max_distance=int(hf_config.relative_attention_max_distance),
+            layer_norm_epsilon=float(hf_config.layer_norm_epsilon),
+            feed_forward_proj=str(hf_config.feed_forward_proj),
+            tie_word_embeddings=True if tie_word_embeddings is None else bool(tie_word_embeddings),
+            scale_decoder_outputs=bool(scale), pad_token_id=int(pad),
+            eos_token_id=int(eos if eos is not None else 1),
+            decoder_start_token_id=int(start if start is not None else pad))
+
+
+def _init(names: tuple[str, ...], init: Callable = nn.initializers.normal(0.05)) -> Callable:
+    return nn.with_logical_partitioning(init, names)
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+    """T5's bucketing of (key position - query position): exact for small distances, log-spaced up to
+    max_distance. relative_position: int [...] -> int32 buckets in [0, num_buckets)."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
+        relative_position = jnp.abs(relative_position)
+    else:
+        relative_position = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    # max(.,1) only keeps log() finite for the small positions the where() discards anyway.
+    rp = jnp.maximum(relative_position, 1).astype(jnp.float32)
+    large = max_exact + (jnp.log(rp / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(relative_position.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return (buckets + jnp.where(is_small, relative_position, large)).astype(jnp.int32)
+
+
+class T5LayerNorm(nn.Module):
+    """x / rms(x) * scale; no mean subtraction, no bias. Statistics in float32."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] -> [..., D]."""
+        scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases or score scaling; ``bias`` carries positions and masks."""
+
+    config: T5Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        proj = lambda: nn.DenseGeneral((cfg.num_heads, cfg.d_kv),  # noqa: E731
+                                       kernel_init=_init(("embed", "heads", "kv")), **kw)
+        self.q, self.k, self.v = proj(), proj(), proj()
+        self.o = nn.DenseGeneral(cfg.d_model, axis=(-2, -1),
+                                 kernel_init=_init(("heads", "kv", "embed")), **kw)
+
+    def key_values(self, x: jax.Array) -> dict[str, jax.Array]:
+        """x: [B, Lk, D] -> {'key', 'value'}: [B, Lk, H, Dh]."""
+        return {"key": self.k(x), "value": self.v(x)}
+
+    def __call__(self, x: jax.Array, kv: dict[str, jax.Array], bias: jax.Array) -> jax.Array:
+        """x: [B, Lq, D], kv: {'key','value'} [B, Lk, H, Dh], bias: [B or 1, H or 1, Lq, Lk] -> [B, Lq, D]."""
+        q = self.q(x)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, kv["key"]).astype(jnp.float32) + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        return self.o(jnp.einsum("bhqk,bkhd->bqhd", probs, kv["value"].astype(self.dtype)))
+
+
+class Mlp(nn.Module):
+    config: T5Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] -> [B, L, D]."""
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        dense = lambda n, name, names: nn.Dense(n, kernel_init=_init(names), name=name, **kw)  # noqa: E731
+        act = _ACTIVATIONS[cfg.activation]
+        if cfg.is_gated:
+            h = act(dense(cfg.d_ff, "wi_0", ("embed", "mlp"))(x)) * dense(cfg.d_ff, "wi_1", ("embed", "mlp"))(x)
+        else:
+            h = act(dense(cfg.d_ff, "wi", ("embed", "mlp"))(x))
+        return dense(cfg.d_model, "wo", ("mlp", "embed"))(h)
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention, (decoder) cross-attention, FFN, each with a residual."""
+
+    config: T5Config
+    is_decoder: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda: T5LayerNorm(cfg.layer_norm_epsilon, **kw)  # noqa: E731
+        self.self_attn_norm, self.self_attn = norm(), Attention(cfg, **kw)
+        if self.is_decoder:
+            self.cross_attn_norm, self.cross_attn = norm(), Attention(cfg, **kw)
+        self.mlp_norm, self.mlp = norm(), Mlp(cfg, **kw)
+
+    def cross_key_values(self, encoder_hidden: jax.Array) -> dict[str, jax.Array]:
+        return self.cross_attn.key_values(encoder_hidden)
+
+    def __call__(self, x: jax.Array, self_bias: jax.Array, *, layer_cache: dict | None = None,
+                 cache_index: jax.Array | None = None, cross_kv: dict | None = None,
+                 cross_bias: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """x: [B, L, D] -> ([B, L, D], updated layer cache or None)."""
+        h = self.self_attn_norm(x)
+        kv = self.self_attn.key_values(h)
+        if layer_cache is not None:  # write this step's keys at cache_index, attend over all slots
+            kv = {n: jax.lax.dynamic_update_slice(layer_cache[n], kv[n].astype(layer_cache[n].dtype),
+                                                  (0, cache_index, 0, 0)) for n in ("key", "value")}
+            layer_cache = kv
+        x = x + self.self_attn(h, kv, self_bias)
+        if self.is_decoder:
+            x = x + self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, layer_cache
+
+
+def _mask_bias(mask: jax.Array) -> jax.Array:
+    """mask: [B, Lk] (1 = attend) -> additive [B, 1, 1, Lk]; HF adds finfo.min the same way."""
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+class T5(nn.Module):
+    """T5ForConditionalGeneration; a pure function of its params."""
+
+    config: T5Config
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model,
+                               embedding_init=_init(("vocab", "embed"), nn.initializers.normal(1.0)), **kw)
+        bias_table = lambda name: nn.Embed(  # noqa: E731  ([buckets, heads])
+            cfg.relative_attention_num_buckets, cfg.num_heads,
+            embedding_init=_init(("position", "heads")), name=name, **kw)
+        self.encoder_relative_bias = bias_table("encoder_relative_attention_bias")
+        self.decoder_relative_bias = bias_table("decoder_relative_attention_bias")
+        self.encoder_blocks = [Block(cfg, False, name=f"encoder_block_{i}", **kw) for i in range(cfg.num_layers)]
+        self.decoder_blocks = [Block(cfg, True, name=f"decoder_block_{i}", **kw)
+                               for i in range(cfg.num_decoder_layers)]
+        self.encoder_final_norm = T5LayerNorm(cfg.layer_norm_epsilon, **kw)
+        self.decoder_final_norm = T5LayerNorm(cfg.layer_norm_epsilon, **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False,
+                                    kernel_init=_init(("embed", "vocab")), **kw)
+
+    def _position_bias(self, table: nn.Embed, q_pos: jax.Array, k_pos: jax.Array,
+                       bidirectional: bool) -> jax.Array:
+        """q_pos: [Lq], k_pos: [Lk] -> [1, H, Lq, Lk] float32."""
+        cfg = self.config
+        buckets = relative_position_bucket(
+            k_pos[None, :] - q_pos[:, None], bidirectional=bidirectional,
+            num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance)
+        return table(buckets).astype(jnp.float32).transpose(2, 0, 1)[None]
+
+    def encode(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None, *,
+               inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """Runs the encoder.
+
+        Args:
+          input_ids: [B, L] int, or None when inputs_embeds is given.
+          attention_mask: [B, L], 1 = real token, 0 = padding. Default: all real.
+          inputs_embeds: [B, L, D] vectors replacing the embedding lookup (VLAP: visual prefix + text).
+
+        Returns:
+          hidden: [B, L, D] after the final norm.
+        """
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("T5.encode: pass exactly one of input_ids [B, L] or inputs_embeds [B, L, D]")
+        if inputs_embeds is not None:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.d_model:
+                raise ValueError(f"T5.encode: inputs_embeds must be [batch, length, {cfg.d_model}], "
+                                 f"got shape {inputs_embeds.shape}")
+            x = inputs_embeds.astype(self.dtype)
+        else:
+            if input_ids.ndim != 2:
+                raise ValueError(f"T5.encode: input_ids must be [batch, length], got {input_ids.shape}")
+            x = self.shared(input_ids)
+        batch, length = x.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        if attention_mask.shape != (batch, length):
+            raise ValueError(f"T5.encode: attention_mask must be [batch, length] = {(batch, length)}, "
+                             f"got {attention_mask.shape}")
+        pos = jnp.arange(length)
+        bias = self._position_bias(self.encoder_relative_bias, pos, pos, True) + _mask_bias(attention_mask)
+        for block in self.encoder_blocks:
+            x, _ = block(x, bias)
+        return self.encoder_final_norm(x)
+
+    def cross_key_values(self, encoder_hidden: jax.Array) -> Cache:
+        """Every decoder layer's cross-attention keys/values, computed once per generation.
+
+        encoder_hidden: [B, Le, D] -> tuple of {'key','value'} [B, Le, H, Dh].
+        """
+        return tuple(block.cross_key_values(encoder_hidden) for block in self.decoder_blocks)
+
+    def decode(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array | None,
+               encoder_mask: jax.Array, *, cache: Cache | None = None,
+               cache_index: jax.Array | int | None = None,
+               decoder_attention_mask: jax.Array | None = None,
+               cross_kv: Cache | None = None) -> dict[str, Any]:
+        """Runs the decoder and the lm head.
+
+        Args:
+          decoder_input_ids: [B, L] int (starts with decoder_start_token_id).
+          encoder_hidden: [B, Le, D] from ``encode`` (may be None when cross_kv is given).
+          encoder_mask: [B, Le], 1 = real encoder token.
+          cache: from ``init_cache``; the L new keys/values are written at slots
+            cache_index..cache_index+L-1 and attention covers every slot up to the query (causal),
+            so unwritten later slots are never seen.
+          cache_index: scalar int32 write offset (= decoder position of decoder_input_ids[:, 0]).
+          decoder_attention_mask: [B, Lk] (Lk = max_len with a cache, else L), 0 = ignore that key.
+          cross_kv: precomputed ``cross_key_values(encoder_hidden)``.
+
+        Returns:
+          dict(logits=[B, L, V] float32, hidden_states=[B, L, D], cache=new cache or None).
+        """
+        cfg = self.config
+        if decoder_input_ids.ndim != 2:
+            raise ValueError(f"T5.decode: decoder_input_ids must be [batch, length], got {decoder_input_ids.shape}")
+        if cache is not None and cache_index is None:
+            raise ValueError("T5.decode: a cache needs cache_index (the scalar write offset)")
+        if cache is not None and len(cache) != cfg.num_decoder_layers:
+            raise ValueError(f"T5.decode: cache has {len(cache)} layers, the model {cfg.num_decoder_layers}; "
+                             "build it with init_cache(config, ...)")
+        if cross_kv is None:
+            if encoder_hidden is None:
+                raise ValueError("T5.decode: pass encoder_hidden [B, Le, D] or cross_kv")
+            cross_kv = self.cross_key_values(encoder_hidden)
+        length = decoder_input_ids.shape[1]
+        offset = jnp.asarray(0 if cache is None else cache_index, jnp.int32)
+        q_pos = offset + jnp.arange(length, dtype=jnp.int32)
+        k_pos = jnp.arange(length if cache is None else cache[0]["key"].shape[1], dtype=jnp.int32)
+        self_bias = self._position_bias(self.decoder_relative_bias, q_pos, k_pos, False)
+        self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0,
+                                          jnp.finfo(jnp.float32).min)[None, None]
+        if decoder_attention_mask is not None:
+            self_bias = self_bias + _mask_bias(decoder_attention_mask)
+        cross_bias = _mask_bias(encoder_mask)
+
+        x = self.shared(decoder_input_ids)
+        new_cache = []
+        for i, block in enumerate(self.decoder_blocks):
+            x, layer_cache = block(x, self_bias, layer_cache=None if cache is None else cache[i],
+                                   cache_index=offset, cross_kv=cross_kv[i], cross_bias=cross_bias)
+            new_cache.append(layer_cache)
+        hidden = self.decoder_final_norm(x)
+        h = hidden * (cfg.d_model ** -0.5) if cfg.scale_decoder_outputs else hidden
+        logits = self.shared.attend(h) if cfg.tie_word_embeddings else self.lm_head(h)
+        return {"logits": logits.astype(jnp.float32), "hidden_states": hidden,
+                "cache": None if cache is None else tuple(new_cache)}
+
+    def __call__(self, input_ids: jax.Array | None = None, decoder_input_ids: jax.Array | None = None, *,
+                 attention_mask: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+                 decoder_attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Encoder then decoder (teacher forcing).
+
+        Returns dict(logits=[B, Ld, V] float32, hidden_states=[B, Ld, D] decoder,
+        encoder_hidden=[B, Le, D]).
+        """
+        if decoder_input_ids is None:
+            raise ValueError("T5: decoder_input_ids [B, Ld] are required (start with decoder_start_token_id)")
+        enc = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds)
+        if attention_mask is None:
+            attention_mask = jnp.ones(enc.shape[:2], jnp.int32)
+        out = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask=decoder_attention_mask)
+        return {"logits": out["logits"], "hidden_states": out["hidden_states"], "encoder_hidden": enc}
+
+
+def init_cache(config: T5Config, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+    """Zeroed decoder self-attention buffers: per layer {'key','value'} [batch, max_len, heads, d_kv]."""
+    shape = (batch, max_len, config.num_heads, config.d_kv)
+    return tuple({"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+                 for _ in range(config.num_decoder_layers))
+
+
+def embed_tokens(params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
+    """The (unscaled) input-embedding lookup. params: variables or the inner tree; ids: [B, L] -> [B, L, D]."""
+    tree = params["params"] if "params" in params else params
+    try:
+        table = nn.meta.unbox(tree["shared"]["embedding"])
+    except (KeyError, TypeError) as e:
+        raise ValueError("embed_tokens: params lack shared/embedding; pass the tree from t5.load or T5.init") from e
+    return jnp.take(table, ids, axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation: the whole loop in one jit (lax.while_loop over a preallocated cache)
+# --------------------------------------------------------------------------------------------
+
+
+def _encoder_inputs(module: T5, variables: Any, input_ids: jax.Array, attention_mask: jax.Array | None,
+                    prefix_embeds: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Encoder hidden [B, P+L, D] and mask [B, P+L]; prefix_embeds [B, P, D] go before the text."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if prefix_embeds is None:
+        return module.apply(variables, input_ids, attention_mask, method=T5.encode), attention_mask
+    embeds = jnp.concatenate([prefix_embeds.astype(module.dtype),
+                              embed_tokens(variables, input_ids).astype(module.dtype)], axis=1)
+    mask = jnp.concatenate([jnp.ones(prefix_embeds.shape[:2], attention_mask.dtype), attention_mask], axis=1)
+    return module.apply(variables, None, mask, inputs_embeds=embeds, method=T5.encode), mask
+
+
+def _check_generate_args(module: T5, input_ids: jax.Array, max_new_tokens: int,
+                         prefix_embeds: jax.Array | None) -> None:
+    if not isinstance(module, T5):
+        raise TypeError(f"generation needs a T5 module, got {type(module).__name__}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"generate: input_ids must be [batch, length], got {input_ids.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefix_embeds is not None and (prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != input_ids.shape[0]
+                                      or prefix_embeds.shape[2] != module.config.d_model):
+        raise ValueError(f"generate: prefix_embeds must be [{input_ids.shape[0]}, prefix, "
+                         f"{module.config.d_model}], got {prefix_embeds.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
+def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
+                    attention_mask: jax.Array | None = None, *, max_new_tokens: int,
+                    prefix_embeds: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Greedy decoding, as transformers' ``generate(do_sample=False)``.
+
+    Args:
+      input_ids: [B, L] encoder token ids; attention_mask: [B, L] (1 = real).
+      max_new_tokens: decoder steps at most; the loop stops early once every row emitted EOS.
+      prefix_embeds: optional [B, P, D] encoder inputs placed before the embedded input_ids.
+
+    Returns:
+      dict(sequences=[B, 1 + max_new_tokens] starting with decoder_start_token_id, then the
+      generated tokens; after a row's EOS (and past the last step run) filled with pad_token_id;
+      num_steps=scalar int32 steps run, so sequences[:, :1 + num_steps] is transformers' output).
+    """
+    _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
+    cfg = module.config
+    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
+    cross_kv = module.apply(variables, enc, method=T5.cross_key_values)
+    batch = input_ids.shape[0]
+    seqs = jnp.full((batch, 1 + max_new_tokens), cfg.pad_token_id, jnp.int32)
+    seqs = seqs.at[:, 0].set(cfg.decoder_start_token_id)
+    init = (jnp.int32(0), seqs, jnp.zeros((batch,), bool),
+            init_cache(cfg, batch, max_new_tokens, module.dtype))
+
+    def cond(state):
+        step, _, finished, _ = state
+        return (step < max_new_tokens) & ~jnp.all(finished)
+
+    def body(state):
+        step, seqs, finished, cache = state
+        token = jax.lax.dynamic_slice_in_dim(seqs, step, 1, axis=1)  # [B, 1]
+        out = module.apply(variables, token, None, enc_mask, cache=cache, cache_index=step,
+                           cross_kv=cross_kv, method=T5.decode)
+        nxt = jnp.argmax(out["logits"][:, -1], axis=-1).astype(jnp.int32)
+        nxt = jnp.where(finished, cfg.pad_token_id, nxt)
+        seqs = jax.lax.dynamic_update_slice_in_dim(seqs, nxt[:, None], step + 1, axis=1)
+        return step + 1, seqs, finished | (nxt == cfg.eos_token_id), out["cache"]
+
+    steps, seqs, _, _ = jax.lax.while_loop(cond, body, init)
+    return {"sequences": seqs, "num_steps": steps}
+
+
+def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x: [B, K, ...], idx: [B, K'] -> [B, K', ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams", "length_penalty"))
+def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                *, max_new_tokens: int, num_beams: int = 4, length_penalty: float = 1.0,
+                prefix_embeds: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Beam search, a port of transformers' vectorised ``_beam_search`` (early_stopping=False).
+
+    Every step keeps the best 2*num_beams continuations; those ending in EOS (or at the length
+    limit) among the first num_beams compete for the finished slots with score
+    sum(log p) / generated_length**length_penalty; the rest continue. It stops when no running beam
+    can beat the worst finished one (HF's heuristic: best running score / current length), or at
+    max_new_tokens.
+
+    Returns:
+      dict(sequences=[B, num_beams, 1 + max_new_tokens] best first, pad_token_id after each EOS;
+      scores=[B, num_beams] the length-normalised scores (transformers' sequences_scores);
+      num_steps=scalar int32 decoder steps run).
+    """
+    _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
+    if num_beams < 1:
+        raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
+    cfg = module.config
+    batch, k, k2, max_length = input_ids.shape[0], num_beams, 2 * num_beams, 1 + max_new_tokens
+    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
+    enc = jnp.repeat(enc, k, axis=0)  # [B*K, Le, D], beam-major within each example as in HF
+    enc_mask = jnp.repeat(enc_mask, k, axis=0)
+    cross_kv = module.apply(variables, enc, method=T5.cross_key_values)
+    vocab = cfg.vocab_size
+
+    # HF fills unused slots with pad_token_id or eos; we use pad everywhere and mask after EOS below.
+    running = jnp.full((batch, k, max_length), cfg.pad_token_id, jnp.int32).at[:, :, 0].set(
+        cfg.decoder_start_token_id)
+    running_scores = jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(_NEG)
+    top_mask = jnp.arange(k2) < k
+    init = dict(cur_len=jnp.int32(1), running=running, running_scores=running_scores,
+                sequences=running, scores=jnp.full((batch, k), _NEG, jnp.float32),
+                finished=jnp.zeros((batch, k), bool), improvable=jnp.ones((batch, 1), bool),
+                go=jnp.bool_(True), cache=init_cache(cfg, batch * k, max_new_tokens, module.dtype))
+
+    def cond(s):
+        return s["go"] & (s["cur_len"] < max_length)
+
+    def body(s):
+        cur_len = s["cur_len"]
+        token = jax.lax.dynamic_slice_in_dim(s["running"], cur_len - 1, 1, axis=2).reshape(batch * k, 1)
+        out = module.apply(variables, token, None, enc_mask, cache=s["cache"], cache_index=cur_len - 1,
+                           cross_kv=cross_kv, method=T5.decode)
+        log_probs = jax.nn.log_softmax(out["logits"][:, -1].astype(jnp.float32), axis=-1)
+        log_probs = log_probs.reshape(batch, k, vocab) + s["running_scores"][:, :, None]
+        topk_log_probs, topk_idx = jax.lax.top_k(log_probs.reshape(batch, k * vocab), k2)
+        parent, token_ids = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
+        topk_seqs = _gather_beams(s["running"], parent)
+        topk_seqs = jax.lax.dynamic_update_slice_in_dim(topk_seqs, token_ids[:, :, None], cur_len, axis=2)
+        hits = (token_ids == cfg.eos_token_id) | (cur_len + 1 >= max_length)
+
+        # Continue with the best num_beams that did not just finish.
+        running_log_probs = topk_log_probs + hits.astype(jnp.float32) * _NEG
+        _, nxt = jax.lax.top_k(running_log_probs, k)
+        running = _gather_beams(topk_seqs, nxt)
+        running_scores = _gather_beams(running_log_probs, nxt)
+        beam_parent = _gather_beams(parent, nxt)  # [B, K] which old beam each new one extends
+
+        # Merge the newly finished (among the top num_beams) into the finished set.
+        just_finished = hits & top_mask[None, :]
+        fin_scores = topk_log_probs / (cur_len.astype(jnp.float32) ** length_penalty)
+        fin_scores = fin_scores + (~s["improvable"]).astype(jnp.float32) * _NEG
+        fin_scores = fin_scores + (~just_finished).astype(jnp.float32) * _NEG
+        merged_scores = jnp.concatenate([s["scores"], fin_scores], axis=1)
+        _, best = jax.lax.top_k(merged_scores, k)
+        sequences = _gather_beams(jnp.concatenate([s["sequences"], topk_seqs], axis=1), best)
+        scores = _gather_beams(merged_scores, best)
+        finished = _gather_beams(jnp.concatenate([s["finished"], just_finished], axis=1), best)
+
+        flat_parent = (beam_parent + jnp.arange(batch)[:, None] * k).reshape(-1)
+        cache = jax.tree.map(lambda c: jnp.take(c, flat_parent, axis=0), out["cache"])
+
+        new_len = cur_len + 1
+        best_running = running_scores[:, :1] / ((new_len - 1).astype(jnp.float32) ** length_penalty)
+        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
+        improvable = s["improvable"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+        go = jnp.any(improvable) & ~jnp.all(hits)
+        return dict(cur_len=new_len, running=running, running_scores=running_scores, sequences=sequences,
+                    scores=scores, finished=finished, improvable=improvable, go=go, cache=cache)
+
+    s = jax.lax.while_loop(cond, body, init)
+    seqs = s["sequences"]
+    # Everything after the first EOS (position >= 1) is filler: make it pad.
+    is_eos = (seqs == cfg.eos_token_id) & (jnp.arange(max_length) >= 1)
+    after = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
+    return {"sequences": jnp.where(after, cfg.pad_token_id, seqs), "scores": s["scores"],
+            "num_steps": s["cur_len"] - 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint loading
+# --------------------------------------------------------------------------------------------
+
+
+def t5_name_map(cfg: T5Config) -> NameMap:
+    """Our T5 param paths -> transformers ``T5ForConditionalGeneration`` state-dict names."""
+    # The embedding is stored once as 'shared' (tied copies under encoder/decoder.embed_tokens are
+    # dropped by safetensors); any of the three names supplies it.
+    m: NameMap = {("shared", "embedding"): Source(("shared.weight", "encoder.embed_tokens.weight",
+                                                   "decoder.embed_tokens.weight"))}
+    if not cfg.tie_word_embeddings:
+        m[("lm_head", "kernel")] = Source(("lm_head.weight",), Linear())
+    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        m[(f"{stack}_relative_attention_bias", "embedding")] = Source(
+            (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",))
+        m[(f"{stack}_final_norm", "scale")] = Source((f"{stack}.final_layer_norm.weight",))
+        for i in range(n_layers):
+            hf, fx = f"{stack}.block.{i}.layer", (f"{stack}_block_{i}",)
+            attn = [("self_attn", f"{hf}.0.SelfAttention", f"{hf}.0.layer_norm")]
+            if stack == "decoder":
+                attn.append(("cross_attn", f"{hf}.1.EncDecAttention", f"{hf}.1.layer_norm"))
+            for name, hf_attn, hf_norm in attn:
+                for p in ("q", "k", "v"):
+                    m[fx + (name, p, "kernel")] = Source((f"{hf_attn}.{p}.weight",), Linear())
+                m[fx + (name, "o", "kernel")] = Source((f"{hf_attn}.o.weight",), Linear(in_dims=2))
+                m[fx + (f"{name}_norm", "scale")] = Source((f"{hf_norm}.weight",))
+            ff = f"{hf}.{2 if stack == 'decoder' else 1}"
+            m[fx + ("mlp_norm", "scale")] = Source((f"{ff}.layer_norm.weight",))
+            for p in (("wi_0", "wi_1") if cfg.is_gated else ("wi",)) + ("wo",):
+                m[fx + ("mlp", p, "kernel")] = Source((f"{ff}.DenseReluDense.{p}.weight",), Linear())
+    return m
+
+
+def t5_ignored(cfg: T5Config) -> tuple[str, ...]:
+    """Regexes of checkpoint keys a T5 model knowingly does not use."""
+    # Some conversions repeat the (unused) relative bias in later blocks.
+    return (r"^(encoder|decoder)\.block\.[1-9]\d*\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$",)
+
+
+def abstract_params(module: T5) -> Any:
+    """Boxed ShapeDtypeStructs of every param (nothing computed or allocated)."""
+    def init(rng):
+        ids = jnp.zeros((1, 1), jnp.int32)
+        return module.init(rng, ids, ids)
+    return jax.eval_shape(init, jax.random.key(0))["params"]
+
+
+def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32,
+         mesh: Mesh | None = None) -> tuple[T5, dict[str, Any], Any]:
+    """Loads a T5 / T5 v1.1 / Flan-T5 checkpoint folder as a frozen T5.
+
+    The lm head is tied to the shared embedding unless the checkpoint stores ``lm_head.weight``.
+
+    Returns:
+      (module, {'params': params}, hf_config).
+    """
+    folder = resolve_checkpoint(path_or_name)
+    hf_config = read_hf_config(folder)
+    state = open_state_dict(folder)
+    cfg = T5Config.from_hf(hf_config, tie_word_embeddings="lm_head.weight" not in state)
+    module = T5(cfg, dtype=dtype, param_dtype=dtype)
+    params = convert_checkpoint(state, t5_name_map(cfg), abstract_params(module), dtype=dtype, mesh=mesh,
+                                ignored=t5_ignored(cfg))
+    return module, {"params": params}, hf_config
