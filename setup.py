@@ -20,6 +20,7 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "importlib_resources",  # tensorflow-datasets builders import it without declaring it
         "einops>=0.8",
+        "gguf>=0.10",  # GGUF checkpoints (llama.cpp) read and dequantised by models/gguf.py
         "absl-py",
         "numpy",
         "safetensors",
@@ -29,6 +30,7 @@ setup(
     ],
     extras_require={
         # torch is the parity reference for our Flax models (transformers' PyTorch classes).
-        "test": ["pytest", "torch==2.13.0"],
+        # accelerate: transformers needs it to read GGUF files (the SmolLM2 parity test).
+        "test": ["pytest", "torch==2.13.0", "accelerate"],
     },
 )

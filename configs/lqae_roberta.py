@@ -49,4 +49,10 @@ def get_config(arg=None):
     c.train = dict(steps=100 * steps_per_epoch, log_every=100, checkpoint_every=5000,
                    keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
     c.eval = dict(batch_size=64, num_batches=8, num_images=8)
+    # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
+    # memory per device, and the peak used to turn FLOPs into a step time (H100 bf16 dense).
+    # flops_overrides: the quantizer searches the vocabulary in a loop whose body XLA's cost
+    # analysis counts once; plan counts FLOPs on a second compile with a single chunk.
+    c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0,
+                  flops_overrides=dict(quantizer=dict(chunk_size=1 << 20)))
     return c

@@ -5,6 +5,7 @@ Override any config value with ``--config.KEY=VALUE`` (e.g. ``--config.train.ste
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -40,6 +41,8 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if "--verbosity" not in " ".join(sys.argv) and "-v=" not in " ".join(sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if config.mode == "plan":
+        _fake_devices_for_plan(config)
     from lqae_vlap.train import distributed
 
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -54,8 +57,29 @@ def main(argv: list[str]) -> None:
         trainer.train_and_evaluate(config, _WORKDIR.value, build)
     elif config.mode == "eval":
         trainer.evaluate_checkpoint(config, _WORKDIR.value, build)
+    elif config.mode == "plan":
+        from lqae_vlap.train import plan
+
+        plan.plan(config, build)
     else:
-        raise ValueError(f"config.mode={config.mode!r} is not known; use 'train' or 'eval'")
+        raise ValueError(f"config.mode={config.mode!r} is not known; use 'train', 'eval' or "
+                         "'plan'")
+
+
+def _fake_devices_for_plan(config) -> None:
+    """Without an accelerator, plan on ``config.plan.num_devices`` fake CPU devices.
+
+    Must run before JAX initialises its backends.
+    """
+    import glob
+
+    if glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+        return  # a GPU or TPU host: plan on the real devices
+    count = int(config.plan.num_devices)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags_ = [f for f in os.environ.get("XLA_FLAGS", "").split()
+              if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags_ + [f"--xla_force_host_platform_device_count={count}"])
 
 
 class _UserError(Exception):

@@ -248,31 +248,49 @@ def make_evaluate(cfg, model, lm, tokenizer, eval_batches, mesh):
 # ----------------------------------------------------------------------------------------------
 
 
-def build(config: ml_collections.ConfigDict, mesh) -> Method:
-    """Loads the frozen LM, builds the trainable model, data and loss for the trainer."""
+def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) -> Method:
+    """Loads the frozen LM, builds the trainable model, data and loss for the trainer.
+
+    abstract=True reads no weights and no data (plan mode): ``frozen`` holds
+    ``jax.ShapeDtypeStruct``s and ``batch_spec`` the global batch's shapes.
+    """
     m = config.model
     dtype = jnp.dtype(m.get("dtype", "float32"))
     lm, lm_variables, hf_config = hf_weights.load_masked_lm(
-        m.lm_path, dtype=jnp.dtype(m.get("lm_dtype", "float32")), mesh=mesh)
+        m.lm_path, dtype=jnp.dtype(m.get("lm_dtype", "float32")), mesh=mesh, abstract=abstract)
     lm_params = lm_variables["params"]
     if config.loss.mlm > 0 and not lm.config.has_lm_head:
         raise ValueError(
             f"config.loss.mlm={config.loss.mlm} needs a masked-LM head, but {m.lm_path} has none "
             "(a plain encoder checkpoint); set --config.loss.mlm=0 or use a *ForMaskedLM checkpoint")
-    tokenizer = hf_weights.load_tokenizer(m.lm_path)
-    if tokenizer.mask_token_id is None:
-        raise ValueError(f"the tokenizer of {m.lm_path} has no mask token; LQAE needs one")
     lm_width = lm.config.hidden_size
     model = LQAEModel(config=m, lm_width=lm_width, dtype=dtype)
-
-    mask_token_id = np.asarray(tokenizer.mask_token_id, np.int32)
-    frozen = {"lm": lm_params,
-              "mask_token_id": jax.device_put(mask_token_id, sharding_lib.replicated(mesh))}
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    replicated = sharding_lib.replicated(mesh)
 
     def init_params(rng):
         dummy = jnp.zeros((1, m.image_size, m.image_size, m.channels), jnp.float32)
         return model.init(rng, dummy)["params"]
+
+    loss = functools.partial(loss_fn, model=model, lm=lm, cfg=config)
+    describe = (f"LQAE: ViT {m.encoder.width}x{m.encoder.depth} enc / {m.decoder.width}x"
+                f"{m.decoder.depth} dec, patch {m.patch_size} on {m.image_size}px, frozen "
+                f"{hf_config.model_type} from {m.lm_path} (vocab {lm.config.vocab_size}, width "
+                f"{lm_width})")
+    if abstract:
+        frozen = {"lm": lm_params,
+                  "mask_token_id": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+        image = (config.data.batch_size, m.image_size, m.image_size, m.channels)
+        return Method(init_params=init_params, frozen=frozen,
+                      frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen), loss_fn=loss,
+                      train_batches=None, batch_spec={"image": jax.ShapeDtypeStruct(image, jnp.uint8)},
+                      describe=describe)
+
+    tokenizer = hf_weights.load_tokenizer(m.lm_path)
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"the tokenizer of {m.lm_path} has no mask token; LQAE needs one")
+    mask_token_id = np.asarray(tokenizer.mask_token_id, np.int32)
+    frozen = {"lm": lm_params, "mask_token_id": jax.device_put(mask_token_id, replicated)}
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
     train_src, val_src, train_pre, val_pre = _sources(config)
     pid, pcount = jax.process_index(), jax.process_count()
@@ -284,13 +302,8 @@ def build(config: ml_collections.ConfigDict, mesh) -> Method:
         val_src, global_batch_size=config.eval.batch_size, seed=0, shuffle=False,
         process_index=0, process_count=1, preprocess=_image_only(val_pre),
         num_workers=config.data.num_workers)
-
-    loss = functools.partial(loss_fn, model=model, lm=lm, cfg=config)
-    describe = (f"LQAE: ViT {m.encoder.width}x{m.encoder.depth} enc / {m.decoder.width}x"
-                f"{m.decoder.depth} dec, patch {m.patch_size} on {m.image_size}px, frozen "
-                f"{hf_config.model_type} from {m.lm_path} (vocab {lm.config.vocab_size}, width "
-                f"{lm_width}); data {config.data.name}: {len(train_src)} train / {len(val_src)} "
-                "validation images")
+    describe += (f"; data {config.data.name}: {len(train_src)} train / {len(val_src)} "
+                 "validation images")
     return Method(init_params=init_params, frozen=frozen, frozen_shardings=frozen_shardings,
                   loss_fn=loss, train_batches=train_batches, eval_batches=eval_batches,
                   evaluate=make_evaluate(config, model, lm, tokenizer, eval_batches, mesh),

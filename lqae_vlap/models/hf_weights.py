@@ -434,14 +434,29 @@ def convert_checkpoint(state: StateDict, name_map: NameMap, abstract_params: Any
 # --------------------------------------------------------------------------------------------
 
 
+def abstract_on_mesh(abstract_params: Any, mesh: Mesh | None) -> Any:
+    """Boxed abstract params -> plain ``jax.ShapeDtypeStruct``s carrying their mesh shardings."""
+    plain = nn.meta.unbox(abstract_params)
+    if mesh is None:
+        return plain
+    shardings = boxed_shardings(abstract_params, mesh)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                          sharding=fit_sharding_to_shape(s, a.shape)),
+        plain, shardings, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
 def load_masked_lm(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32,
-                   mesh: Mesh | None = None) -> tuple[MaskedLM, dict[str, Any], Any]:
+                   mesh: Mesh | None = None,
+                   abstract: bool = False) -> tuple[MaskedLM, dict[str, Any], Any]:
     """Loads a BERT / RoBERTa / XLM-R checkpoint (with or without its MLM head) as a frozen MaskedLM.
 
     Args:
       path_or_name: local checkpoint folder (or a hub name where there is network).
       dtype: param and compute dtype (e.g. jnp.bfloat16).
       mesh: place every weight on this mesh by its logical axis names while loading.
+      abstract: read no tensor: return ``jax.ShapeDtypeStruct`` leaves (with their shardings when
+        ``mesh`` is given) for planning and compiling without the weights.
 
     Returns:
       (module, variables, hf_config): ``module.apply(variables, input_ids, ...)`` runs it;
@@ -450,16 +465,21 @@ def load_masked_lm(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32,
     """
     folder = resolve_checkpoint(path_or_name)
     hf_config = read_hf_config(folder)
-    state = open_state_dict(folder)
     cfg = EncoderLMConfig.from_hf(hf_config)  # raises for other families
-    cfg = dataclasses.replace(cfg, has_lm_head=encoder_lm_has_head(state, cfg.model_type))
-    prefix = detect_prefix(state, "embeddings.word_embeddings.weight", ("bert.", "roberta.", ""))
+    # Planning may start from config.json alone; it then assumes the full masked LM.
+    state = (open_state_dict(folder)
+             if not abstract or any((folder / f).exists() for f in WEIGHT_FILES) else None)
+    if state is not None:
+        cfg = dataclasses.replace(cfg, has_lm_head=encoder_lm_has_head(state, cfg.model_type))
     module = MaskedLM(cfg, dtype=dtype, param_dtype=dtype)
-    abstract = jax.eval_shape(
+    abstract_params = jax.eval_shape(
         functools.partial(module.init, with_lm_head=cfg.has_lm_head),
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    params = convert_checkpoint(state, encoder_lm_name_map(cfg, prefix), abstract, dtype=dtype,
-                                mesh=mesh, ignored=encoder_lm_ignored(cfg))
+    if abstract:
+        return module, {"params": abstract_on_mesh(abstract_params, mesh)}, hf_config
+    prefix = detect_prefix(state, "embeddings.word_embeddings.weight", ("bert.", "roberta.", ""))
+    params = convert_checkpoint(state, encoder_lm_name_map(cfg, prefix), abstract_params,
+                                dtype=dtype, mesh=mesh, ignored=encoder_lm_ignored(cfg))
     return module, {"params": params}, hf_config
 
 

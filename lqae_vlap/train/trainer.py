@@ -45,15 +45,17 @@ class Method:
       train_batches / eval_batches: deterministic batch sources (``batch_at(step)``).
       evaluate: optional (params, frozen, step, workdir) -> dict of scalars; runs on every process
         (it may use collectives) and writes files from process 0 only.
+      batch_spec: the global batch's shapes and dtypes, for building without data (plan mode).
     """
 
     init_params: Callable[[jax.Array], PyTree]
     frozen: PyTree
     frozen_shardings: PyTree
     loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-    train_batches: IndexedBatches
+    train_batches: IndexedBatches | None
     eval_batches: IndexedBatches | None = None
     evaluate: Callable[..., dict[str, float]] | None = None
+    batch_spec: dict[str, jax.ShapeDtypeStruct] | None = None
     describe: str = ""
 
 

@@ -1,0 +1,417 @@
+"""Frozen OPT decoder-only language model (VLAP's OPT-1.3B, and every other OPT size) with a KV cache.
+
+Matches transformers' ``OPTForCausalLM`` in eval mode, for both layouts OPT ships in:
+  * pre-LayerNorm (``do_layer_norm_before=True``: 125m, 1.3b, 2.7b, ...) with a final LayerNorm;
+  * post-LayerNorm (opt-350m: ``do_layer_norm_before=False``, no final LayerNorm) whose word
+    embeddings are narrower than the model (``word_embed_proj_dim`` 512 < hidden 1024), bridged
+    by ``project_in`` / ``project_out`` (bias-free).
+Learned positions carry OPT's offset of 2 (fairseq reserved rows 0 and 1); ReLU FFN; attention
+with biases; the LM head is tied to the word embeddings unless ``tie_word_embeddings=False``.
+No dropout: the model is only ever run frozen.
+
+Interface shared by every decoder-only model (``models/generate.py`` relies on it):
+  ``__call__(input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+  cache=None, cache_index=None) -> dict(logits=[B, L, V] float32, hidden_states=[B, L, E],
+  cache=new cache or None)``, ``init_cache(config, batch, max_len, dtype)`` and
+  ``embed_tokens(params, ids)``. ``hidden_states`` is HF's ``last_hidden_state`` (after the final
+  LayerNorm and ``project_out``), so its width E is the word-embedding width.
+
+KV cache: ``{'layers_{i}': {'k': [B, T, heads, head_dim], 'v': ...}}``. A call with ``cache`` and
+``cache_index`` writes its L keys/values at slots [cache_index, cache_index + L) and attends to
+every slot j <= its own slot whose ``attention_mask[:, j]`` is 1, so slots not yet written are
+excluded by causality alone.
+
+Param tree (``{'params': ...}``), every leaf with logical axis names:
+  embed_tokens/embedding [vocab, embed], embed_positions/embedding [position, embed]
+  project_in/kernel [mlp, embed], project_out/kernel [embed, mlp] (opt-350m only)
+  layers_{i}/self_attn/{q,k,v}_proj/{kernel [embed, heads, kv], bias [heads, kv]},
+  layers_{i}/self_attn/out_proj/{kernel [heads, kv, embed], bias [embed]},
+  layers_{i}/{self_attn_layer_norm, final_layer_norm}, layers_{i}/fc1 [embed, mlp], fc2 [mlp, embed]
+  final_layer_norm (pre-LN models), lm_head/kernel [embed, vocab] (untied heads only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, _dense, _layer_norm,
+                                         convert_checkpoint, detect_prefix, open_state_dict,
+                                         read_hf_config, resolve_checkpoint)
+
+POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p reads row p + 2
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    """Hyper-parameters of an OPT model (names follow the Hugging Face ``OPTConfig``)."""
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    word_embed_proj_dim: int = 768  # < hidden_size only for opt-350m (then project_in/out exist)
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    ffn_dim: int = 3072
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    final_layer_norm: bool = True  # do_layer_norm_before and not _remove_final_layer_norm
+    activation_function: str = "relu"
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(f"OPTConfig.activation_function={self.activation_function!r} is not "
+                             f"supported; use one of {sorted(_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"OPTConfig: hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def projects(self) -> bool:
+        """Whether word embeddings are narrower than the model (project_in / project_out exist)."""
+        return self.word_embed_proj_dim != self.hidden_size
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> OPTConfig:
+        """Reads a transformers ``OPTConfig``."""
+        if getattr(hf_config, "model_type", None) != "opt":
+            raise ValueError(f"model_type {getattr(hf_config, 'model_type', None)!r} is not OPT; "
+                             "load it with its own family's loader")
+        proj = getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size
+        pre_ln = bool(hf_config.do_layer_norm_before)
+
+        def token_id(name: str, default: int) -> int:
+            value = getattr(hf_config, name, None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            return default if value is None else int(value)
+
+        return cls(
+            vocab_size=int(hf_config.vocab_size),
+            hidden_size=int(hf_config.hidden_size),
+            word_embed_proj_dim=int(proj),
+            num_hidden_layers=int(hf_config.num_hidden_layers),
+            num_attention_heads=int(hf_config.num_attention_heads),
+            ffn_dim=int(hf_config.ffn_dim),
+            max_position_embeddings=int(hf_config.max_position_embeddings),
+            do_layer_norm_before=pre_ln,
+            final_layer_norm=pre_ln and not bool(getattr(hf_config, "_remove_final_layer_norm", False)),
+            activation_function=str(hf_config.activation_function),
+            enable_bias=bool(getattr(hf_config, "enable_bias", True)),
+            layer_norm_elementwise_affine=bool(getattr(hf_config, "layer_norm_elementwise_affine", True)),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+            pad_token_id=token_id("pad_token_id", 1),
+            bos_token_id=token_id("bos_token_id", 2),
+            eos_token_id=token_id("eos_token_id", 2),
+        )
+
+
+def _init(names: tuple[str, ...], init: Callable = nn.initializers.normal(0.02)) -> Callable:
+    return nn.with_logical_partitioning(init, names)
+
+
+def _layer_norm_module(cfg: OPTConfig, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
+    # torch.nn.LayerNorm's eps; flax keeps the statistics in float32 for a bfloat16 dtype.
+    affine = cfg.layer_norm_elementwise_affine
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, use_scale=affine,
+                        use_bias=affine, scale_init=_init(("norm",), nn.initializers.ones),
+                        bias_init=_init(("norm",), nn.initializers.zeros), name=name)
+
+
+def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32
+               ) -> dict[str, dict[str, jax.Array]]:
+    """Zeroed per-layer key/value buffers ``{'layers_{i}': {'k', 'v': [batch, max_len, H, Dh]}}``."""
+    shape = (batch, max_len, config.num_attention_heads, config.head_dim)
+    return {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for i in range(config.num_hidden_layers)}
+
+
+class Attention(nn.Module):
+    config: OPTConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, cache: dict[str, jax.Array] | None,
+                 cache_index: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """x: [B, L, D], bias: [B, 1, L, T] additive (float32) -> ([B, L, D], updated cache)."""
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=cfg.enable_bias)
+        proj = lambda name: nn.DenseGeneral(  # noqa: E731
+            (cfg.num_attention_heads, cfg.head_dim), kernel_init=_init(("embed", "heads", "kv")),
+            bias_init=_init(("heads", "kv"), nn.initializers.zeros), name=name, **kw)
+        # HF scales the query before the product; doing the same keeps float32 parity tight.
+        q = proj("q_proj")(x) * jnp.asarray(cfg.head_dim ** -0.5, self.dtype)
+        k, v = proj("k_proj")(x), proj("v_proj")(x)  # [B, L, H, Dh]
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+        # Softmax in float32 so a bfloat16 model keeps the masking exact.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(self.dtype)).astype(jnp.float32)
+        probs = jax.nn.softmax(scores + bias, axis=-1).astype(self.dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
+        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), kernel_init=_init(("heads", "kv", "embed")),
+                              bias_init=_init(("embed",), nn.initializers.zeros), name="out_proj", **kw)
+        return out(ctx), cache
+
+
+class DecoderLayer(nn.Module):
+    """OPTDecoderLayer: pre-LN (LN -> sublayer -> residual) or post-LN (sublayer -> residual -> LN)."""
+
+    config: OPTConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, cache: dict[str, jax.Array] | None,
+                 cache_index: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pre = cfg.do_layer_norm_before
+        attn_norm = _layer_norm_module(cfg, self.dtype, self.param_dtype, "self_attn_layer_norm")
+        h, cache = Attention(cfg, name="self_attn", **kw)(attn_norm(x) if pre else x, bias, cache,
+                                                          cache_index)
+        x = x + h
+        x = x if pre else attn_norm(x)
+        ffn_norm = _layer_norm_module(cfg, self.dtype, self.param_dtype, "final_layer_norm")
+        h = ffn_norm(x) if pre else x
+        h = nn.Dense(cfg.ffn_dim, use_bias=cfg.enable_bias, kernel_init=_init(("embed", "mlp")),
+                     bias_init=_init(("mlp",), nn.initializers.zeros), name="fc1", **kw)(h)
+        h = _ACTIVATIONS[cfg.activation_function](h)
+        h = nn.Dense(cfg.hidden_size, use_bias=cfg.enable_bias, kernel_init=_init(("mlp", "embed")),
+                     bias_init=_init(("embed",), nn.initializers.zeros), name="fc2", **kw)(h)
+        x = x + h
+        return (x if pre else ffn_norm(x)), cache
+
+
+class OPTForCausalLM(nn.Module):
+    """OPT decoder + LM head; a pure function of its params (and of the cache, when given)."""
+
+    config: OPTConfig
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array | None = None, *,
+                 inputs_embeds: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None,
+                 cache: dict[str, Any] | None = None,
+                 cache_index: jax.Array | int | None = None) -> dict[str, Any]:
+        """Runs the decoder.
+
+        Args:
+          input_ids: [B, L] int token ids, or None when inputs_embeds is given.
+          inputs_embeds: [B, L, word_embed_proj_dim] vectors replacing the token lookup (VLAP's
+            visual prefix); project_in and positions are still applied.
+          attention_mask: [B, L] without a cache, [B, T] (T = cache length) with one; 1 = real
+            token, 0 = padding. Default: all real.
+          positions: [B, L] int32 positions (OPT adds its offset of 2). Default, as in HF:
+            cumsum(attention_mask) - 1 over the whole mask, sliced at this call's slots.
+          cache: from ``init_cache``; this call's keys/values are written at ``cache_index``.
+          cache_index: scalar int32 slot of this call's first token (required with a cache).
+
+        Returns:
+          dict(logits=[B, L, V] float32, hidden_states=[B, L, word_embed_proj_dim],
+               cache=the updated cache or None).
+        """
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("OPTForCausalLM: pass exactly one of input_ids [B, L] or "
+                             "inputs_embeds [B, L, D]")
+        if (cache is None) != (cache_index is None):
+            raise ValueError("OPTForCausalLM: pass cache and cache_index together (init_cache makes "
+                             "the cache; cache_index is the slot of the first new token)")
+        if inputs_embeds is not None:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.word_embed_proj_dim:
+                raise ValueError(f"OPTForCausalLM: inputs_embeds must be [batch, length, "
+                                 f"{cfg.word_embed_proj_dim}] (the word-embedding width), got "
+                                 f"shape {inputs_embeds.shape}")
+            batch, length = inputs_embeds.shape[:2]
+        else:
+            if input_ids.ndim != 2:
+                raise ValueError(f"OPTForCausalLM: input_ids must be [batch, length], got {input_ids.shape}")
+            batch, length = input_ids.shape
+        total = length if cache is None else cache["layers_0"]["k"].shape[1]
+        if total > cfg.max_position_embeddings:
+            raise ValueError(f"OPTForCausalLM: {total} tokens exceed the {cfg.max_position_embeddings} "
+                             "positions this checkpoint has; truncate the prompt or shrink the cache")
+        if cache is not None and length > total:
+            raise ValueError(f"OPTForCausalLM: {length} new tokens do not fit a cache of {total} slots")
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, total), jnp.int32)
+        if attention_mask.shape != (batch, total):
+            want = "[batch, cache length]" if cache is not None else "[batch, length]"
+            raise ValueError(f"OPTForCausalLM: attention_mask must be {want} = {(batch, total)}, got "
+                             f"{attention_mask.shape}")
+        offset = jnp.int32(0) if cache is None else jnp.asarray(cache_index, jnp.int32)
+        if positions is None:  # HF: cumsum(mask) * mask - 1, so pads read position row 1
+            mask = attention_mask.astype(jnp.int32)
+            all_positions = jnp.cumsum(mask, axis=1) * mask - 1
+            positions = jax.lax.dynamic_slice_in_dim(all_positions, offset, length, axis=1)
+        positions = jnp.broadcast_to(positions, (batch, length))
+
+        # Key slot j is visible to query slot i when j <= i and slot j holds a real token. Where
+        # no key is visible (a padded query) the row's softmax is uniform: finite, and unused.
+        query_slots = offset + jnp.arange(length)
+        visible = (jnp.arange(total)[None, :] <= query_slots[:, None])[None] \
+            & (attention_mask[:, None, :] > 0)  # [B, L, T]
+        bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # [B, 1, L, T]
+
+        embed = nn.Embed(cfg.vocab_size, cfg.word_embed_proj_dim,
+                         embedding_init=_init(("vocab", "embed")), name="embed_tokens", **kw)
+        x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        if cfg.projects:  # a width change of the residual stream; 'mlp' names the narrow side
+            x = nn.Dense(cfg.hidden_size, use_bias=False, kernel_init=_init(("mlp", "embed")),
+                         name="project_in", **kw)(x)
+        x = x + nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
+                         embedding_init=_init(("position", "embed")), name="embed_positions",
+                         **kw)(positions + POSITION_OFFSET)
+
+        new_cache = {} if cache is not None else None
+        for i in range(cfg.num_hidden_layers):
+            name = f"layers_{i}"
+            x, layer_cache = DecoderLayer(cfg, name=name, **kw)(
+                x, bias, None if cache is None else cache[name], offset)
+            if cache is not None:
+                new_cache[name] = layer_cache
+        if cfg.final_layer_norm:
+            x = _layer_norm_module(cfg, self.dtype, self.param_dtype, "final_layer_norm")(x)
+        if cfg.projects:
+            x = nn.Dense(cfg.word_embed_proj_dim, use_bias=False, kernel_init=_init(("embed", "mlp")),
+                         name="project_out", **kw)(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(("embed", "vocab")),
+                              name="lm_head", **kw)(x)
+        return {"logits": logits.astype(jnp.float32), "hidden_states": x, "cache": new_cache}
+
+
+def embed_tokens(params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
+    """The input-embedding lookup: ids [B, L] -> [B, L, word_embed_proj_dim] (params' dtype).
+
+    Accepts the variables dict ``{'params': ...}`` or the inner tree, boxed or not. VLAP
+    concatenates its projected visual tokens in front of these and feeds ``inputs_embeds``.
+    """
+    tree = params["params"] if "params" in params else params
+    try:
+        table = nn.meta.unbox(tree["embed_tokens"]["embedding"])
+    except (KeyError, TypeError) as e:
+        raise ValueError("embed_tokens: params lack embed_tokens/embedding; pass the tree returned "
+                         "by opt.load or OPTForCausalLM.init") from e
+    return jnp.take(table, ids, axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint loading
+# --------------------------------------------------------------------------------------------
+
+# OPTForCausalLM keys carry 'model.decoder.', OPTModel keys 'decoder.', a bare OPTDecoder none.
+PREFIXES = ("model.decoder.", "decoder.", "")
+
+
+def opt_name_map(cfg: OPTConfig, prefix: str) -> NameMap:
+    """Our OPTForCausalLM param paths -> transformers state-dict names."""
+    p = prefix
+
+    def dense(path: tuple[str, ...], hf: str, kernel: Any = Linear(), bias: Any = None) -> NameMap:
+        m = _dense(path, hf, kernel, bias or Reshape())
+        if not cfg.enable_bias:
+            del m[path + ("bias",)]
+        return m
+
+    def norm(path: tuple[str, ...], hf: str) -> NameMap:
+        return _layer_norm(path, hf) if cfg.layer_norm_elementwise_affine else {}
+
+    m: NameMap = {
+        ("embed_tokens", "embedding"): Source((f"{p}embed_tokens.weight",)),
+        ("embed_positions", "embedding"): Source((f"{p}embed_positions.weight",)),
+    }
+    if cfg.projects:
+        m[("project_in", "kernel")] = Source((f"{p}project_in.weight",), Linear())
+        m[("project_out", "kernel")] = Source((f"{p}project_out.weight",), Linear())
+    for i in range(cfg.num_hidden_layers):
+        hf, fx = f"{p}layers.{i}", (f"layers_{i}",)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            m.update(dense(fx + ("self_attn", name), f"{hf}.self_attn.{name}"))
+        m.update(dense(fx + ("self_attn", "out_proj"), f"{hf}.self_attn.out_proj", Linear(in_dims=2)))
+        m.update(norm(fx + ("self_attn_layer_norm",), f"{hf}.self_attn_layer_norm"))
+        m.update(dense(fx + ("fc1",), f"{hf}.fc1"))
+        m.update(dense(fx + ("fc2",), f"{hf}.fc2"))
+        m.update(norm(fx + ("final_layer_norm",), f"{hf}.final_layer_norm"))
+    if cfg.final_layer_norm:
+        m.update(norm(("final_layer_norm",), f"{p}final_layer_norm"))
+    if not cfg.tie_word_embeddings:
+        m[("lm_head", "kernel")] = Source(("lm_head.weight",), Linear())
+    return m
+
+
+def opt_ignored(cfg: OPTConfig) -> tuple[str, ...]:
+    """Checkpoint keys an OPT model knowingly does not use."""
+    # A tied head reuses embed_tokens; some checkpoints still store the duplicate lm_head.weight.
+    return ("^" + re.escape("lm_head.weight") + "$",) if cfg.tie_word_embeddings else ()
+
+
+def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None
+         ) -> tuple[OPTForCausalLM, dict[str, Any], Any]:
+    """Loads an OPT checkpoint (OPTForCausalLM or OPTModel, any size) as a frozen causal LM.
+
+    Args:
+      path_or_name: local checkpoint folder (or a hub name where there is network).
+      dtype: param and compute dtype (e.g. jnp.bfloat16); logits are always float32.
+      mesh: place every weight on this mesh by its logical axis names while loading.
+
+    Returns:
+      (module, {'params': params}, hf_config). A tied head (lm_head.weight absent or duplicated)
+      reuses embed_tokens; an OPTModel checkpoint (no head) gets the tied head, as HF does.
+    """
+    folder = resolve_checkpoint(path_or_name)
+    hf_config = read_hf_config(folder)
+    cfg = OPTConfig.from_hf(hf_config)
+    state = open_state_dict(folder)
+    prefix = detect_prefix(state, "embed_tokens.weight", PREFIXES)
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in state:
+        raise ValueError(f"{folder}: config.json says tie_word_embeddings=False but the checkpoint "
+                         "has no lm_head.weight; set tie_word_embeddings=true or use a full "
+                         "OPTForCausalLM checkpoint")
+    module = OPTForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = convert_checkpoint(state, opt_name_map(cfg, prefix), abstract, dtype=dtype, mesh=mesh,
+                                ignored=opt_ignored(cfg))
+    return module, {"params": params}, hf_config
+
+
+def cache_fn(config: OPTConfig, dtype: Any = jnp.float32) -> Callable[[int, int], Any]:
+    """``init_cache`` with config and dtype bound: the ``init_cache_fn`` of models/generate.py."""
+    return functools.partial(init_cache, config, dtype=dtype)
+
+
+__all__ = ["OPTConfig", "OPTForCausalLM", "init_cache", "embed_tokens", "load", "opt_name_map",
+           "cache_fn"]
