@@ -26,6 +26,7 @@ setup(
         "safetensors",
         "pillow",
         "scikit-learn",  # the demo's real images (handwritten digits)
+        "scipy",  # Student-t intervals of the few-shot evaluation
         "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={

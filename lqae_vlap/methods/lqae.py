@@ -28,6 +28,7 @@ import numpy as np
 
 from lqae_vlap.data import batches as batches_lib
 from lqae_vlap.data import preprocess as preprocess_lib
+from lqae_vlap.methods import lqae_evals
 from lqae_vlap.models import hf_weights
 from lqae_vlap.models import roberta
 from lqae_vlap.models import vit
@@ -147,23 +148,37 @@ def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
 
 
 def _sources(cfg: ml_collections.ConfigDict):
+    """(train source, its augmentation, validation source, its preprocessing, eval sources).
+
+    Eval sources ({'train', 'validation', ...}) give deterministic, labelled images for the
+    evaluations (centre crops, no augmentation).
+    """
     d = cfg.data
     if d.name == "digits":
         from lqae_vlap.data import demo_images
 
         train = demo_images.DemoImages("train", image_size=cfg.model.image_size)
         val = demo_images.DemoImages("validation", image_size=cfg.model.image_size)
-        return train, val, None, None
-    if d.name == "imagenet":
+        evals = {"train": train, "validation": val}
+        train_pre = val_pre = None
+    elif d.name == "imagenet":
         from lqae_vlap.data import imagenet
 
         kw = dict(data_dir=d.data_dir or None, manual_dir=d.manual_dir or None,
                   image_size=cfg.model.image_size)
-        return (imagenet.imagenet_source("train", train=True, **kw),
-                imagenet.imagenet_source("validation", train=False, **kw),
-                imagenet.imagenet_preprocess(cfg.model.image_size, train=True),
-                imagenet.imagenet_preprocess(cfg.model.image_size, train=False))
-    raise ValueError(f"config.data.name={d.name!r} is not known; use 'digits' or 'imagenet'")
+        train = imagenet.imagenet_source("train", train=True, **kw)
+        val = imagenet.imagenet_source("validation", train=False, **kw)
+        train_pre = imagenet.imagenet_preprocess(cfg.model.image_size, train=True)
+        val_pre = imagenet.imagenet_preprocess(cfg.model.image_size, train=False)
+        evals = {"train": imagenet.imagenet_source("train", train=False, **kw), "validation": val}
+    else:
+        raise ValueError(f"config.data.name={d.name!r} is not known; use 'digits' or 'imagenet'")
+    if cfg.eval.get("mini_imagenet_root", ""):
+        from lqae_vlap.data import mini_imagenet
+
+        evals["mini_imagenet"] = mini_imagenet.MiniImageNet(
+            cfg.eval.mini_imagenet_root, split="test", image_size=cfg.model.image_size)
+    return train, train_pre, val, val_pre, evals
 
 
 def _image_only(preprocess):
@@ -173,76 +188,6 @@ def _image_only(preprocess):
             example = preprocess(example, rng)
         return {"image": example["image"]}
     return fn
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: reconstruction error on held-out images, a PNG grid and the words of a few images.
-
-
-def _png_grid(rows: list[np.ndarray], path: str) -> None:
-    """rows: list of [n, H, W, C] float images in [-1, 1]; one row each, written as a PNG."""
-    from PIL import Image
-
-    n, h, w, c = rows[0].shape
-    pad = 2
-    grid = np.ones((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), np.float32)
-    for r, imgs in enumerate(rows):
-        for i, img in enumerate(imgs):
-            y, x = pad + r * (h + pad), pad + i * (w + pad)
-            grid[y:y + h, x:x + w] = (np.clip(img, -1, 1) + 1) / 2
-    grid = (grid * 255).round().astype(np.uint8)
-    scale = max(1, 256 // max(h, 1))
-    im = Image.fromarray(grid if c == 3 else grid[..., 0])
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = np.mean((np.clip(a, -1, 1) - b) ** 2)
-    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
-
-
-def make_evaluate(cfg, model, lm, tokenizer, eval_batches, mesh):
-    # Replicated outputs: every process can read them (multi-host), process 0 writes the files.
-    fwd = jax.jit(functools.partial(forward, model=model, lm=lm, cfg=cfg, with_mlm=False),
-                  out_shardings=sharding_lib.replicated(mesh))
-    num_batches = int(cfg.eval.num_batches)
-
-    def evaluate(params, frozen, step, workdir):
-        rng = jax.random.PRNGKey(cfg.seed + 2)  # fixed masks: comparable across steps
-        sums = {"recon_quantized": 0.0, "recon_lm": 0.0, "psnr_quantized": 0.0}
-        first = None
-        for i in range(num_batches):
-            batch = eval_batches.batch_at(i)
-            out = fwd(params, frozen, batch["image"], jax.random.fold_in(rng, i))
-            out = jax.device_get({k: out[k] for k in ("recon_q", "recon_lm", "mask")}
-                                 | {"indices": out["q"].indices})
-            x = preprocess_lib.to_float(batch["image"])
-            sums["recon_quantized"] += float(np.mean((out["recon_q"] - x) ** 2))
-            sums["recon_lm"] += float(np.mean((out["recon_lm"] - x) ** 2))
-            sums["psnr_quantized"] += _psnr(out["recon_q"], x)
-            first = first or (x, out)
-        scalars = {k: v / num_batches for k, v in sums.items()}
-        x, out = first
-        idx = out["indices"]
-        vocab = roberta.word_embedding_matrix(frozen["lm"]).shape[0]
-        scalars["codebook_usage"] = float(len(np.unique(idx)) / vocab)
-        if jax.process_index() == 0:
-            k = min(int(cfg.eval.num_images), x.shape[0])
-            _png_grid([x[:k], out["recon_q"][:k], out["recon_lm"][:k]],
-                      os.path.join(workdir, f"reconstructions_{step:06d}.png"))
-            lines = [f"# step {step}: the words each validation image became "
-                     f"({idx.shape[1]} tokens, patches in row-major order)"]
-            for j in range(k):
-                words = tokenizer.convert_ids_to_tokens([int(t) for t in idx[j]])
-                lines.append(f"image {j}: " + " ".join(words))
-            with open(os.path.join(workdir, f"words_{step:06d}.txt"), "w") as f:
-                f.write("\n".join(lines) + "\n")
-            with open(os.path.join(workdir, f"eval_{step:06d}.json"), "w") as f:
-                json.dump({"step": step, **scalars}, f, indent=1)
-        return scalars
-
-    return evaluate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,19 +237,18 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
     frozen = {"lm": lm_params, "mask_token_id": jax.device_put(mask_token_id, replicated)}
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
-    train_src, val_src, train_pre, val_pre = _sources(config)
+    train_src, train_pre, val_src, _, eval_sources = _sources(config)
     pid, pcount = jax.process_index(), jax.process_count()
     train_batches = batches_lib.IndexedBatches(
         train_src, global_batch_size=config.data.batch_size, seed=config.data.seed,
         shuffle=True, process_index=pid, process_count=pcount,
         preprocess=_image_only(train_pre), num_workers=config.data.num_workers)
-    eval_batches = batches_lib.IndexedBatches(
-        val_src, global_batch_size=config.eval.batch_size, seed=0, shuffle=False,
-        process_index=0, process_count=1, preprocess=_image_only(val_pre),
-        num_workers=config.data.num_workers)
     describe += (f"; data {config.data.name}: {len(train_src)} train / {len(val_src)} "
                  "validation images")
     return Method(init_params=init_params, frozen=frozen, frozen_shardings=frozen_shardings,
-                  loss_fn=loss, train_batches=train_batches, eval_batches=eval_batches,
-                  evaluate=make_evaluate(config, model, lm, tokenizer, eval_batches, mesh),
+                  loss_fn=loss, train_batches=train_batches,
+                  evaluate=lqae_evals.Evaluator(
+                      config, model, lm, tokenizer, eval_sources, mesh,
+                      functools.partial(forward, model=model, lm=lm, cfg=config,
+                                        with_mlm=False)).run,
                   describe=describe)
