@@ -30,9 +30,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 
 def _methods():
     # A plain dict, no registry: each entry builds the method's ``Method`` for the trainer.
-    from lqae_vlap.methods import lqae
+    from lqae_vlap.methods import lqae, vlap
 
-    return {"lqae": lqae.build}
+    return {"lqae": lqae.build, "vlap": vlap.build}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,158 @@
+"""Image-caption sources for VLAP, and caption tokenisation.
+
+Sources are random-access (``len(source)``, ``source[i] -> {'image': uint8 [H, W, 3],
+'caption': str, ...}``) so ``data/batches.py IndexedBatches`` can read them; a ``preprocess`` turns
+the caption string into fixed-length ids before batching (strings never reach the device).
+
+  ``DigitCaptions``: scikit-learn's handwritten digits (``demo_images.DemoImages``) captioned from
+      their labels, "a handwritten digit seven". For offline demos and tests only.
+  ``JsonlCaptions``: a folder with ``*.jsonl`` files of ``{"image": path, "caption": str}`` lines
+      (CC3M / COCO exported that way); image paths are relative to the folder (or absolute).
+  ``tokenize_captions``: pad / truncate to ``max_len``, returns (ids, mask).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lqae_vlap.data import demo_images
+
+__all__ = ["digit_caption", "DigitCaptions", "JsonlCaptions", "tokenize_captions", "pad_id"]
+
+
+def digit_caption(label: int) -> str:
+    """label 0..9 -> "a handwritten digit seven"."""
+    label = operator.index(label)
+    if not 0 <= label < len(demo_images.DIGIT_NAMES):
+        raise ValueError(f"digit label must be in 0..9, got {label}")
+    return f"a handwritten digit {demo_images.DIGIT_NAMES[label]}"
+
+
+class DigitCaptions:
+    """sklearn digits with captions from their labels: {'image', 'caption', 'label'}.
+
+    Args: as ``demo_images.DemoImages`` (split 'train' = 1,500 scans, 'validation' = 297).
+    """
+
+    def __init__(self, split: str = "train", image_size: int = 16, resample: str = "bilinear") -> None:
+        self.images = demo_images.DemoImages(split, image_size=image_size, resample=resample)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.images[index]
+        return {**example, "caption": digit_caption(int(example["label"]))}
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption of the split, in order (e.g. for word frequencies)."""
+        return [digit_caption(int(l)) for l in self.images.labels]
+
+
+class JsonlCaptions:
+    """Image-caption pairs listed in ``folder/*.jsonl`` (files in sorted order, lines in order).
+
+    Each line: ``{"image": "relative/or/absolute/path.jpg", "caption": "..."}``. Images are decoded
+    to RGB uint8 on access (resize / crop them in the ``preprocess`` of ``IndexedBatches``).
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(
+                f"JsonlCaptions: {self.folder} is not a folder; point config.data.path at a folder "
+                "holding *.jsonl files of {\"image\": path, \"caption\": text} lines.")
+        files = sorted(self.folder.glob("*.jsonl"))
+        if not files:
+            raise FileNotFoundError(f"JsonlCaptions: no *.jsonl files in {self.folder}.")
+        self.entries: list[tuple[str, str]] = []
+        for file in files:
+            with open(file, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        image, caption = record["image"], record["caption"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(
+                            f"JsonlCaptions: {file}:{n} is not a JSON object with 'image' and "
+                            f"'caption' keys ({e!r}).") from e
+                    if not isinstance(image, str) or not isinstance(caption, str):
+                        raise ValueError(f"JsonlCaptions: {file}:{n}: 'image' and 'caption' must be "
+                                         "strings.")
+                    self.entries.append((image, caption))
+        if not self.entries:
+            raise ValueError(f"JsonlCaptions: the *.jsonl files in {self.folder} hold no lines.")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = operator.index(index)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {index} out of range for JsonlCaptions of length {len(self)}")
+        image, caption = self.entries[i]
+        path = Path(image) if os.path.isabs(image) else self.folder / image
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"), np.uint8)
+        return {"image": pixels, "caption": caption}
+
+    @property
+    def captions(self) -> list[str]:
+        return [c for _, c in self.entries]
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out anyway)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_len: int, *,
+                      add_eos: bool = True, leading_space: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenises captions to fixed-length, right-padded ids.
+
+    Args:
+      tokenizer: a Hugging Face tokenizer (called with add_special_tokens=False: no BOS, the
+        visual prefix and prompt come first in VLAP).
+      captions: N strings.
+      max_len: output length; longer captions are truncated (the EOS then falls off too).
+      add_eos: append the tokenizer's EOS, so the LLM learns where a caption ends.
+      leading_space: tokenise " " + caption: after a prompt such as "A picture of" the caption is
+        a continuation, and byte-level BPE tokenisers encode a word with its space.
+
+    Returns:
+      ids: [N, max_len] int32 (padding = ``pad_id(tokenizer)``), mask: [N, max_len] int32
+      (1 = real token).
+    """
+    if isinstance(captions, (str, bytes)):
+        raise TypeError("tokenize_captions: captions must be a list of strings; wrap one in [text].")
+    if operator.index(max_len) < 1:
+        raise ValueError(f"tokenize_captions: max_len must be >= 1, got {max_len}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if add_eos and eos is None:
+        raise ValueError("tokenize_captions: add_eos=True but the tokenizer has no eos_token_id; "
+                         "pass add_eos=False.")
+    texts = [(" " + c) if leading_space else c for c in captions]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids = np.full((len(texts), max_len), pad_id(tokenizer), np.int32)
+    mask = np.zeros((len(texts), max_len), np.int32)
+    for i, seq in enumerate(encoded):
+        seq = (list(seq) + ([int(eos)] if add_eos else []))[:max_len]
+        ids[i, :len(seq)] = seq
+        mask[i, :len(seq)] = 1
+    return ids, mask
