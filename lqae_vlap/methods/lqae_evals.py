@@ -51,6 +51,31 @@ def encode_words(params, frozen, images, *, model, cfg) -> jax.Array:
                                  chunk_size=cfg.quantizer.chunk_size).indices
 
 
+def _summary(name: str, r: dict) -> list[str]:
+    """Human-readable lines: accuracy beside chance and the shuffled-words control."""
+    if name.startswith("fewshot"):
+        lines = []
+        for key in sorted(k for k in r if k.endswith("_accuracy") and "shuffled" not in k):
+            cell = key[: -len("_accuracy")]
+            acc, ci, chance = r[key], r[f"{cell}_ci95"], r[f"{cell}_chance"]
+            sh, sh_ci = r[f"{cell}_shuffled_accuracy"], r[f"{cell}_shuffled_ci95"]
+            verdict = ("above chance" if acc - ci > chance
+                       else "not distinguishable from chance")
+            lines.append(f"{name} {cell.replace('_', ' ')}: {100 * acc:.1f}% +- {100 * ci:.1f} "
+                         f"(95% CI) vs chance {100 * chance:.0f}%, shuffled words {100 * sh:.1f}% "
+                         f"+- {100 * sh_ci:.1f}: {verdict} ({100 * (acc - chance):+.1f} points)")
+        return lines
+    if name == "linear_probe":
+        return [f"linear probe top-1 {100 * r['top1']:.1f}% vs majority class "
+                f"{100 * r['chance']:.1f}% (train {100 * r['train_top1']:.1f}%)"]
+    if name == "reconstruction":
+        return [f"reconstruction PSNR {r['psnr_quantized']:.2f} dB / SSIM {r['ssim_quantized']:.3f}"
+                f" from the words, {r['psnr_lm_filled']:.2f} dB / {r['ssim_lm_filled']:.3f} after "
+                f"the LM refills half; codebook usage {100 * r['usage']:.2f}%, perplexity "
+                f"{r['perplexity']:.1f}"]
+    return []
+
+
 class Evaluator:
     """Runs the configured evaluations; ``run(params, frozen, step, workdir) -> scalars``."""
 
@@ -73,6 +98,9 @@ class Evaluator:
         for name in self.cfg.eval.evals:
             result = getattr(self, f"_{name}")(params, frozen, step, workdir, words)
             _write_json(workdir, name, step, result)
+            if jax.process_index() == 0:
+                for line in _summary(name, result):
+                    print(f"  {line}", flush=True)
             scalars.update({f"{name}/{k}": v for k, v in result.items()
                             if isinstance(v, (int, float))})
         return scalars
