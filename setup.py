@@ -27,6 +27,7 @@ setup(
         "pillow",
         "scikit-learn",  # the demo's real images (handwritten digits)
         "scipy",  # Student-t intervals of the few-shot evaluation
+        "pycocoevalcap>=1.2",  # COCO caption metrics; METEOR, SPICE and the PTB tokenizer need Java
         "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={

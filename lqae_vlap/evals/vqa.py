@@ -1,0 +1,232 @@
+"""VQAv2 soft accuracy and answer normalisation, ported from the official evaluation script.
+
+Source: vqaEval.py of the VQA API (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/
+vqaEval.py, author aagrawal). The word lists and regular expressions below are copied from it,
+including its quirks, so our numbers are comparable with published VQAv2 accuracies:
+  * accuracy of an answer = mean over the 10 leave-one-out subsets of 9 human answers of
+    min(1, #matching humans in the subset / 3); with n of the 10 humans agreeing this is
+    0, 0.3, 0.6, 0.9, 1.0 for n = 0, 1, 2, 3, >= 4;
+  * answers are stripped of newlines/tabs always, but punctuation/digit/article/contraction
+    normalisation is applied ONLY when the 10 human answers are not all identical (official
+    behaviour: a model saying "two" to a question all humans answered "2" scores 0);
+  * the final comparison is case-insensitive;
+  * ``_PERIOD_STRIP`` keeps the script's typo ``(?!<=\\d)`` (meant as a look-behind) and its call
+    ``sub("", text, re.UNICODE)``, which passes re.UNICODE (= 32) as the replacement COUNT.
+
+Accuracies are returned as fractions in [0, 1] (the official script prints 100x, rounded to 2
+decimals); multiply by 100 for the papers' tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# --- Official lists (vqaEval.py) -----------------------------------------------------------------
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}
+MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+              "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
+PUNCT = (";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
+         "`", ",", "?", "!")
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+_OFFICIAL_SUB_COUNT = int(re.UNICODE)  # the script's sub("", text, re.UNICODE): count = 32
+N_HUMAN_ANSWERS = 10
+
+
+def process_punctuation(text: str) -> str:
+    """vqaEval.py processPunctuation: delete or space out punctuation, strip non-decimal periods."""
+    out = text
+    for p in PUNCT:
+        # Tested on the ORIGINAL text, as in the script.
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, count=_OFFICIAL_SUB_COUNT)
+
+
+def process_digit_article(text: str) -> str:
+    """vqaEval.py processDigitArticle: lowercase, number words -> digits, drop articles, fix
+    contractions ("isnt" -> "isn't")."""
+    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_answer(text: str) -> str:
+    """Full official normalisation of one answer (whitespace, punctuation, digits, articles)."""
+    return process_digit_article(process_punctuation(_clean_whitespace(text)))
+
+
+def _clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """Official soft accuracy of one predicted answer.
+
+    Args:
+      prediction: the model's answer string.
+      human_answers: the 10 human answers of the question.
+
+    Returns:
+      mean over leave-one-out subsets of min(1, #matches among the other answers / 3).
+    """
+    if isinstance(human_answers, str) or len(human_answers) == 0:
+        raise ValueError("human_answers must be a non-empty list of strings (VQAv2: 10 per "
+                         f"question), got {human_answers!r}")
+    gts = [_clean_whitespace(a) for a in human_answers]
+    res = _clean_whitespace(prediction)
+    if len(set(gts)) > 1:  # official: normalise only when the humans disagree
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        res = process_digit_article(process_punctuation(res))
+    res = res.lower()
+    matches = [a.lower() == res for a in gts]
+    total = sum(matches)
+    # Leaving out answer k removes k's own match (the script drops that one answer record).
+    accs = [min(1.0, (total - m) / 3.0) for m in matches]
+    return sum(accs) / len(accs)
+
+
+def vqa_accuracy(predictions: Mapping[Any, str], annotations: Mapping[Any, Sequence[str]],
+                 answer_types: Mapping[Any, str] | None = None,
+                 question_types: Mapping[Any, str] | None = None) -> dict[str, Any]:
+    """VQAv2 accuracy over a set of questions.
+
+    Args:
+      predictions: question_id -> predicted answer. Must cover every annotated question (the
+        official script refuses partial results too).
+      annotations: question_id -> the human answers (10 per question in VQAv2).
+      answer_types: optional question_id -> 'yes/no' | 'number' | 'other'.
+      question_types: optional question_id -> question type (e.g. 'what color is the').
+
+    Returns:
+      {'overall': mean accuracy, 'per_question': {qid: acc}} plus 'per_answer_type' and
+      'per_question_type' ({type: mean acc}) when the types are given. Fractions in [0, 1].
+    """
+    if not annotations:
+        raise ValueError("annotations is empty; load them with load_vqa_v2(...)")
+    missing = [q for q in annotations if q not in predictions]
+    if missing:
+        raise ValueError(f"{len(missing)} annotated questions have no prediction (e.g. "
+                         f"{missing[:5]}); predict every question or subset the annotations")
+    per_q = {q: question_accuracy(predictions[q], ans) for q, ans in annotations.items()}
+    out: dict[str, Any] = {"overall": sum(per_q.values()) / len(per_q), "per_question": per_q}
+    for key, types in (("per_answer_type", answer_types), ("per_question_type", question_types)):
+        if types is None:
+            continue
+        groups: dict[str, list[float]] = {}
+        for q, acc in per_q.items():
+            if q not in types:
+                raise ValueError(f"question {q} has no entry in {key[4:]}s; give a type for every "
+                                 "annotated question or pass None")
+            groups.setdefault(types[q], []).append(acc)
+        out[key] = {t: sum(v) / len(v) for t, v in groups.items()}
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VQAv2Split:
+    """One VQAv2 split, keyed by question_id.
+
+    questions: qid -> question text; image_ids: qid -> COCO image id; answers: qid -> the 10 human
+    answers (empty dict for test splits, which ship no annotations); answer_types / question_types:
+    qid -> type strings; multiple_choice_answer: qid -> the most common human answer.
+    """
+
+    questions: dict[int, str]
+    image_ids: dict[int, int]
+    answers: dict[int, list[str]]
+    answer_types: dict[int, str]
+    question_types: dict[int, str]
+    multiple_choice_answer: dict[int, str]
+
+
+def _read_json(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(src, Mapping):
+        return src
+    with open(src) as f:
+        return json.load(f)
+
+
+def load_vqa_v2(questions_json: str | os.PathLike | Mapping[str, Any],
+                annotations_json: str | os.PathLike | Mapping[str, Any] | None = None
+                ) -> VQAv2Split:
+    """Read the official VQAv2 files (v2_OpenEnded_mscoco_<split>_questions.json and
+    v2_mscoco_<split>_annotations.json), given as paths or already-parsed dicts.
+
+    The questions file holds {"questions": [{"question_id", "image_id", "question"}, ...]}; the
+    annotations file {"annotations": [{"question_id", "image_id", "question_type", "answer_type",
+    "multiple_choice_answer", "answers": [{"answer", "answer_confidence", "answer_id"} x 10]}]}.
+    """
+    qdata = _read_json(questions_json)
+    if "questions" not in qdata:
+        raise ValueError("questions_json has no 'questions' list; pass the official "
+                         "v2_OpenEnded_mscoco_<split>_questions.json")
+    questions, image_ids = {}, {}
+    for q in qdata["questions"]:
+        qid = int(q["question_id"])
+        questions[qid] = q["question"]
+        image_ids[qid] = int(q["image_id"])
+    answers: dict[int, list[str]] = {}
+    answer_types: dict[int, str] = {}
+    question_types: dict[int, str] = {}
+    mc: dict[int, str] = {}
+    if annotations_json is not None:
+        adata = _read_json(annotations_json)
+        if "annotations" not in adata:
+            raise ValueError("annotations_json has no 'annotations' list; pass the official "
+                             "v2_mscoco_<split>_annotations.json")
+        for a in adata["annotations"]:
+            qid = int(a["question_id"])
+            if qid not in questions:
+                raise ValueError(f"annotation for question {qid} has no question in "
+                                 "questions_json; the two files must be of the same split")
+            if int(a["image_id"]) != image_ids[qid]:
+                raise ValueError(f"question {qid}: image_id {a['image_id']} in the annotations "
+                                 f"but {image_ids[qid]} in the questions; different splits?")
+            answers[qid] = [d["answer"] for d in a["answers"]]
+            answer_types[qid] = a["answer_type"]
+            question_types[qid] = a["question_type"]
+            mc[qid] = a.get("multiple_choice_answer", "")
+    return VQAv2Split(questions, image_ids, answers, answer_types, question_types, mc)

@@ -1,0 +1,131 @@
+"""caption_metrics through pycocoevalcap: perfect captions, hand-computed BLEU/ROUGE-L/CIDEr-D
+values, the Java-free fallback and the SPICE skip (never a download)."""
+
+import importlib
+import math
+
+import pytest
+
+from lqae_vlap.evals import captioning
+from lqae_vlap.evals.captioning import PIP_REQUIREMENT, caption_metrics, simple_tokenize
+
+try:
+    importlib.import_module("pycocoevalcap")
+    _IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - depends on the environment
+    _IMPORT_ERROR = e
+
+JAVA_OK, JAVA_MSG = captioning.java_available()
+needs_java = pytest.mark.skipif(not JAVA_OK, reason=f"Java unavailable: {JAVA_MSG}")
+
+
+@pytest.fixture(autouse=True)
+def _require_pycocoevalcap():
+    if _IMPORT_ERROR is not None:
+        pytest.fail(f"pycocoevalcap is not importable ({_IMPORT_ERROR}); it is a test requirement: "
+                    f"pip install '{PIP_REQUIREMENT}' (or pip install -e .[test])")
+
+
+# Two images with disjoint vocabularies: every n-gram has document frequency 1 of N = 2 images.
+PERFECT_REFS = {1: ["A man rides a red horse, slowly."], 2: ["Two small dogs sleep on grass!"]}
+PERFECT_PREDS = {1: "A man rides a red horse, slowly.", 2: "Two small dogs sleep on grass!"}
+# By hand, CIDEr-D of a candidate equal to its single reference with all df = 1: each n-gram vector
+# is tf * (log 2 - log 1), the clipped cosine of identical vectors is 1 for each n = 1..4 (both
+# captions have >= 4 tokens), the length penalty is exp(0) = 1: score = 10 * mean_n(1) = 10.
+CIDER_PERFECT = 10.0
+
+# BLEU by hand. "the cat sat on the mat" vs "the cat sat on a mat": clipped precisions
+# p1 = 5/6, p2 = 3/5, p3 = 2/4, p4 = 1/3, equal lengths so BP = 1: BLEU-4 = (1/12)^(1/4).
+# ROUGE-L: LCS "the cat sat on mat" = 5 tokens, P = R = 5/6, so F_beta = 5/6 for any beta.
+KNOWN_PRED = {7: "The cat sat on the mat."}
+KNOWN_REFS = {7: ["The cat sat on a mat."]}
+KNOWN_BLEU4 = (1.0 / 12.0) ** 0.25
+KNOWN_ROUGE = 5.0 / 6.0
+# Brevity penalty: "the cat sat on" (c = 4) against refs of lengths 6 and 9; the closest is 6;
+# every n-gram precision is 1 (all in the first ref): BLEU-n = exp(1 - 6/4) for all n.
+BP_PRED = {3: "the cat sat on"}
+BP_REFS = {3: ["the cat sat on the mat", "a cat was sitting on the red mat today"]}
+BP_BLEU = math.exp(1.0 - 6.0 / 4.0)
+
+TOL = 1e-6  # pycocoevalcap adds 1e-15 / 1e-9 smoothing to the precisions
+
+
+def test_simple_tokenizer():
+    assert simple_tokenize("A dog's ball,  on the GRASS.") == "a dog s ball on the grass"
+
+
+def test_java_free_path_perfect_and_known_values():
+    out = caption_metrics(PERFECT_PREDS, PERFECT_REFS, use_java=False)
+    assert out["tokenizer"] == "simple"
+    assert set(out["skipped"]) == {"METEOR", "SPICE"}
+    assert all("needs Java" in r for r in out["skipped"].values())
+    s = out["scores"]
+    assert set(s) == {"BLEU-4", "ROUGE-L", "CIDEr"}
+    assert s["BLEU-4"] == pytest.approx(1.0, abs=TOL)
+    assert s["ROUGE-L"] == pytest.approx(1.0, abs=TOL)
+    assert s["CIDEr"] == pytest.approx(CIDER_PERFECT, abs=TOL)
+
+    known = caption_metrics(KNOWN_PRED, KNOWN_REFS, metrics=("BLEU-1", "BLEU-4", "ROUGE-L"),
+                            use_java=False)["scores"]
+    assert known["BLEU-1"] == pytest.approx(5.0 / 6.0, abs=TOL)
+    assert known["BLEU-4"] == pytest.approx(KNOWN_BLEU4, abs=TOL)
+    assert known["ROUGE-L"] == pytest.approx(KNOWN_ROUGE, abs=TOL)
+
+    bp = caption_metrics(BP_PRED, BP_REFS, metrics=("BLEU-1", "BLEU-4"), use_java=False)["scores"]
+    assert bp["BLEU-1"] == pytest.approx(BP_BLEU, abs=TOL)
+    assert bp["BLEU-4"] == pytest.approx(BP_BLEU, abs=TOL)
+
+
+def test_cider_uses_corpus_document_frequency():
+    # A one-image corpus has idf = log(1) - log(1) = 0 for every n-gram: CIDEr-D = 0 even when
+    # the caption is perfect (why CIDEr is only meaningful over a real evaluation set).
+    out = caption_metrics({1: "a b c d"}, {1: ["a b c d"]}, metrics=("CIDEr",), use_java=False)
+    assert out["scores"]["CIDEr"] == pytest.approx(0.0, abs=TOL)
+
+
+@needs_java
+def test_official_java_path_with_meteor():
+    # One METEOR JVM for the whole file (it loads a paraphrase table: ~10-20 s).
+    out = caption_metrics(PERFECT_PREDS, PERFECT_REFS,
+                          metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))
+    assert out["tokenizer"] == "ptb" and out["skipped"] == {}
+    s = out["scores"]
+    assert s["BLEU-4"] == pytest.approx(1.0, abs=TOL)
+    assert s["METEOR"] == pytest.approx(1.0, abs=TOL)  # identical: one chunk, no fragmentation
+    assert s["ROUGE-L"] == pytest.approx(1.0, abs=TOL)
+    assert s["CIDEr"] == pytest.approx(CIDER_PERFECT, abs=TOL)
+
+
+@needs_java
+def test_ptb_path_known_values_and_spice_skip(monkeypatch):
+    monkeypatch.setattr(captioning, "spice_jars_missing", lambda: ["/x/stanford-corenlp-3.6.0.jar"])
+    out = caption_metrics(KNOWN_PRED, KNOWN_REFS, metrics=("BLEU-4", "ROUGE-L", "SPICE"))
+    assert out["tokenizer"] == "ptb"
+    assert out["scores"]["BLEU-4"] == pytest.approx(KNOWN_BLEU4, abs=TOL)
+    assert out["scores"]["ROUGE-L"] == pytest.approx(KNOWN_ROUGE, abs=TOL)
+    assert "SPICE" not in out["scores"]
+    assert "stanford-corenlp-3.6.0.jar" in out["skipped"]["SPICE"]
+
+
+def test_spice_never_downloads_when_jars_are_missing(monkeypatch):
+    if captioning.spice_jars_missing():
+        # Spice() would fetch CoreNLP from the network; the skip must happen before it.
+        import pycocoevalcap.spice.spice as spice_mod
+
+        monkeypatch.setattr(spice_mod, "get_stanford_models",
+                            lambda: pytest.fail("SPICE tried to download CoreNLP"))
+        out = caption_metrics(KNOWN_PRED, KNOWN_REFS, metrics=("SPICE",), use_java=JAVA_OK)
+        assert out["scores"] == {} and "SPICE" in out["skipped"]
+    else:
+        pytest.skip("CoreNLP jars are installed here; SPICE would run")
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="same image ids"):
+        caption_metrics({1: "a"}, {2: ["a"]}, use_java=False)
+    with pytest.raises(ValueError, match="unknown caption metrics"):
+        caption_metrics({1: "a"}, {1: ["a"]}, metrics=("BLEU",), use_java=False)
+    with pytest.raises(ValueError, match="non-empty list"):
+        caption_metrics({1: "a"}, {1: "a"}, use_java=False)
+    with pytest.raises(ValueError, match="one string"):
+        caption_metrics({1: ["a"]}, {1: ["a"]}, use_java=False)

@@ -1,0 +1,108 @@
+"""recall_at_k: hand-computed cases (several captions per image, ties) and a brute-force loop."""
+
+import numpy as np
+import pytest
+
+from lqae_vlap.evals.retrieval import recall_at_k, retrieval_ranks
+
+
+def test_hand_computed_two_captions_per_image():
+    # image 0 owns captions {0, 1}, image 1 owns {2, 3}.
+    sim = np.array([[0.2, 0.6, 0.7, 0.1],
+                    [0.3, 0.4, 0.1, 0.35]])
+    gt = [[0, 1], [2, 3]]
+    # i2t: img0 best correct 0.6 < wrong 0.7 -> rank 1; img1 best 0.35 < wrong 0.4 -> rank 1.
+    # t2i: cap0 0.2 < 0.3 -> 1; cap1 0.6 > 0.4 -> 0; cap2 0.1 < 0.7 -> 1; cap3 0.35 > 0.1 -> 0.
+    i2t, t2i = retrieval_ranks(sim, gt)
+    assert i2t.tolist() == [1, 1]
+    assert t2i.tolist() == [1, 0, 1, 0]
+    r = recall_at_k(sim, gt, ks=(1, 2))
+    assert r == {"i2t_R@1": 0.0, "i2t_R@2": 1.0, "t2i_R@1": 0.5, "t2i_R@2": 1.0}
+
+
+def test_ties_are_pessimistic():
+    # Constant scores: every wrong candidate ties with the correct one and is ranked ahead of it.
+    gt = [[0, 3], [1, 4], [2, 5]]
+    i2t, t2i = retrieval_ranks(np.ones((3, 6)), gt)
+    assert i2t.tolist() == [4, 4, 4]  # 6 captions - 2 correct
+    assert t2i.tolist() == [2] * 6  # 3 images - 1 correct
+    r = recall_at_k(np.ones((3, 6)), gt, ks=(1, 4, 5))
+    assert r["i2t_R@1"] == 0.0 and r["i2t_R@4"] == 0.0 and r["i2t_R@5"] == 1.0
+    assert r["t2i_R@1"] == 0.0 and r["t2i_R@5"] == 1.0
+
+    # A wrong caption ties with the best correct one; a tie between two correct ones is harmless.
+    sim = np.array([[0.5, 0.5, 0.5, 0.1],
+                    [0.0, 0.0, 0.9, 0.9]])
+    i2t, t2i = retrieval_ranks(sim, [[0, 1], [2, 3]])
+    assert i2t.tolist() == [1, 0]
+    # cap0, cap1: own 0.5 vs 0.0 -> 0; cap2: own 0.9 vs 0.5 -> 0; cap3: 0.9 vs 0.1 -> 0.
+    assert t2i.tolist() == [0, 0, 0, 0]
+
+
+def _brute_force(sim, gt, ks):
+    owner = {c: i for i, caps in enumerate(gt) for c in caps}
+    n_img, n_txt = sim.shape
+    i2t = []
+    for i in range(n_img):
+        # Sort by score descending; at equal score put wrong candidates first (pessimistic).
+        order = sorted(range(n_txt), key=lambda j: (-sim[i, j], owner[j] == i))
+        i2t.append(next(pos for pos, j in enumerate(order) if owner[j] == i))
+    t2i = []
+    for j in range(n_txt):
+        order = sorted(range(n_img), key=lambda i: (-sim[i, j], owner[j] == i))
+        t2i.append(order.index(owner[j]))
+    out = {f"i2t_R@{k}": sum(r < k for r in i2t) / n_img for k in ks}
+    out.update({f"t2i_R@{k}": sum(r < k for r in t2i) / n_txt for k in ks})
+    return np.array(i2t), np.array(t2i), out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_brute_force_on_random_matrices(seed):
+    rng = np.random.default_rng(seed)
+    n_img = int(rng.integers(3, 25))
+    per_image = rng.integers(1, 6, size=n_img)  # 1..5 captions per image
+    perm = rng.permutation(int(per_image.sum()))  # captions shuffled over the columns
+    gt, start = [], 0
+    for n in per_image:
+        gt.append(set(perm[start:start + n].tolist()))
+        start += n
+    sim = rng.normal(size=(n_img, perm.size))
+    if seed % 2:
+        sim = np.round(sim, 1)  # many ties
+    ks = (1, 2, 5, 10)
+    i2t_ref, t2i_ref, ref = _brute_force(sim, gt, ks)
+    i2t, t2i = retrieval_ranks(sim, gt)
+    np.testing.assert_array_equal(i2t, i2t_ref)
+    np.testing.assert_array_equal(t2i, t2i_ref)
+    got = recall_at_k(sim, gt, ks)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], abs=1e-12), key
+
+
+def test_chunked_rows_match_brute_force(monkeypatch):
+    import lqae_vlap.evals.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "_ROW_CHUNK", 3)  # several chunks, the last one partial
+    rng = np.random.default_rng(7)
+    gt = [[2 * i, 2 * i + 1] for i in range(10)]
+    sim = np.round(rng.normal(size=(10, 20)), 1)
+    i2t_ref, _, _ = _brute_force(sim, gt, (1,))
+    np.testing.assert_array_equal(retrieval.retrieval_ranks(sim, gt)[0], i2t_ref)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="exactly one image"):
+        recall_at_k(np.zeros((2, 2)), [[0, 1], [1]])
+    with pytest.raises(ValueError, match="belong to no image"):
+        recall_at_k(np.zeros((2, 3)), [[0], [1]])
+    with pytest.raises(ValueError, match="one entry per image"):
+        recall_at_k(np.zeros((3, 3)), [[0], [1, 2]])
+    with pytest.raises(ValueError, match="outside"):
+        recall_at_k(np.zeros((2, 2)), [[0], [5]])
+    with pytest.raises(ValueError, match="no caption"):
+        recall_at_k(np.zeros((2, 2)), [[0, 1], []])
+    with pytest.raises(ValueError, match="NaN"):
+        recall_at_k(np.array([[np.nan, 0.0], [0.0, 0.0]]), [[0], [1]])
+    with pytest.raises(ValueError, match="positive"):
+        recall_at_k(np.zeros((2, 2)), [[0], [1]], ks=(0,))

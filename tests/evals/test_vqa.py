@@ -1,0 +1,136 @@
+"""VQAv2 soft accuracy: hand-computed leave-one-out values, official normalisation, the loader."""
+
+import json
+import random
+from fractions import Fraction
+
+import pytest
+
+from lqae_vlap.evals.vqa import (load_vqa_v2, normalize_answer, process_punctuation,
+                                 question_accuracy, vqa_accuracy)
+
+
+def _expected(n_agree: int) -> Fraction:
+    """By hand: of the 10 leave-one-out subsets, n_agree drop a matching human (n_agree - 1
+    matches left) and 10 - n_agree drop another one (n_agree matches left)."""
+    f = lambda m: min(Fraction(1), Fraction(m, 3))  # noqa: E731
+    return (n_agree * f(n_agree - 1) + (10 - n_agree) * f(n_agree)) / 10
+
+
+def test_hand_values_of_the_subset_average():
+    # 1 human: 9 subsets x 1/3 -> 3/10; 2: (2 x 1/3 + 8 x 2/3)/10 = 6/10;
+    # 3: (3 x 2/3 + 7 x 1)/10 = 9/10; 4: all subsets keep >= 3 matches -> 1.
+    assert [_expected(n) for n in range(6)] == [0, Fraction(3, 10), Fraction(6, 10),
+                                                Fraction(9, 10), 1, 1]
+
+
+@pytest.mark.parametrize("n_agree", range(11))
+def test_accuracy_by_number_of_agreeing_humans(n_agree):
+    humans = ["red"] * n_agree + ["blue", "green", "purple", "pink", "black", "white", "grey",
+                                  "brown", "tan", "teal"][: 10 - n_agree]
+    random.Random(n_agree).shuffle(humans)
+    assert question_accuracy("red", humans) == pytest.approx(float(_expected(n_agree)), abs=1e-12)
+
+
+def test_normalisation_cases():
+    assert normalize_answer("Two dogs.") == "2 dogs"
+    assert normalize_answer("isnt") == "isn't"
+    assert normalize_answer("It isn't") == "it isn't"
+    assert normalize_answer("A dog") == "dog"
+    assert normalize_answer("the man and an apple") == "man and apple"
+    assert normalize_answer("  Ten\t") == "10"
+    assert normalize_answer("none") == "0"
+    # Punctuation next to a space is deleted, otherwise replaced by a space.
+    assert process_punctuation("yes, it is") == "yes it is"
+    assert process_punctuation("black/white") == "black white"
+    # A digit,digit pattern anywhere deletes all punctuation: "3,000" -> "3000".
+    assert process_punctuation("3,000") == "3000"
+    # Periods are kept before a digit (decimals), stripped elsewhere.
+    assert normalize_answer("1.5") == "1.5"
+    assert normalize_answer("yes.") == "yes"
+
+
+def test_normalisation_is_applied_when_humans_disagree():
+    humans = ["2"] * 3 + ["3"] * 7
+    assert question_accuracy("Two.", humans) == pytest.approx(0.9, abs=1e-12)
+    humans = ["isn't"] * 4 + ["no"] * 6
+    assert question_accuracy("isnt", humans) == pytest.approx(1.0, abs=1e-12)
+    assert question_accuracy("The Dog", ["dog"] * 2 + ["cat"] * 8) == pytest.approx(0.6, abs=1e-12)
+
+
+def test_official_quirk_no_normalisation_when_humans_agree():
+    # vqaEval.py normalises only if len(set(gtAnswers)) > 1; case is still ignored.
+    assert question_accuracy("two", ["2"] * 10) == 0.0
+    assert question_accuracy("YES", ["yes"] * 10) == 1.0
+
+
+def _official_loop(pred, humans):
+    """Transcription of the accuracy loop of vqaEval.py on its answer records (dicts with ids)."""
+    proc = lambda a: normalize_answer(a)  # noqa: E731  (the script's two processing steps)
+    recs = [{"answer": a.strip(), "answer_id": i + 1} for i, a in enumerate(humans)]
+    res = pred.strip()
+    if len({r["answer"] for r in recs}) > 1:
+        for r in recs:
+            r["answer"] = proc(r["answer"])
+        res = proc(res)
+    accs = []
+    for gt in recs:
+        other = [r for r in recs if r != gt]
+        matching = [r for r in other if r["answer"].lower() == res.lower()]
+        accs.append(min(1, float(len(matching)) / 3))
+    return sum(accs) / len(accs)
+
+
+def test_matches_official_loop_on_random_questions():
+    rng = random.Random(0)
+    vocab = ["yes", "Yes", "no", "2", "two", "a dog", "dog", "isnt", "isn't", "red.", "red"]
+    for _ in range(300):
+        humans = [rng.choice(vocab) for _ in range(10)]
+        pred = rng.choice(vocab)
+        assert question_accuracy(pred, humans) == pytest.approx(_official_loop(pred, humans),
+                                                                abs=1e-12)
+
+
+def test_vqa_accuracy_overall_and_per_type():
+    ann = {1: ["yes"] * 10, 2: ["2"] * 2 + ["3"] * 8, 3: ["red"] + ["blue"] * 9}
+    pred = {1: "yes", 2: "two", 3: "red", 99: "extra predictions are ignored"}
+    types = {1: "yes/no", 2: "number", 3: "other"}
+    qtypes = {1: "is the", 2: "how many", 3: "what color"}
+    out = vqa_accuracy(pred, ann, answer_types=types, question_types=qtypes)
+    assert out["per_question"] == pytest.approx({1: 1.0, 2: 0.6, 3: 0.3}, abs=1e-12)
+    assert out["overall"] == pytest.approx((1.0 + 0.6 + 0.3) / 3, abs=1e-12)
+    assert out["per_answer_type"] == pytest.approx({"yes/no": 1.0, "number": 0.6, "other": 0.3})
+    assert out["per_question_type"]["how many"] == pytest.approx(0.6)
+    assert "per_answer_type" not in vqa_accuracy(pred, ann)
+    with pytest.raises(ValueError, match="no prediction"):
+        vqa_accuracy({1: "yes"}, ann)
+    with pytest.raises(ValueError, match="non-empty list"):
+        question_accuracy("yes", "yes")
+
+
+def test_load_vqa_v2(tmp_path):
+    questions = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+                 "questions": [{"image_id": 42, "question": "How many dogs?", "question_id": 420},
+                               {"image_id": 7, "question": "Is it red?", "question_id": 70}]}
+    answers = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+               for i, a in enumerate(["2"] * 9 + ["two"])]
+    annotations = {"annotations": [{"question_id": 420, "image_id": 42, "question_type": "how many",
+                                    "answer_type": "number", "multiple_choice_answer": "2",
+                                    "answers": answers}]}
+    qp, ap = tmp_path / "q.json", tmp_path / "a.json"
+    qp.write_text(json.dumps(questions))
+    ap.write_text(json.dumps(annotations))
+    split = load_vqa_v2(qp, ap)
+    assert split.questions == {420: "How many dogs?", 70: "Is it red?"}
+    assert split.image_ids == {420: 42, 70: 7}
+    assert split.answers == {420: ["2"] * 9 + ["two"]}
+    assert split.answer_types == {420: "number"} and split.question_types == {420: "how many"}
+    assert split.multiple_choice_answer == {420: "2"}
+    # "two" normalises to "2" here because the humans disagree: all 10 match -> 1.0.
+    assert vqa_accuracy({420: "two"}, split.answers)["overall"] == 1.0
+    assert load_vqa_v2(questions).answers == {}  # test splits ship no annotations
+    bad = {"annotations": [dict(annotations["annotations"][0], image_id=1)]}
+    with pytest.raises(ValueError, match="different splits"):
+        load_vqa_v2(questions, bad)
+    with pytest.raises(ValueError, match="questions"):
+        load_vqa_v2({"foo": []})
