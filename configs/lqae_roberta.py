@@ -54,9 +54,11 @@ def get_config(arg=None):
     c.eval = dict(
         evals=("reconstruction",), batch_size=64, num_batches=8, num_images=8, max_images=0,
         mini_imagenet_root="", llm_path="",
+        # layer: the frozen LM's hidden state whose mean over the words is the feature
+        # (transformers' indexing: 0 = embeddings, -1 = last).
         fewshot=dict(split="validation", ways=(2, 5), shots=(1, 3, 5), queries=1, episodes=100,
-                     llm_episodes=20, seed=0),
-        probe=dict(epochs=100, lr=1e-2, weight_decay=1e-4),
+                     llm_episodes=20, seed=0, layer=-1),
+        probe=dict(epochs=100, lr=1e-2, weight_decay=1e-4, layer=-1),
     )
     # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
     # memory per device, and the peak used to turn FLOPs into a step time (H100 bf16 dense).

@@ -12,11 +12,55 @@ tau 0.01; prompt "A picture of" before the caption. Trainable: one Dense(768 -> 
 
 ``get_config(arg)``: arg = the OPT size, e.g. ``configs/vlap_opt.py:opt-2.7b`` (default opt-1.3b);
 it sets ``model.llm_path`` to ``facebook/<arg>`` (a local folder must be given without network).
+
+Plan offline (no weights, no network) whether a size fits, e.g. on 8 devices of 16 GiB:
+
+    python -m lqae_vlap.main --config=configs/vlap_opt.py:opt-6.7b --workdir=/tmp/plan \
+        --config.mode=plan --config.mesh.fsdp=8 --config.plan.num_devices=8 \
+        --config.plan.device_memory_gib=16
+
+Plan mode builds the architectures from ``model.llm_arch`` / ``model.vision.arch`` (Hugging Face
+config fields, presets below) whenever the checkpoint path is not a local folder; training and
+evaluation always read the real checkpoint's own config.json and weights.
 """
 
 import ml_collections
 
 CC3M_TRAIN_PAIRS = 3_318_333  # CC3M's training split as published; downloads usually hold fewer
+
+# The released OPT checkpoints' architectures (facebook/opt-*/config.json; OPT paper, Table 1).
+# Shared by all sizes: vocab 50272, 2048 positions, ReLU, tied head, pad 1 / bos 2 / eos 2.
+# opt-350m alone projects its 1024-wide model to 512-wide word embeddings and is post-LN.
+_OPT_COMMON = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048,
+                   activation_function="relu", do_layer_norm_before=True, enable_bias=True,
+                   tie_word_embeddings=True, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+_OPT_SIZES = {  # name: (hidden, layers, heads, ffn, word_embed_proj_dim)
+    "opt-125m": (768, 12, 12, 3072, 768),
+    "opt-350m": (1024, 24, 16, 4096, 512),
+    "opt-1.3b": (2048, 24, 32, 8192, 2048),
+    "opt-2.7b": (2560, 32, 32, 10240, 2560),
+    "opt-6.7b": (4096, 32, 32, 16384, 4096),
+    "opt-13b": (5120, 40, 40, 20480, 5120),
+    "opt-30b": (7168, 48, 56, 28672, 7168),
+    "opt-66b": (9216, 64, 72, 36864, 9216),
+}
+
+
+def opt_arch(size: str) -> dict:
+    """HF OPTConfig fields of a released OPT size ('opt-6.7b'); {} for a size not listed."""
+    if size not in _OPT_SIZES:
+        return {}
+    hidden, layers, heads, ffn, proj = _OPT_SIZES[size]
+    return dict(_OPT_COMMON, hidden_size=hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, ffn_dim=ffn, word_embed_proj_dim=proj,
+                do_layer_norm_before=size != "opt-350m")
+
+
+# openai/clip-vit-base-patch32's vision tower (HF CLIPVisionConfig fields).
+CLIP_VIT_B32 = dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072,
+                    num_hidden_layers=12, num_attention_heads=12, patch_size=32, image_size=224,
+                    num_channels=3, projection_dim=512, hidden_act="quick_gelu",
+                    layer_norm_eps=1e-5)
 
 
 def get_config(arg=None):
@@ -30,14 +74,18 @@ def get_config(arg=None):
     c.model = dict(
         llm_family="opt",  # 'opt' | 'llama' (HF folder or .gguf) | 't5' (not wired up yet)
         llm_path=f"facebook/{size}",  # HF hub name or local folder
+        # Plan mode only, when llm_path is not a local folder: the LLM's HF config fields.
+        llm_arch=opt_arch(size.split("/")[-1]),
         tokenizer_path="",  # "" = the LLM's own folder
         llm_dtype="float32",  # e.g. bfloat16 for the larger OPTs
         dtype="float32",  # compute dtype of the trainable Dense
         # Frozen vision tower; VLAP feeds its last hidden states (CLS + 49 patches for B/32).
+        # arch: plan mode only, when path is not a local folder (HF vision config fields).
         vision=dict(kind="clip", path="openai/clip-vit-base-patch32", dtype="float32",
-                    patch_size=0, width=0, seed=0),
+                    patch_size=0, width=0, seed=0, arch=CLIP_VIT_B32),
         image_size=224,
         prompt="A picture of",  # the caption follows with a leading space ("A picture of a dog")
+        prompt_len=3,  # plan mode without a local tokenizer: tokens in the prompt (OPT's BPE)
         max_caption_len=32,  # caption tokens incl. EOS; longer captions are truncated
     )
     # L_map's Sinkhorn. 'paper': optimal transport whose word marginal is the word frequency
@@ -59,4 +107,11 @@ def get_config(arg=None):
     c.train = dict(steps=32 * steps_per_epoch, log_every=100, checkpoint_every=5000,
                    keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
     c.eval = dict(batch_size=64, num_batches=8, num_captions=16, max_new_tokens=30)
+    # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
+    # memory per device, and the peak that turns FLOPs into a step time (H100 bf16 dense).
+    # No flops_overrides: Sinkhorn's 3-iteration loop is the only loop in the step and XLA counts
+    # its body once (checked: num_iters 3 and 30 report the same FLOPs), but the uncounted
+    # iterations are ~7 FLOPs per (sample, word) each, ~1e8 per step at batch 256, under 1e-6 of
+    # the frozen LLM's forward and backward (1.4e14 for opt-1.3b), so nothing is corrected.
+    c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0, flops_overrides={})
     return c

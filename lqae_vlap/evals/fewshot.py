@@ -221,16 +221,18 @@ def prototype_classify(support_features: np.ndarray, support_labels: Sequence[in
 
 
 @functools.lru_cache(maxsize=8)
-def _pooled_hidden_fn(lm_module: Any) -> Callable:
-    """Jitted (params, ids [B, T], mask [B, T]) -> masked mean of last hidden states [B, D].
+def _pooled_hidden_fn(lm_module: Any, layer: int) -> Callable:
+    """Jitted (params, ids [B, T], mask [B, T]) -> masked mean of one layer's states [B, D].
 
-    Cached per module (linen modules hash by their config), so repeated calls reuse compilations.
+    Cached per (module, layer) (linen modules hash by their config), so calls reuse compilations.
     """
     @jax.jit
     def pooled(params, ids, mask):
         positions = jnp.arange(ids.shape[1], dtype=jnp.int32) + lm_module.config.position_offset
-        h = lm_module.apply(params, ids, attention_mask=mask, position_ids=positions,
-                            with_lm_head=False)["last_hidden_state"].astype(jnp.float32)
+        out = lm_module.apply(params, ids, attention_mask=mask, position_ids=positions,
+                              with_lm_head=False, output_hidden_states=layer != -1)
+        h = (out["last_hidden_state"] if layer == -1 else out["hidden_states"][layer])
+        h = h.astype(jnp.float32)
         w = mask.astype(jnp.float32)[..., None]
         return (h * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
 
@@ -244,13 +246,16 @@ def encoder_features(lm_module: Any, lm_params: Any, token_ids: np.ndarray, laye
     lm_module: ``lqae_vlap.models.roberta.MaskedLM``; lm_params: its variables ({'params': ...}).
     token_ids: [N, T] the images' word ids, fed as they are (no [CLS]/<s> added), with positions
     position_offset + 0..T-1 as in LQAE's training, where the words enter as embeddings.
-    layer: only -1 (the last layer) is available: MaskedLM returns only last_hidden_state.
+    layer: which hidden state, indexed as transformers' ``hidden_states``: 0 = the embedding
+      output, i = after layer i, -1 = the last layer (negative indices count from the end).
     attention_mask: optional [N, T], 1 = real word; padding is left out of the mean.
     Returns [N, D] float32. Batches of batch_size share one compiled function (the last is padded).
     """
-    if layer != -1:
-        raise ValueError(f"encoder_features: layer={layer} is not available; MaskedLM returns only "
-                         "the last hidden state (layer=-1)")
+    num_states = lm_module.config.num_hidden_layers + 1
+    if not -num_states <= layer < num_states:
+        raise ValueError(f"encoder_features: layer={layer} is out of range; the LM has "
+                         f"{num_states} hidden states (0 = embeddings .. {num_states - 1} = last)")
+    layer = -1 if layer % num_states == num_states - 1 else layer % num_states
     ids = np.asarray(token_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"encoder_features: token_ids must be [N, T] integers, got {ids.shape} "
@@ -258,7 +263,7 @@ def encoder_features(lm_module: Any, lm_params: Any, token_ids: np.ndarray, laye
     mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != ids.shape:
         raise ValueError(f"encoder_features: attention_mask {mask.shape} != token_ids {ids.shape}")
-    pooled = _pooled_hidden_fn(lm_module)
+    pooled = _pooled_hidden_fn(lm_module, layer)
     n = len(ids)
     bs = min(batch_size, n)
     out = []

@@ -6,7 +6,8 @@ cached to an .npz. The classifier is one Dense layer trained with optax AdamW on
 features (mean and std from the training split only, so nothing of the validation set leaks in).
 
 This is a simplified probe: LQAE's release concatenated per-layer token means of the ViT encoder
-and of RoBERTa and trained LayerNorm + Dense with LARS; MaskedLM exposes only the last layer here.
+and of RoBERTa and trained LayerNorm + Dense with LARS; here one LM layer is probed at a time
+(``config.eval.probe.layer``, transformers' hidden_states indexing).
 """
 
 from __future__ import annotations

@@ -123,8 +123,9 @@ class Evaluator:
             words[split] = (np.concatenate(ids), np.asarray(labels))
         return words[split]
 
-    def _features(self, frozen, token_ids: np.ndarray) -> np.ndarray:
-        return fewshot_lib.encoder_features(self.lm, {"params": frozen["lm"]}, token_ids)
+    def _features(self, frozen, token_ids: np.ndarray, layer: int) -> np.ndarray:
+        return fewshot_lib.encoder_features(self.lm, {"params": frozen["lm"]}, token_ids,
+                                            layer=layer)
 
     # -- evaluations --------------------------------------------------------------------------
 
@@ -177,8 +178,8 @@ class Evaluator:
 
     def _fewshot(self, params, frozen, step, workdir, words):
         ids, labels = self._split_words(params, frozen, self.cfg.eval.fewshot.split, words)
-        features = self._features(frozen, ids)
         fs = self.cfg.eval.fewshot
+        features = self._features(frozen, ids, fs.layer)
         class_names = self.sources[fs.split].class_names
         return self._episodes(lambda n, k: fewshot_lib.run_fewshot(
             labels, class_names, n_way=n, k_shot=k, n_query=fs.queries,
@@ -210,8 +211,8 @@ class Evaluator:
         def features(split):
             def compute():
                 ids, labels = self._split_words(params, frozen, split, words)
-                return self._features(frozen, ids), labels
-            return probe_lib.cached_features(cache, step=step, layer=-1, split=split,
+                return self._features(frozen, ids, p.layer), labels
+            return probe_lib.cached_features(cache, step=step, layer=p.layer, split=split,
                                              compute_fn=compute)
 
         (tx, ty), (vx, vy) = features("train"), features("validation")

@@ -302,8 +302,30 @@ def loss_fn(params, frozen, batch, rng, *, visual_map: VisualMap, llm: nn.Module
 # Building: LLM, vision encoder, data
 
 
-def _load_llm(m: ml_collections.ConfigDict, mesh):
-    """Returns (module, params, tokenizer, description) for config.model.llm_*."""
+def _is_local(path: str) -> bool:
+    return bool(path) and os.path.exists(os.path.expanduser(str(path)))
+
+
+def _arch_config(arch: Any, field: str, path: str) -> Any:
+    """A transformers config object from ``arch`` (a dict of HF config fields with model_type)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    arch = arch.to_dict() if isinstance(arch, ml_collections.ConfigDict) else dict(arch or {})
+    if "model_type" not in arch:
+        raise ValueError(f"plan mode: {path!r} is not a local checkpoint folder and {field} gives "
+                         "no architecture to plan from; pass the local folder, or set "
+                         f"{field} to the HF config fields incl. model_type (see "
+                         "configs/vlap_opt.py)")
+    return AutoConfig.for_model(**arch)
+
+
+def _load_llm(m: ml_collections.ConfigDict, mesh, abstract: bool = False):
+    """Returns (module, params, tokenizer) for config.model.llm_*.
+
+    abstract=True reads no tensor and returns no tokenizer (None): params are ShapeDtypeStructs,
+    built from the checkpoint's config.json when ``llm_path`` is local, else from
+    ``config.model.llm_arch``.
+    """
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     dtype = jnp.dtype(m.get("llm_dtype", "float32"))
@@ -313,47 +335,66 @@ def _load_llm(m: ml_collections.ConfigDict, mesh):
             "VLAP with T5 is not wired up yet: methods/vlap.py needs a T5 loss path (text "
             "representation from t5.encode, captioning through the decoder with the visual prefix "
             "as encoder input). Use config.model.llm_family='opt' or 'llama' for now.")
-    if family == "llama":
-        from lqae_vlap.models import llama  # noqa: PLC0415
-
-        if str(path).endswith(".gguf"):
-            module, variables, _ = llama.load_gguf(path, dtype=dtype, mesh=mesh)
-            folder, name = os.path.split(str(path))
-            tok = AutoTokenizer.from_pretrained(m.get("tokenizer_path") or folder, gguf_file=(
-                None if m.get("tokenizer_path") else name))
-        else:
-            module, variables, _ = llama.load(path, dtype=dtype, mesh=mesh)
-            tok = AutoTokenizer.from_pretrained(m.get("tokenizer_path") or path,
-                                                local_files_only=True)
-    elif family == "opt":
-        from lqae_vlap.models import opt  # noqa: PLC0415
-
-        module, variables, _ = opt.load(path, dtype=dtype, mesh=mesh)
-        tok = AutoTokenizer.from_pretrained(m.get("tokenizer_path") or path, local_files_only=True)
-    else:
+    if family not in ("opt", "llama"):
         raise ValueError(f"config.model.llm_family={family!r} is not known; use 'opt', 'llama' "
                          "(HF folder or .gguf file) or 't5'")
+    models = importlib.import_module(f"lqae_vlap.models.{family}")
+    if abstract:
+        if str(path).endswith(".gguf"):
+            from lqae_vlap.models.gguf import open_gguf  # noqa: PLC0415  (metadata only)
+
+            hf_config, _ = open_gguf(path)
+        elif _is_local(path):
+            hf_config = None  # the folder's own config.json
+        else:
+            hf_config = _arch_config(m.get("llm_arch"), "config.model.llm_arch", path)
+        module, variables, _ = models.load(None if hf_config is not None else path, dtype=dtype,
+                                           mesh=mesh, abstract=True, hf_config=hf_config)
+        return module, variables["params"], None
+    if family == "llama" and str(path).endswith(".gguf"):
+        module, variables, _ = models.load_gguf(path, dtype=dtype, mesh=mesh)
+        folder, name = os.path.split(str(path))
+        tok = AutoTokenizer.from_pretrained(m.get("tokenizer_path") or folder, gguf_file=(
+            None if m.get("tokenizer_path") else name))
+    else:
+        module, variables, _ = models.load(path, dtype=dtype, mesh=mesh)
+        tok = AutoTokenizer.from_pretrained(m.get("tokenizer_path") or path, local_files_only=True)
     return module, variables["params"], tok
 
 
-def _vision(config: ml_collections.ConfigDict, mesh):
-    """Returns (vision_fn, frozen vision tree, vision_width, host-side image preprocess)."""
+def _vision(config: ml_collections.ConfigDict, mesh, abstract: bool = False):
+    """Returns (vision_fn, frozen vision tree, vision_width, host image preprocess, image size).
+
+    abstract=True: the frozen tree holds ShapeDtypeStructs (CLIP from ``vision.arch`` when
+    ``vision.path`` is not a local folder).
+    """
     v = config.model.vision
     if v.kind == "standin":
         size, patch = int(config.model.image_size), int(v.patch_size)
-        proj = standin_projection(int(v.seed), patch * patch * 3, int(v.width))
-        frozen = {"projection": jax.device_put(proj, sharding_lib.replicated(mesh))}
-        return functools.partial(standin_features, patch_size=patch), frozen, int(v.width), None
+        rep = sharding_lib.replicated(mesh)
+        if abstract:
+            proj = jax.ShapeDtypeStruct((patch * patch * 3, int(v.width)), jnp.float32,
+                                        sharding=rep)
+        else:
+            proj = jax.device_put(standin_projection(int(v.seed), patch * patch * 3,
+                                                     int(v.width)), rep)
+        return (functools.partial(standin_features, patch_size=patch), {"projection": proj},
+                int(v.width), None, size)
     if v.kind == "clip":
         from lqae_vlap.data import clip_preprocess  # noqa: PLC0415
         from lqae_vlap.models import clip  # noqa: PLC0415
 
-        module, variables, _ = clip.load(v.path, dtype=jnp.dtype(v.get("dtype", "float32")),
-                                         mesh=mesh, with_projection=False)
+        hf_config = None
+        if abstract and not _is_local(v.path):
+            hf_config = _arch_config(v.get("arch"), "config.model.vision.arch", v.path)
+        module, variables, _ = clip.load(None if hf_config is not None else v.path,
+                                         dtype=jnp.dtype(v.get("dtype", "float32")), mesh=mesh,
+                                         with_projection=False, abstract=abstract,
+                                         hf_config=hf_config)
         size = module.config.image_size
         host = functools.partial(clip_preprocess.clip_resize_crop, size=size, crop=size)
         return (functools.partial(clip_features, module=module), {"params": variables["params"]},
-                module.config.hidden_size, host)
+                module.config.hidden_size, host, size)
     raise ValueError(f"config.model.vision.kind={v.kind!r} is not known; use 'standin' (demo "
                      "only) or 'clip'")
 
@@ -452,33 +493,72 @@ def make_evaluate(config, visual_map, llm, vision_fn, tokenizer, eval_batches, m
     return evaluate
 
 
-def build(config: ml_collections.ConfigDict, mesh) -> Method:
-    """Loads the frozen LLM and vision encoder, builds the Dense, data and loss for the trainer."""
+def _prompt_len(m: ml_collections.ConfigDict) -> int:
+    """Prompt tokens in plan mode: tokenised with a local tokenizer folder, else prompt_len."""
+    folder = m.get("tokenizer_path") or m.llm_path
+    if _is_local(folder) and os.path.isdir(folder):
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return len(tok(m.prompt, add_special_tokens=False)["input_ids"])
+    if int(m.get("prompt_len", 0)) < 1:
+        raise ValueError("plan mode: no local tokenizer to count the prompt's tokens; set "
+                         "config.model.prompt_len to their number (3 for 'A picture of' in OPT)")
+    return int(m.prompt_len)
+
+
+def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) -> Method:
+    """Loads the frozen LLM and vision encoder, builds the Dense, data and loss for the trainer.
+
+    abstract=True reads no weights and no data (plan mode): ``frozen`` holds
+    ``jax.ShapeDtypeStruct``s (LLM, vision, prompt ids [P], word marginal [V]) and ``batch_spec``
+    the global batch (image [B, S, S, 3] uint8, caption_ids / caption_mask [B, L] int32).
+    """
     m = config.model
     if config.sinkhorn.mode not in SINKHORN_MODES:
         raise ValueError(f"config.sinkhorn.mode={config.sinkhorn.mode!r} is not known; use one of "
                          f"{SINKHORN_MODES}")
-    llm, llm_params, tokenizer = _load_llm(m, mesh)
+    llm, llm_params, tokenizer = _load_llm(m, mesh, abstract=abstract)
     words = llm_params["embed_tokens"]["embedding"]
     vocab, llm_width = words.shape
-    vision_fn, frozen_vision, vision_width, host_image = _vision(config, mesh)
+    vision_fn, frozen_vision, vision_width, host_image, image_size = _vision(config, mesh,
+                                                                            abstract)
     visual_map = VisualMap(llm_width=llm_width, dtype=jnp.dtype(m.get("dtype", "float32")))
+    rep = sharding_lib.replicated(mesh)
+
+    def init_params(rng):
+        return visual_map.init(rng, jnp.zeros((1, 1, vision_width), jnp.float32))["params"]
+
+    loss = functools.partial(loss_fn, visual_map=visual_map, llm=llm, vision_fn=vision_fn,
+                             cfg=config)
+    d = config.data
+    if abstract:
+        prompt_len, cap = _prompt_len(m), int(m.max_caption_len)
+        frozen = {"llm": llm_params, "vision": frozen_vision,
+                  "prompt_ids": jax.ShapeDtypeStruct((prompt_len,), jnp.int32, sharding=rep),
+                  "word_marginal": jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=rep)}
+        batch_spec = {
+            "image": jax.ShapeDtypeStruct((d.batch_size, image_size, image_size, 3), jnp.uint8),
+            "caption_ids": jax.ShapeDtypeStruct((d.batch_size, cap), jnp.int32),
+            "caption_mask": jax.ShapeDtypeStruct((d.batch_size, cap), jnp.int32)}
+        arch = "" if _is_local(m.llm_path) else " (architecture from config.model.llm_arch)"
+        describe = (f"VLAP plan: frozen {m.vision.kind} vision (width {vision_width}) -> Dense -> "
+                    f"frozen {m.llm_family} {m.llm_path}{arch} (vocab {vocab}, width "
+                    f"{llm_width}); prompt {prompt_len} tokens, captions {cap} tokens")
+        return Method(init_params=init_params, frozen=frozen,
+                      frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen), loss_fn=loss,
+                      train_batches=None, batch_spec=batch_spec, describe=describe)
 
     train_src, val_src = _sources(config)
     marginal, marginal_from = _word_marginal(config, tokenizer, vocab, train_src)
     prompt_ids = np.asarray(tokenizer(m.prompt, add_special_tokens=False)["input_ids"], np.int32)
-    rep = sharding_lib.replicated(mesh)
     frozen = {"llm": llm_params, "vision": frozen_vision,
               "prompt_ids": jax.device_put(prompt_ids, rep),
               "word_marginal": jax.device_put(marginal, rep)}
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
-    def init_params(rng):
-        return visual_map.init(rng, jnp.zeros((1, 1, vision_width), jnp.float32))["params"]
-
     pre = _make_preprocess(tokenizer, int(m.max_caption_len), host_image)
     pid, pcount = jax.process_index(), jax.process_count()
-    d = config.data
     train_batches = batches_lib.IndexedBatches(
         train_src, global_batch_size=d.batch_size, seed=d.seed, shuffle=True,
         process_index=pid, process_count=pcount, preprocess=pre, num_workers=d.num_workers)
@@ -486,8 +566,6 @@ def build(config: ml_collections.ConfigDict, mesh) -> Method:
         val_src, global_batch_size=config.eval.batch_size, seed=0, shuffle=False,
         preprocess=pre, num_workers=d.num_workers)
 
-    loss = functools.partial(loss_fn, visual_map=visual_map, llm=llm, vision_fn=vision_fn,
-                             cfg=config)
     describe = (f"VLAP: frozen {m.vision.kind} vision (width {vision_width}) -> Dense -> frozen "
                 f"{m.llm_family} {m.llm_path} (vocab {vocab}, width {llm_width}); prompt "
                 f"{m.prompt!r} = {len(prompt_ids)} tokens; sinkhorn {config.sinkhorn.mode} "

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -47,16 +46,9 @@ from jax.sharding import Mesh
 from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, _dense, _layer_norm,
                                          convert_checkpoint, detect_prefix, open_state_dict,
                                          read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
+                                     heads_dense, heads_out_dense, layer_norm, logical_init)
 from lqae_vlap.models.vit import patchify
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP's sigmoid approximation
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
 
 # HF model_type of a vision-only config and of a full (vision + text) CLIP config.
 _VISION_TYPE, _FULL_TYPE = "clip_vision_model", "clip"
@@ -81,12 +73,8 @@ class CLIPVisionConfig:
     projection_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{sorted(_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_activation(self.hidden_act)
+        check_heads_divide(self.hidden_size, self.num_attention_heads)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
@@ -135,17 +123,6 @@ class CLIPVisionConfig:
         )
 
 
-def _init(names: tuple[str, ...], init: Callable = nn.initializers.normal(0.02)) -> Callable:
-    return nn.with_logical_partitioning(init, names)
-
-
-def _layer_norm_module(cfg: CLIPVisionConfig, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
-    # flax computes LayerNorm statistics in float32 even for bfloat16 activations.
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                        scale_init=_init(("norm",), nn.initializers.ones),
-                        bias_init=_init(("norm",), nn.initializers.zeros), name=name)
-
-
 class Embeddings(nn.Module):
     """Patch projection, class token and learned positions."""
 
@@ -156,16 +133,17 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         """images: [B, H, W, C] -> [B, 1 + N, D]."""
-        cfg = self.config
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         patches = patchify(images.astype(self.dtype), cfg.patch_size)  # [B, N, p*p*C]
-        x = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=_init(("patch", "embed")), name="patch_embedding")(patches)
-        cls = self.param("class_embedding", _init(("embed",)), (cfg.hidden_size,), self.param_dtype)
+        x = dense(cfg.hidden_size, ("patch", "embed"), use_bias=False, name="patch_embedding",
+                  **kw)(patches)
+        cls = self.param("class_embedding", logical_init(("embed",)), (cfg.hidden_size,),
+                         self.param_dtype)
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1)
-        positions = nn.Embed(cfg.num_tokens, cfg.hidden_size, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             embedding_init=_init(("position", "embed")), name="position_embedding")
+        positions = nn.Embed(cfg.num_tokens, cfg.hidden_size,
+                             embedding_init=logical_init(("position", "embed")),
+                             name="position_embedding", **kw)
         return x + positions(jnp.arange(cfg.num_tokens))[None]
 
 
@@ -177,20 +155,14 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]; every token attends to every token (no mask in CLIP vision)."""
-        cfg = self.config
-        proj = lambda name: nn.DenseGeneral(  # noqa: E731
-            (cfg.num_attention_heads, cfg.head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_init(("embed", "heads", "kv")),
-            bias_init=_init(("heads", "kv"), nn.initializers.zeros), name=name)
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        proj = lambda name: heads_dense(cfg.num_attention_heads, cfg.head_dim, name=name, **kw)  # noqa: E731
         q, k, v = proj("q_proj")(x), proj("k_proj")(x), proj("v_proj")(x)  # [B, T, H, Dh]
         # Softmax in float32 so a bfloat16 model keeps its attention weights accurate.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
-                               param_dtype=self.param_dtype,
-                               kernel_init=_init(("heads", "kv", "embed")),
-                               bias_init=_init(("embed",), nn.initializers.zeros), name="out_proj")(ctx)
+        return heads_out_dense(cfg.hidden_size, name="out_proj", **kw)(ctx)
 
 
 class Mlp(nn.Module):
@@ -202,11 +174,9 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Dense(cfg.intermediate_size, kernel_init=_init(("embed", "mlp")),
-                     bias_init=_init(("mlp",), nn.initializers.zeros), name="fc1", **kw)(x)
-        h = _ACTIVATIONS[cfg.hidden_act](h)
-        return nn.Dense(cfg.hidden_size, kernel_init=_init(("mlp", "embed")),
-                        bias_init=_init(("embed",), nn.initializers.zeros), name="fc2", **kw)(h)
+        h = dense(cfg.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(x)
+        h = ACTIVATIONS[cfg.hidden_act](h)
+        return dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 class EncoderLayer(nn.Module):
@@ -219,10 +189,10 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        eps = cfg.layer_norm_eps
         x = x + SelfAttention(cfg, name="self_attn", **kw)(
-            _layer_norm_module(cfg, self.dtype, self.param_dtype, "layer_norm1")(x))
-        return x + Mlp(cfg, name="mlp", **kw)(
-            _layer_norm_module(cfg, self.dtype, self.param_dtype, "layer_norm2")(x))
+            layer_norm(epsilon=eps, name="layer_norm1", **kw)(x))
+        return x + Mlp(cfg, name="mlp", **kw)(layer_norm(epsilon=eps, name="layer_norm2", **kw)(x))
 
 
 class CLIPVision(nn.Module):
@@ -256,17 +226,16 @@ class CLIPVision(nn.Module):
                              f"shape {tuple(images.shape)}{hint}; resize and crop with "
                              "lqae_vlap.data.clip_preprocess first")
         x = Embeddings(cfg, name="embeddings", **kw)(images)
-        x = _layer_norm_module(cfg, self.dtype, self.param_dtype, "pre_layrnorm")(x)
+        x = layer_norm(epsilon=cfg.layer_norm_eps, name="pre_layrnorm", **kw)(x)
         hidden = [x]
         for i in range(cfg.num_hidden_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}", **kw)(x)
             hidden.append(x)
-        pooled = _layer_norm_module(cfg, self.dtype, self.param_dtype, "post_layernorm")(x[:, 0])
+        pooled = layer_norm(epsilon=cfg.layer_norm_eps, name="post_layernorm", **kw)(x[:, 0])
         out: dict[str, Any] = {"last_hidden_state": x, "pooled": pooled}
         if cfg.projection_dim is not None:
-            out["image_embeds"] = nn.Dense(
-                cfg.projection_dim, use_bias=False, kernel_init=_init(("embed", "mlp")),
-                name="visual_projection", **kw)(pooled)
+            out["image_embeds"] = dense(cfg.projection_dim, ("embed", "mlp"), use_bias=False,
+                                        name="visual_projection", **kw)(pooled)
         if output_hidden_states:
             out["hidden_states"] = tuple(hidden)
         return out
@@ -331,8 +300,9 @@ def clip_vision_ignored(with_projection: bool) -> tuple[str, ...]:
     return tuple(ignored)
 
 
-def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None,
-         with_projection: bool | None = None) -> tuple[CLIPVision, dict[str, Any], Any]:
+def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
+         mesh: Mesh | None = None, with_projection: bool | None = None, abstract: bool = False,
+         hf_config: Any = None) -> tuple[CLIPVision, dict[str, Any], Any]:
     """Loads a CLIPVisionModel(/WithProjection) or full CLIPModel checkpoint as a frozen CLIPVision.
 
     Args:
@@ -341,22 +311,38 @@ def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mes
       dtype: param and compute dtype (e.g. jnp.bfloat16).
       mesh: place every weight on this mesh by its logical axis names while loading.
       with_projection: build ``visual_projection`` (image_embeds). None: exactly when the
-        checkpoint holds ``visual_projection.weight``. True on a checkpoint without one raises a
-        ValueError naming the missing key.
+        checkpoint holds ``visual_projection.weight`` (abstract without weight files: when the
+        config has a ``projection_dim``). True on a checkpoint without one raises a ValueError
+        naming the missing key.
+      abstract: read no tensor: return ``jax.ShapeDtypeStruct`` leaves (with their shardings when
+        ``mesh`` is given) for planning and compiling without the weights.
+      hf_config: abstract only: a transformers ``CLIPVisionConfig`` / ``CLIPConfig`` to plan from
+        instead of the folder's config.json (``path_or_name`` may be None).
 
     Returns:
       (module, {'params': params}, hf_config); ``module.apply(variables, images)`` runs it.
     """
-    folder = resolve_checkpoint(path_or_name)
-    hf_config = read_hf_config(folder)
-    state = open_state_dict(folder)
+    from lqae_vlap.models.hf_weights import WEIGHT_FILES, abstract_on_mesh  # noqa: PLC0415
+
+    if hf_config is not None and not abstract:
+        raise ValueError("clip.load: hf_config= builds the architecture only; pass abstract=True, "
+                         "or a checkpoint folder to load real weights")
+    folder = None if hf_config is not None else resolve_checkpoint(path_or_name)
+    hf_config = hf_config if folder is None else read_hf_config(folder)
+    has_weights = folder is not None and any((folder / f).exists() for f in WEIGHT_FILES)
+    state = open_state_dict(folder) if not abstract or has_weights else None
     if with_projection is None:
-        with_projection = "visual_projection.weight" in state
+        with_projection = ("visual_projection.weight" in state if state is not None else
+                           getattr(hf_config, "projection_dim", None) is not None)
     cfg = CLIPVisionConfig.from_hf(hf_config, with_projection=with_projection)
-    prefix = detect_prefix(state, "embeddings.patch_embedding.weight", ("vision_model.", ""))
     module = CLIPVision(cfg, dtype=dtype, param_dtype=dtype)
     shape = (1, cfg.image_size, cfg.image_size, cfg.num_channels)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape, dtype))["params"]
-    params = convert_checkpoint(state, clip_vision_name_map(cfg, prefix), abstract, dtype=dtype,
-                                mesh=mesh, ignored=clip_vision_ignored(with_projection))
+    abstract_params = jax.eval_shape(module.init, jax.random.key(0),
+                                     jnp.zeros(shape, dtype))["params"]
+    if abstract:
+        return module, {"params": abstract_on_mesh(abstract_params, mesh)}, hf_config
+    prefix = detect_prefix(state, "embeddings.patch_embedding.weight", ("vision_model.", ""))
+    params = convert_checkpoint(state, clip_vision_name_map(cfg, prefix), abstract_params,
+                                dtype=dtype, mesh=mesh,
+                                ignored=clip_vision_ignored(with_projection))
     return module, {"params": params}, hf_config

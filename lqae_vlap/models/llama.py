@@ -24,10 +24,9 @@ llama.cpp GGUF file (dequantised by ``models/gguf.py``); both go through
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -38,15 +37,12 @@ from jax.sharding import Mesh
 
 from lqae_vlap.models.hf_weights import (Copy, Linear, NameMap, Reshape, Source, convert_checkpoint,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activation, dense,
+                                     embedding_lookup, heads_dense, heads_out_dense, logical_init,
+                                     write_kv_cache)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # mistral without sliding window is the same network
 ROPE_TYPES = ("default", "linear", "llama3")
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu, "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +81,7 @@ class LlamaConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary positions")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{sorted(_ACTIVATIONS)}")
+        check_activation(self.hidden_act)
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> LlamaConfig:
@@ -165,10 +159,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def _init(names: tuple[str, ...], init: Callable = nn.initializers.normal(0.02)) -> Callable:
-    return nn.with_logical_partitioning(init, names)
-
-
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any = jnp.float32
@@ -177,7 +167,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., D] -> [..., D]; statistics in float32 as LlamaRMSNorm does."""
-        scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],),
+        scale = self.param("scale", logical_init(("norm",), nn.initializers.ones), (x.shape[-1],),
                            self.param_dtype)
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
@@ -197,21 +187,15 @@ class Attention(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def proj(heads: int, name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral((heads, cfg.head_dim), use_bias=cfg.attention_bias,
-                                   kernel_init=_init(("embed", "heads", "kv")),
-                                   bias_init=_init(("heads", "kv"), nn.initializers.zeros),
-                                   name=name, **kw)
+            return heads_dense(heads, cfg.head_dim, use_bias=cfg.attention_bias, name=name, **kw)
 
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(proj(cfg.num_attention_heads, "q_proj")(x), positions, inv_freq)
         k = apply_rope(proj(cfg.num_key_value_heads, "k_proj")(x), positions, inv_freq)
         v = proj(cfg.num_key_value_heads, "v_proj")(x)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+            cache = write_kv_cache(cache, {"k": k, "v": v}, cache_index)
+            k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
         b, length = q.shape[:2]
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         # GQA without materialising repeated keys: query head h uses kv head h // groups (HF order).
@@ -223,9 +207,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         ctx = jnp.einsum("bkglt,btkd->blkgd", probs, v).reshape(
             b, length, cfg.num_attention_heads, cfg.head_dim)
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
-                              kernel_init=_init(("heads", "kv", "embed")),
-                              bias_init=_init(("embed",), nn.initializers.zeros), name="o_proj", **kw)
+        out = heads_out_dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj", **kw)
         return out(ctx), cache
 
 
@@ -237,13 +219,12 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """SwiGLU: down(act(gate(x)) * up(x)); x: [B, L, D] -> [B, L, D]."""
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        dense = lambda feats, names, name: nn.Dense(  # noqa: E731
-            feats, use_bias=cfg.mlp_bias, kernel_init=_init(names),
-            bias_init=_init(names[1:], nn.initializers.zeros), name=name, **kw)
-        h = _ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x))
-        h = h * dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=cfg.mlp_bias)
+        h = ACTIVATIONS[cfg.hidden_act](
+            dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x))
+        h = h * dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -314,8 +295,8 @@ class LlamaForCausalLM(nn.Module):
         if (cache is None) != (cache_index is None):
             raise ValueError("LlamaForCausalLM: pass cache and cache_index together (init_cache "
                              "makes the cache; cache_index is the slot of the first new token)")
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_init(("vocab", "embed")),
-                         name="embed_tokens", **kw)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size,
+                         embedding_init=logical_init(("vocab", "embed")), name="embed_tokens", **kw)
         x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, length = x.shape[:2]
         offset = jnp.int32(0) if cache is None else jnp.asarray(cache_index, jnp.int32)
@@ -329,9 +310,7 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:
             positions = offset + jnp.arange(length, dtype=jnp.int32)[None, :]
         positions = jnp.broadcast_to(positions, (b, length))
-        # Query slot offset+i sees key slot t iff t <= offset+i and slot t holds a real token.
-        q_slot = offset + jnp.arange(length)[:, None]
-        allowed = (jnp.arange(total)[None, :] <= q_slot)[None] & (attention_mask[:, None, :] > 0)
+        allowed = causal_visibility(attention_mask, offset, length)  # [B, L, T]
         allowed = allowed[:, None, None]  # [B, 1, 1, L, T] against scores [B, KV, G, L, T]
 
         new_cache = {} if cache is not None else None
@@ -345,20 +324,14 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(("embed", "vocab")),
-                              name="lm_head", **kw)(x)
+            logits = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)(x)
         return {"logits": logits.astype(jnp.float32), "hidden_states": x, "cache": new_cache}
 
 
 def embed_tokens(params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
     """ids: [B, L] -> the input embeddings [B, L, D] (``{'params': ...}`` or the inner tree)."""
-    tree = params["params"] if "params" in params else params
-    try:
-        table = nn.meta.unbox(tree["embed_tokens"]["embedding"])
-    except (KeyError, TypeError) as e:
-        raise ValueError("embed_tokens: params lack embed_tokens/embedding; pass the tree from "
-                         "llama.load / load_gguf or LlamaForCausalLM.init") from e
-    return jnp.take(table, ids, axis=0)
+    return embedding_lookup(params, ("embed_tokens", "embedding"), ids,
+                            "pass the tree from llama.load / load_gguf or LlamaForCausalLM.init")
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,16 +383,32 @@ def _build(cfg: LlamaConfig, state: Any, dtype: Any, mesh: Mesh | None
     return module, {"params": params}
 
 
-def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None
+def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
+         mesh: Mesh | None = None, abstract: bool = False, hf_config: Any = None
          ) -> tuple[LlamaForCausalLM, dict[str, Any], Any]:
     """Loads a Hugging Face Llama checkpoint folder as a frozen LlamaForCausalLM.
+
+    abstract=True reads no tensor (config.json only): the params are ``jax.ShapeDtypeStruct``s
+    with their shardings when ``mesh`` is given, for planning. hf_config (abstract only): a
+    transformers ``LlamaConfig`` to plan from instead of a folder (``path_or_name`` may be None).
 
     Returns:
       (module, {'params': params}, hf_config); ``module.apply(variables, ids, ...)`` runs it.
     """
-    folder = resolve_checkpoint(path_or_name)
-    hf_config = read_hf_config(folder)
+    if hf_config is not None and not abstract:
+        raise ValueError("llama.load: hf_config= builds the architecture only; pass "
+                         "abstract=True, or a checkpoint folder to load real weights")
+    if hf_config is None:
+        folder = resolve_checkpoint(path_or_name)
+        hf_config = read_hf_config(folder)
     cfg = LlamaConfig.from_hf(hf_config)
+    if abstract:
+        from lqae_vlap.models.hf_weights import abstract_on_mesh  # noqa: PLC0415
+
+        module = LlamaForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
+        params = jax.eval_shape(module.init, jax.random.key(0),
+                                jnp.zeros((1, 1), jnp.int32))["params"]
+        return module, {"params": abstract_on_mesh(params, mesh)}, hf_config
     module, variables = _build(cfg, open_state_dict(folder), dtype, mesh)
     return module, variables, hf_config
 

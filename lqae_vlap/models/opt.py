@@ -47,15 +47,11 @@ from jax.sharding import Mesh
 from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, _dense, _layer_norm,
                                          convert_checkpoint, detect_prefix, open_state_dict,
                                          read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activation,
+                                     check_heads_divide, dense, embedding_lookup, heads_dense,
+                                     heads_out_dense, layer_norm, logical_init, write_kv_cache)
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p reads row p + 2
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +76,8 @@ class OPTConfig:
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
-        if self.activation_function not in _ACTIVATIONS:
-            raise ValueError(f"OPTConfig.activation_function={self.activation_function!r} is not "
-                             f"supported; use one of {sorted(_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"OPTConfig: hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_activation(self.activation_function, "OPTConfig.activation_function")
+        check_heads_divide(self.hidden_size, self.num_attention_heads, "OPTConfig: ")
 
     @property
     def head_dim(self) -> int:
@@ -131,16 +123,10 @@ class OPTConfig:
         )
 
 
-def _init(names: tuple[str, ...], init: Callable = nn.initializers.normal(0.02)) -> Callable:
-    return nn.with_logical_partitioning(init, names)
-
-
 def _layer_norm_module(cfg: OPTConfig, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
-    # torch.nn.LayerNorm's eps; flax keeps the statistics in float32 for a bfloat16 dtype.
-    affine = cfg.layer_norm_elementwise_affine
-    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, use_scale=affine,
-                        use_bias=affine, scale_init=_init(("norm",), nn.initializers.ones),
-                        bias_init=_init(("norm",), nn.initializers.zeros), name=name)
+    # torch.nn.LayerNorm's default eps (OPT's config has no field for it).
+    return layer_norm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name,
+                      use_affine=cfg.layer_norm_elementwise_affine)
 
 
 def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32
@@ -162,24 +148,18 @@ class Attention(nn.Module):
         """x: [B, L, D], bias: [B, 1, L, T] additive (float32) -> ([B, L, D], updated cache)."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=cfg.enable_bias)
-        proj = lambda name: nn.DenseGeneral(  # noqa: E731
-            (cfg.num_attention_heads, cfg.head_dim), kernel_init=_init(("embed", "heads", "kv")),
-            bias_init=_init(("heads", "kv"), nn.initializers.zeros), name=name, **kw)
+        proj = lambda name: heads_dense(cfg.num_attention_heads, cfg.head_dim, name=name, **kw)  # noqa: E731
         # HF scales the query before the product; doing the same keeps float32 parity tight.
         q = proj("q_proj")(x) * jnp.asarray(cfg.head_dim ** -0.5, self.dtype)
         k, v = proj("k_proj")(x), proj("v_proj")(x)  # [B, L, H, Dh]
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
+            cache = write_kv_cache(cache, {"k": k, "v": v}, cache_index)
+            k, v = cache["k"], cache["v"]
         # Softmax in float32 so a bfloat16 model keeps the masking exact.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(self.dtype)).astype(jnp.float32)
         probs = jax.nn.softmax(scores + bias, axis=-1).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), kernel_init=_init(("heads", "kv", "embed")),
-                              bias_init=_init(("embed",), nn.initializers.zeros), name="out_proj", **kw)
-        return out(ctx), cache
+        return heads_out_dense(cfg.hidden_size, name="out_proj", **kw)(ctx), cache
 
 
 class DecoderLayer(nn.Module):
@@ -201,11 +181,9 @@ class DecoderLayer(nn.Module):
         x = x if pre else attn_norm(x)
         ffn_norm = _layer_norm_module(cfg, self.dtype, self.param_dtype, "final_layer_norm")
         h = ffn_norm(x) if pre else x
-        h = nn.Dense(cfg.ffn_dim, use_bias=cfg.enable_bias, kernel_init=_init(("embed", "mlp")),
-                     bias_init=_init(("mlp",), nn.initializers.zeros), name="fc1", **kw)(h)
-        h = _ACTIVATIONS[cfg.activation_function](h)
-        h = nn.Dense(cfg.hidden_size, use_bias=cfg.enable_bias, kernel_init=_init(("mlp", "embed")),
-                     bias_init=_init(("embed",), nn.initializers.zeros), name="fc2", **kw)(h)
+        h = dense(cfg.ffn_dim, ("embed", "mlp"), use_bias=cfg.enable_bias, name="fc1", **kw)(h)
+        h = ACTIVATIONS[cfg.activation_function](h)
+        h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=cfg.enable_bias, name="fc2", **kw)(h)
         x = x + h
         return (x if pre else ffn_norm(x)), cache
 
@@ -279,19 +257,16 @@ class OPTForCausalLM(nn.Module):
 
         # Key slot j is visible to query slot i when j <= i and slot j holds a real token. Where
         # no key is visible (a padded query) the row's softmax is uniform: finite, and unused.
-        query_slots = offset + jnp.arange(length)
-        visible = (jnp.arange(total)[None, :] <= query_slots[:, None])[None] \
-            & (attention_mask[:, None, :] > 0)  # [B, L, T]
+        visible = causal_visibility(attention_mask, offset, length)  # [B, L, T]
         bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # [B, 1, L, T]
 
         embed = nn.Embed(cfg.vocab_size, cfg.word_embed_proj_dim,
-                         embedding_init=_init(("vocab", "embed")), name="embed_tokens", **kw)
+                         embedding_init=logical_init(("vocab", "embed")), name="embed_tokens", **kw)
         x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         if cfg.projects:  # a width change of the residual stream; 'mlp' names the narrow side
-            x = nn.Dense(cfg.hidden_size, use_bias=False, kernel_init=_init(("mlp", "embed")),
-                         name="project_in", **kw)(x)
+            x = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="project_in", **kw)(x)
         x = x + nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
-                         embedding_init=_init(("position", "embed")), name="embed_positions",
+                         embedding_init=logical_init(("position", "embed")), name="embed_positions",
                          **kw)(positions + POSITION_OFFSET)
 
         new_cache = {} if cache is not None else None
@@ -304,13 +279,12 @@ class OPTForCausalLM(nn.Module):
         if cfg.final_layer_norm:
             x = _layer_norm_module(cfg, self.dtype, self.param_dtype, "final_layer_norm")(x)
         if cfg.projects:
-            x = nn.Dense(cfg.word_embed_proj_dim, use_bias=False, kernel_init=_init(("embed", "mlp")),
-                         name="project_out", **kw)(x)
+            x = dense(cfg.word_embed_proj_dim, ("embed", "mlp"), use_bias=False, name="project_out",
+                      **kw)(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(("embed", "vocab")),
-                              name="lm_head", **kw)(x)
+            logits = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)(x)
         return {"logits": logits.astype(jnp.float32), "hidden_states": x, "cache": new_cache}
 
 
@@ -320,13 +294,8 @@ def embed_tokens(params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
     Accepts the variables dict ``{'params': ...}`` or the inner tree, boxed or not. VLAP
     concatenates its projected visual tokens in front of these and feeds ``inputs_embeds``.
     """
-    tree = params["params"] if "params" in params else params
-    try:
-        table = nn.meta.unbox(tree["embed_tokens"]["embedding"])
-    except (KeyError, TypeError) as e:
-        raise ValueError("embed_tokens: params lack embed_tokens/embedding; pass the tree returned "
-                         "by opt.load or OPTForCausalLM.init") from e
-    return jnp.take(table, ids, axis=0)
+    return embedding_lookup(params, ("embed_tokens", "embedding"), ids,
+                            "pass the tree returned by opt.load or OPTForCausalLM.init")
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +348,8 @@ def opt_ignored(cfg: OPTConfig) -> tuple[str, ...]:
     return ("^" + re.escape("lm_head.weight") + "$",) if cfg.tie_word_embeddings else ()
 
 
-def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None
+def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
+         mesh: Mesh | None = None, abstract: bool = False, hf_config: Any = None
          ) -> tuple[OPTForCausalLM, dict[str, Any], Any]:
     """Loads an OPT checkpoint (OPTForCausalLM or OPTModel, any size) as a frozen causal LM.
 
@@ -387,24 +357,38 @@ def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mes
       path_or_name: local checkpoint folder (or a hub name where there is network).
       dtype: param and compute dtype (e.g. jnp.bfloat16); logits are always float32.
       mesh: place every weight on this mesh by its logical axis names while loading.
+      abstract: read no tensor: return ``jax.ShapeDtypeStruct`` leaves (with their shardings when
+        ``mesh`` is given) for planning and compiling without the weights.
+      hf_config: abstract only: a transformers ``OPTConfig`` to plan from instead of the folder's
+        config.json (no folder is then opened; ``path_or_name`` may be None).
 
     Returns:
       (module, {'params': params}, hf_config). A tied head (lm_head.weight absent or duplicated)
       reuses embed_tokens; an OPTModel checkpoint (no head) gets the tied head, as HF does.
     """
-    folder = resolve_checkpoint(path_or_name)
-    hf_config = read_hf_config(folder)
+    from lqae_vlap.models.hf_weights import WEIGHT_FILES, abstract_on_mesh  # noqa: PLC0415
+
+    if hf_config is not None and not abstract:
+        raise ValueError("opt.load: hf_config= builds the architecture only; pass abstract=True, "
+                         "or a checkpoint folder to load real weights")
+    folder = None if hf_config is not None else resolve_checkpoint(path_or_name)
+    hf_config = hf_config if folder is None else read_hf_config(folder)
     cfg = OPTConfig.from_hf(hf_config)
-    state = open_state_dict(folder)
-    prefix = detect_prefix(state, "embed_tokens.weight", PREFIXES)
-    if not cfg.tie_word_embeddings and "lm_head.weight" not in state:
+    # Planning may start from config.json alone (no weight files): it then assumes a tied head.
+    has_weights = folder is not None and any((folder / f).exists() for f in WEIGHT_FILES)
+    state = open_state_dict(folder) if not abstract or has_weights else None
+    if state is not None and not cfg.tie_word_embeddings and "lm_head.weight" not in state:
         raise ValueError(f"{folder}: config.json says tie_word_embeddings=False but the checkpoint "
                          "has no lm_head.weight; set tie_word_embeddings=true or use a full "
                          "OPTForCausalLM checkpoint")
     module = OPTForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    params = convert_checkpoint(state, opt_name_map(cfg, prefix), abstract, dtype=dtype, mesh=mesh,
-                                ignored=opt_ignored(cfg))
+    abstract_params = jax.eval_shape(module.init, jax.random.key(0),
+                                     jnp.zeros((1, 1), jnp.int32))["params"]
+    if abstract:
+        return module, {"params": abstract_on_mesh(abstract_params, mesh)}, hf_config
+    prefix = detect_prefix(state, "embed_tokens.weight", PREFIXES)
+    params = convert_checkpoint(state, opt_name_map(cfg, prefix), abstract_params, dtype=dtype,
+                                mesh=mesh, ignored=opt_ignored(cfg))
     return module, {"params": params}, hf_config
 
 

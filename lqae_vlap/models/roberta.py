@@ -18,26 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
+                                     heads_dense, heads_out_dense, layer_norm, logical_init,
+                                     padding_bias)
+
 # Families with this exact architecture; the value is the family whose position scheme they use.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class EncoderLMConfig:
@@ -62,12 +55,8 @@ class EncoderLMConfig:
             raise ValueError(
                 f"EncoderLMConfig.model_type={self.model_type!r} is not supported; use one of "
                 f"{sorted(SUPPORTED_MODEL_TYPES)} (build it with EncoderLMConfig.from_hf)")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{sorted(_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_activation(self.hidden_act)
+        check_heads_divide(self.hidden_size, self.num_attention_heads)
 
     @property
     def head_dim(self) -> int:
@@ -111,17 +100,6 @@ class EncoderLMConfig:
         )
 
 
-def _init(names: tuple[str, ...], init: Callable = nn.initializers.normal(0.02)) -> Callable:
-    return nn.with_logical_partitioning(init, names)
-
-
-def _layer_norm(cfg: EncoderLMConfig, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
-    # flax computes the statistics in float32 even for a bfloat16 dtype, as HF's fp32 LayerNorm does.
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                        scale_init=_init(("norm",), nn.initializers.ones),
-                        bias_init=_init(("norm",), nn.initializers.zeros), name=name)
-
-
 class Embeddings(nn.Module):
     """Word + position + token-type embeddings, then LayerNorm. ``attend`` is the tied decoder."""
 
@@ -133,13 +111,13 @@ class Embeddings(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size,
-                                        embedding_init=_init(("vocab", "embed")), **kw)
+                                        embedding_init=logical_init(("vocab", "embed")), **kw)
         self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
-                                            embedding_init=_init(("position", "embed")), **kw)
+                                            embedding_init=logical_init(("position", "embed")), **kw)
         # A (tiny) vocabulary of segment ids, hence 'vocab'; fit_sharding_to_shape replicates it.
         self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
-                                              embedding_init=_init(("vocab", "embed")), **kw)
-        self.layer_norm = _layer_norm(cfg, self.dtype, self.param_dtype, "layer_norm")
+                                              embedding_init=logical_init(("vocab", "embed")), **kw)
+        self.layer_norm = layer_norm(epsilon=cfg.layer_norm_eps, name="layer_norm", **kw)
 
     def __call__(self, word_vectors: jax.Array | None, input_ids: jax.Array | None,
                  position_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
@@ -164,19 +142,14 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         """x: [B, L, D], bias: [B, 1, 1, L] additive mask -> [B, L, D]."""
         cfg = self.config
-        qkv = lambda name: nn.DenseGeneral(  # noqa: E731
-            (cfg.num_attention_heads, cfg.head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_init(("embed", "heads", "kv")),
-            bias_init=_init(("heads", "kv"), nn.initializers.zeros), name=name)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = lambda name: heads_dense(cfg.num_attention_heads, cfg.head_dim, name=name, **kw)  # noqa: E731
         q, k, v = qkv("query")(x), qkv("key")(x), qkv("value")(x)  # [B, L, H, Dh]
         # Softmax in float32 so a bfloat16 model keeps the -inf-like padding bias exact.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
         probs = jax.nn.softmax(scores + bias, axis=-1).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
-                               param_dtype=self.param_dtype,
-                               kernel_init=_init(("heads", "kv", "embed")),
-                               bias_init=_init(("embed",), nn.initializers.zeros), name="out")(ctx)
+        return heads_out_dense(cfg.hidden_size, name="out", **kw)(ctx)
 
 
 class Mlp(nn.Module):
@@ -189,11 +162,9 @@ class Mlp(nn.Module):
         """x: [B, L, D] -> [B, L, D]."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Dense(cfg.intermediate_size, kernel_init=_init(("embed", "mlp")),
-                     bias_init=_init(("mlp",), nn.initializers.zeros), name="wi", **kw)(x)
-        h = _ACTIVATIONS[cfg.hidden_act](h)
-        return nn.Dense(cfg.hidden_size, kernel_init=_init(("mlp", "embed")),
-                        bias_init=_init(("embed",), nn.initializers.zeros), name="wo", **kw)(h)
+        h = dense(cfg.intermediate_size, ("embed", "mlp"), name="wi", **kw)(x)
+        h = ACTIVATIONS[cfg.hidden_act](h)
+        return dense(cfg.hidden_size, ("mlp", "embed"), name="wo", **kw)(h)
 
 
 class EncoderLayer(nn.Module):
@@ -206,10 +177,10 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = _layer_norm(cfg, self.dtype, self.param_dtype, "attention_norm")(
+        eps = cfg.layer_norm_eps
+        x = layer_norm(epsilon=eps, name="attention_norm", **kw)(
             x + SelfAttention(cfg, name="attention", **kw)(x, bias))
-        return _layer_norm(cfg, self.dtype, self.param_dtype, "mlp_norm")(
-            x + Mlp(cfg, name="mlp", **kw)(x))
+        return layer_norm(epsilon=eps, name="mlp_norm", **kw)(x + Mlp(cfg, name="mlp", **kw)(x))
 
 
 class LMHead(nn.Module):
@@ -224,18 +195,17 @@ class LMHead(nn.Module):
         """x: [B, L, D] -> logits [B, L, V]."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # A D->D map; 'mlp' on the output side because one array cannot name 'embed' twice.
-        x = nn.Dense(cfg.hidden_size, kernel_init=_init(("embed", "mlp")),
-                     bias_init=_init(("mlp",), nn.initializers.zeros), name="dense", **kw)(x)
+        x = dense(cfg.hidden_size, ("embed", "mlp"), name="dense", **kw)(x)
         # BERT's head uses hidden_act; RobertaLMHead hard-codes the exact gelu.
         act = cfg.hidden_act if cfg.model_type == "bert" else "gelu"
-        x = _ACTIVATIONS[act](x)
-        x = _layer_norm(cfg, self.dtype, self.param_dtype, "layer_norm")(x)
+        x = ACTIVATIONS[act](x)
+        x = layer_norm(epsilon=cfg.layer_norm_eps, name="layer_norm", **kw)(x)
         if cfg.tie_word_embeddings:
             logits = embeddings.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(("embed", "vocab")),
-                              name="decoder", **kw)(x)
-        bias = self.param("bias", _init(("vocab",), nn.initializers.zeros), (cfg.vocab_size,),
+            logits = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="decoder",
+                           **kw)(x)
+        bias = self.param("bias", logical_init(("vocab",), nn.initializers.zeros), (cfg.vocab_size,),
                           self.param_dtype)
         return logits + bias.astype(self.dtype)
 
@@ -253,7 +223,8 @@ class MaskedLM(nn.Module):
                  attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None,
                  position_ids: jax.Array | None = None,
-                 with_lm_head: bool = True) -> dict[str, jax.Array]:
+                 with_lm_head: bool = True,
+                 output_hidden_states: bool = False) -> dict[str, jax.Array]:
         """Runs the encoder.
 
         Args:
@@ -265,9 +236,11 @@ class MaskedLM(nn.Module):
           position_ids: [B, L] or [L]. Default as in HF: BERT 0..L-1; RoBERTa counts non-pad
             tokens from pad_token_id+1 for input_ids, and pad+1..pad+L for inputs_embeds.
           with_lm_head: also return the MLM logits.
+          output_hidden_states: also return every layer's output, as transformers does.
 
         Returns:
-          dict(last_hidden_state=[B, L, D], logits=[B, L, V] only when with_lm_head).
+          dict(last_hidden_state=[B, L, D], logits=[B, L, V] only when with_lm_head,
+          hidden_states=(embeddings, layer 1, ..., layer N) each [B, L, D] only when asked).
         """
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if (input_ids is None) == (inputs_embeds is None):
@@ -297,15 +270,17 @@ class MaskedLM(nn.Module):
             token_type_ids = jnp.zeros(shape, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones(shape, jnp.int32)
-        # HF adds finfo.min to masked keys; identical for any row with at least one real key.
-        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
-                         jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        bias = padding_bias(attention_mask)
 
         embeddings = Embeddings(cfg, name="embeddings", **kw)
         x = embeddings(inputs_embeds, input_ids, position_ids, token_type_ids)
+        hidden = [x]
         for i in range(cfg.num_hidden_layers):
             x = EncoderLayer(cfg, name=f"layer_{i}", **kw)(x, bias)
+            hidden.append(x)
         out = {"last_hidden_state": x}
+        if output_hidden_states:
+            out["hidden_states"] = tuple(hidden)
         if with_lm_head:
             out["logits"] = LMHead(cfg, name="lm_head", **kw)(x, embeddings)
         return out

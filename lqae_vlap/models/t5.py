@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -38,13 +38,10 @@ from jax.sharding import Mesh
 
 from lqae_vlap.models.hf_weights import (Linear, NameMap, Source, convert_checkpoint,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.layers import (ACTIVATIONS, dense, embedding_lookup, heads_dense,
+                                     heads_out_dense, logical_init, padding_bias, write_kv_cache)
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-}
+_INIT = nn.initializers.normal(0.05)  # default kernel / table init of this file (fresh models only)
 # Cache pytree: one {'key', 'value'} per decoder layer, each [batch, max_len, heads, head_dim].
 Cache = tuple[dict[str, jax.Array], ...]
 _NEG = -1.0e9  # HF beam search's "impossible" score; kept identical so tie-breaking matches
@@ -72,9 +69,9 @@ class T5Config:
     decoder_start_token_id: int = 0
 
     def __post_init__(self) -> None:
-        if self.activation not in _ACTIVATIONS:
+        if self.activation not in ACTIVATIONS:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; use "
-                             f"'relu', 'gated-gelu' or '[gated-]<act>' with act in {sorted(_ACTIVATIONS)}")
+                             f"'relu', 'gated-gelu' or '[gated-]<act>' with act in {sorted(ACTIVATIONS)}")
 
     @property
     def is_gated(self) -> bool:
@@ -116,10 +113,6 @@ class T5Config:
             decoder_start_token_id=int(start if start is not None else pad))
 
 
-def _init(names: tuple[str, ...], init: Callable = nn.initializers.normal(0.05)) -> Callable:
-    return nn.with_logical_partitioning(init, names)
-
-
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> jax.Array:
     """T5's bucketing of (key position - query position): exact for small distances, log-spaced up to
@@ -151,7 +144,7 @@ class T5LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., D] -> [..., D]."""
-        scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],),
+        scale = self.param("scale", logical_init(("norm",), nn.initializers.ones), (x.shape[-1],),
                            self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
@@ -167,11 +160,9 @@ class Attention(nn.Module):
 
     def setup(self) -> None:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
-        proj = lambda: nn.DenseGeneral((cfg.num_heads, cfg.d_kv),  # noqa: E731
-                                       kernel_init=_init(("embed", "heads", "kv")), **kw)
+        proj = lambda: heads_dense(cfg.num_heads, cfg.d_kv, kernel_init=_INIT, **kw)  # noqa: E731
         self.q, self.k, self.v = proj(), proj(), proj()
-        self.o = nn.DenseGeneral(cfg.d_model, axis=(-2, -1),
-                                 kernel_init=_init(("heads", "kv", "embed")), **kw)
+        self.o = heads_out_dense(cfg.d_model, kernel_init=_INIT, **kw)
 
     def key_values(self, x: jax.Array) -> dict[str, jax.Array]:
         """x: [B, Lk, D] -> {'key', 'value'}: [B, Lk, H, Dh]."""
@@ -193,14 +184,15 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
-        dense = lambda n, name, names: nn.Dense(n, kernel_init=_init(names), name=name, **kw)  # noqa: E731
-        act = _ACTIVATIONS[cfg.activation]
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, kernel_init=_INIT)
+        act = ACTIVATIONS[cfg.activation]
         if cfg.is_gated:
-            h = act(dense(cfg.d_ff, "wi_0", ("embed", "mlp"))(x)) * dense(cfg.d_ff, "wi_1", ("embed", "mlp"))(x)
+            h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi_0", **kw)(x)) \
+                * dense(cfg.d_ff, ("embed", "mlp"), name="wi_1", **kw)(x)
         else:
-            h = act(dense(cfg.d_ff, "wi", ("embed", "mlp"))(x))
-        return dense(cfg.d_model, "wo", ("mlp", "embed"))(h)
+            h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi", **kw)(x))
+        return dense(cfg.d_model, ("mlp", "embed"), name="wo", **kw)(h)
 
 
 class Block(nn.Module):
@@ -229,19 +221,12 @@ class Block(nn.Module):
         h = self.self_attn_norm(x)
         kv = self.self_attn.key_values(h)
         if layer_cache is not None:  # write this step's keys at cache_index, attend over all slots
-            kv = {n: jax.lax.dynamic_update_slice(layer_cache[n], kv[n].astype(layer_cache[n].dtype),
-                                                  (0, cache_index, 0, 0)) for n in ("key", "value")}
-            layer_cache = kv
+            kv = layer_cache = write_kv_cache(layer_cache, kv, cache_index)
         x = x + self.self_attn(h, kv, self_bias)
         if self.is_decoder:
             x = x + self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
         x = x + self.mlp(self.mlp_norm(x))
         return x, layer_cache
-
-
-def _mask_bias(mask: jax.Array) -> jax.Array:
-    """mask: [B, Lk] (1 = attend) -> additive [B, 1, 1, Lk]; HF adds finfo.min the same way."""
-    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
 class T5(nn.Module):
@@ -254,10 +239,11 @@ class T5(nn.Module):
     def setup(self) -> None:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model,
-                               embedding_init=_init(("vocab", "embed"), nn.initializers.normal(1.0)), **kw)
+                               embedding_init=logical_init(("vocab", "embed"), nn.initializers.normal(1.0)),
+                               **kw)
         bias_table = lambda name: nn.Embed(  # noqa: E731  ([buckets, heads])
             cfg.relative_attention_num_buckets, cfg.num_heads,
-            embedding_init=_init(("position", "heads")), name=name, **kw)
+            embedding_init=logical_init(("position", "heads"), _INIT), name=name, **kw)
         self.encoder_relative_bias = bias_table("encoder_relative_attention_bias")
         self.decoder_relative_bias = bias_table("decoder_relative_attention_bias")
         self.encoder_blocks = [Block(cfg, False, name=f"encoder_block_{i}", **kw) for i in range(cfg.num_layers)]
@@ -266,8 +252,8 @@ class T5(nn.Module):
         self.encoder_final_norm = T5LayerNorm(cfg.layer_norm_epsilon, **kw)
         self.decoder_final_norm = T5LayerNorm(cfg.layer_norm_epsilon, **kw)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False,
-                                    kernel_init=_init(("embed", "vocab")), **kw)
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                                 kernel_init=_INIT, **kw)
 
     def _position_bias(self, table: nn.Embed, q_pos: jax.Array, k_pos: jax.Array,
                        bidirectional: bool) -> jax.Array:
@@ -309,7 +295,8 @@ class T5(nn.Module):
             raise ValueError(f"T5.encode: attention_mask must be [batch, length] = {(batch, length)}, "
                              f"got {attention_mask.shape}")
         pos = jnp.arange(length)
-        bias = self._position_bias(self.encoder_relative_bias, pos, pos, True) + _mask_bias(attention_mask)
+        bias = (self._position_bias(self.encoder_relative_bias, pos, pos, True)
+                + padding_bias(attention_mask))
         for block in self.encoder_blocks:
             x, _ = block(x, bias)
         return self.encoder_final_norm(x)
@@ -362,8 +349,8 @@ class T5(nn.Module):
         self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0,
                                           jnp.finfo(jnp.float32).min)[None, None]
         if decoder_attention_mask is not None:
-            self_bias = self_bias + _mask_bias(decoder_attention_mask)
-        cross_bias = _mask_bias(encoder_mask)
+            self_bias = self_bias + padding_bias(decoder_attention_mask)
+        cross_bias = padding_bias(encoder_mask)
 
         x = self.shared(decoder_input_ids)
         new_cache = []
@@ -403,12 +390,8 @@ def init_cache(config: T5Config, batch: int, max_len: int, dtype: Any = jnp.floa
 
 def embed_tokens(params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
     """The (unscaled) input-embedding lookup. params: variables or the inner tree; ids: [B, L] -> [B, L, D]."""
-    tree = params["params"] if "params" in params else params
-    try:
-        table = nn.meta.unbox(tree["shared"]["embedding"])
-    except (KeyError, TypeError) as e:
-        raise ValueError("embed_tokens: params lack shared/embedding; pass the tree from t5.load or T5.init") from e
-    return jnp.take(table, ids, axis=0)
+    return embedding_lookup(params, ("shared", "embedding"), ids,
+                            "pass the tree from t5.load or T5.init")
 
 
 # --------------------------------------------------------------------------------------------

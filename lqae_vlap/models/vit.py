@@ -18,6 +18,7 @@ probe: ``module.apply(params, x, mutable=['intermediates'])``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import einops
@@ -25,11 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lqae_vlap.models.layers import dense, heads_dense, heads_out_dense, layer_norm, logical_init
+
 Dtype = Any
 
 _xavier = nn.initializers.xavier_uniform()
-_zeros = nn.initializers.zeros
 _posemb_init = nn.initializers.normal(stddev=0.02)
+# Every Dense here has a xavier kernel and a zero bias; every LayerNorm big_vision's epsilon.
+_dense = functools.partial(dense, kernel_init=_xavier)
+_layer_norm = functools.partial(layer_norm, epsilon=1e-6)
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -72,21 +77,6 @@ def unpatchify(patches: jax.Array, patch: int, height: int, width: int,
                             h=grid_h, w=grid_w, p1=patch, p2=patch, c=channels)
 
 
-def _dense(features: int, names: tuple[str | None, str | None], *, dtype: Dtype,
-           param_dtype: Dtype, name: str) -> nn.Dense:
-    """A Dense with xavier kernel / zero bias, both carrying logical axis names."""
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(_xavier, names),
-                    bias_init=nn.with_logical_partitioning(_zeros, (names[1],)))
-
-
-def _layer_norm(*, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    # Flax LayerNorm reduces in float32 even under bfloat16 compute.
-    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        bias_init=nn.with_logical_partitioning(_zeros, ("norm",)))
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention without a mask (every patch sees every patch).
 
@@ -107,11 +97,9 @@ class SelfAttention(nn.Module):
         def proj(name: str, use_bias: bool = True) -> jax.Array:
             # DenseGeneral initialises on the flat [width, width] view, so xavier sees the true
             # fan-in/fan-out of a width x width projection (as big_vision's separate q, k, v).
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-                name=name, use_bias=use_bias,
-                kernel_init=nn.with_logical_partitioning(_xavier, ("embed", "heads", "kv")),
-                bias_init=nn.with_logical_partitioning(_zeros, ("heads", "kv")))(x)
+            return heads_dense(self.num_heads, head_dim, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name=name, use_bias=use_bias,
+                               kernel_init=_xavier)(x)
 
         # No key bias: it adds q.b to every logit of a query, which softmax ignores, so its
         # gradient is exactly zero and AdamW would only random-walk it on rounding noise.
@@ -121,10 +109,8 @@ class SelfAttention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(
-            width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out",
-            kernel_init=nn.with_logical_partitioning(_xavier, ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(_zeros, ("embed",)))(out)
+        return heads_out_dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+                               kernel_init=_xavier)(out)
 
 
 class Block(nn.Module):
@@ -208,8 +194,7 @@ class ViTEncoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = patchify(images, self.patch_size)
         x = _dense(self.width, ("patch", "embed"), name="patch_embed", **kw)(x)
-        pos = self.param("pos_embed",
-                         nn.with_logical_partitioning(_posemb_init, ("position", "embed")),
+        pos = self.param("pos_embed", logical_init(("position", "embed"), _posemb_init),
                          (num_patches, self.width), self.param_dtype)
         x = x + pos.astype(self.dtype)
         x = Transformer(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
@@ -249,8 +234,7 @@ class ViTDecoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # The input width is the language model's, which has no logical name of its own here.
         x = _dense(self.width, (None, "embed"), name="in_proj", **kw)(tokens)
-        pos = self.param("pos_embed",
-                         nn.with_logical_partitioning(_posemb_init, ("position", "embed")),
+        pos = self.param("pos_embed", logical_init(("position", "embed"), _posemb_init),
                          (num_patches, self.width), self.param_dtype)
         x = x + pos.astype(self.dtype)
         x = Transformer(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,

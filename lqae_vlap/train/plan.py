@@ -69,6 +69,8 @@ def plan(config: ml_collections.ConfigDict, build_method: Callable[..., trainer.
     """
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     method = build_method(config, mesh, abstract=True)
+    if method.describe and jax.process_index() == 0:
+        print(method.describe, flush=True)  # says where the architecture came from
     tx, schedule = trainer.make_optimizer(config.optim, int(config.train.steps),
                                           config.data.batch_size)
     _, abstract_state, state_shardings = trainer.build_state(method, tx, mesh, config.seed)

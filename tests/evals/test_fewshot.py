@@ -168,7 +168,19 @@ def test_encoder_features_masked_mean(tiny_encoder):
                    ["last_hidden_state"], np.float64)
     want = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     np.testing.assert_allclose(feats, want, atol=1e-5)
-    with pytest.raises(ValueError, match="last hidden state"):
+    # An inner layer: transformers' hidden_states indexing (0 = embeddings, 1 = after layer 1).
+    states = module.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                          position_ids=jnp.asarray(pos), with_lm_head=False,
+                          output_hidden_states=True)["hidden_states"]
+    assert len(states) == module.config.num_hidden_layers + 1
+    np.testing.assert_allclose(np.asarray(states[-1]), h, atol=1e-6)
+    h0 = np.asarray(states[0], np.float64)
+    feats0 = fewshot.encoder_features(module, params, ids, layer=0, attention_mask=mask,
+                                      batch_size=50)
+    np.testing.assert_allclose(feats0, (h0 * mask[..., None]).sum(1) / mask.sum(1, keepdims=True),
+                               atol=1e-5)
+    assert np.abs(feats0 - feats).max() > 1e-3  # a different layer, different features
+    with pytest.raises(ValueError, match="out of range"):
         fewshot.encoder_features(module, params, ids, layer=3)
 
 

@@ -94,6 +94,21 @@ def test_padded_batch_matches_pytorch(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_every_hidden_state_matches_pytorch(tmp_path, kind):
+    folder, model = save_tiny(tmp_path, kind)
+    module, variables, hf_config = load_masked_lm(folder)
+    ids, mask, _ = padded_batch(hf_config.pad_token_id)
+    with torch.no_grad():
+        want = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                     output_hidden_states=True).hidden_states
+    got = module.apply(variables, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                       with_lm_head=False, output_hidden_states=True)["hidden_states"]
+    assert len(got) == len(want) == hf_config.num_hidden_layers + 1
+    for g, w in zip(got, want):
+        assert_real_tokens_close(g, w.numpy(), mask)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_inputs_embeds_matches_pytorch(tmp_path, kind):
     folder, model = save_tiny(tmp_path, kind)
     module, variables, _ = load_masked_lm(folder)

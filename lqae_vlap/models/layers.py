@@ -1,0 +1,136 @@
+"""Small building blocks shared by the model files (roberta, clip, opt, llama, t5, vit).
+
+Each helper only fixes the logical axis names (see ``train/sharding.py``) and the usual defaults;
+the module types, parameter names and shapes are exactly those of the plain flax layers, so the
+param trees (and the checkpoint name maps that address them) do not depend on this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+# BERT / GPT style N(0, 0.02^2) kernels; a file with another default passes its own.
+DEFAULT_INIT: Initializer = nn.initializers.normal(0.02)
+
+# Hugging Face activation names (ACT2FN) -> function; every name any model here accepts.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP's sigmoid approximation
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def check_activation(name: str, field: str = "hidden_act") -> None:
+    """Raises a ValueError naming ``field`` and the supported names when ``name`` is unknown."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{field}={name!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+
+
+def check_heads_divide(hidden_size: int, num_heads: int, who: str = "") -> None:
+    """Raises a ValueError (message prefixed by ``who``) unless the heads split hidden_size evenly."""
+    if hidden_size % num_heads:
+        raise ValueError(f"{who}hidden_size {hidden_size} is not divisible by "
+                         f"num_attention_heads {num_heads}")
+
+
+def logical_init(names: tuple[str | None, ...], init: Initializer = DEFAULT_INIT) -> Initializer:
+    """``init`` whose param carries the logical axis ``names`` (one per param dimension)."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(*, epsilon: float, dtype: Any, param_dtype: Any, name: str | None = None,
+               use_affine: bool = True) -> nn.LayerNorm:
+    """nn.LayerNorm with scale (ones) / bias (zeros) named ('norm',); ``use_affine=False`` drops both.
+
+    flax computes the statistics in float32 even for a bfloat16 dtype, as torch's fp32 LayerNorm does.
+    """
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                        use_scale=use_affine, use_bias=use_affine,
+                        scale_init=logical_init(("norm",), nn.initializers.ones),
+                        bias_init=logical_init(("norm",), nn.initializers.zeros), name=name)
+
+
+def dense(features: int, names: tuple[str | None, str | None], *, dtype: Any, param_dtype: Any,
+          name: str | None = None, use_bias: bool = True,
+          kernel_init: Initializer = DEFAULT_INIT) -> nn.Dense:
+    """nn.Dense with kernel [names[0], names[1]] and a zero bias [names[1]]."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=logical_init(names, kernel_init),
+                    bias_init=logical_init(names[1:], nn.initializers.zeros), name=name)
+
+
+def heads_dense(num_heads: int, head_dim: int, *, dtype: Any, param_dtype: Any,
+                name: str | None = None, use_bias: bool = True,
+                kernel_init: Initializer = DEFAULT_INIT) -> nn.DenseGeneral:
+    """q/k/v projection [..., D] -> [..., heads, head_dim]: kernel [embed, heads, kv], bias [heads, kv]."""
+    return nn.DenseGeneral((num_heads, head_dim), use_bias=use_bias, dtype=dtype,
+                           param_dtype=param_dtype,
+                           kernel_init=logical_init(("embed", "heads", "kv"), kernel_init),
+                           bias_init=logical_init(("heads", "kv"), nn.initializers.zeros), name=name)
+
+
+def heads_out_dense(features: int, *, dtype: Any, param_dtype: Any, name: str | None = None,
+                    use_bias: bool = True, kernel_init: Initializer = DEFAULT_INIT) -> nn.DenseGeneral:
+    """Output projection [..., heads, head_dim] -> [..., features].
+
+    Kernel [heads, kv, embed], bias [embed].
+    """
+    return nn.DenseGeneral(features, axis=(-2, -1), use_bias=use_bias, dtype=dtype,
+                           param_dtype=param_dtype,
+                           kernel_init=logical_init(("heads", "kv", "embed"), kernel_init),
+                           bias_init=logical_init(("embed",), nn.initializers.zeros), name=name)
+
+
+def padding_bias(mask: jax.Array) -> jax.Array:
+    """mask: [B, Lk] (1 = attend) -> additive float32 bias [B, 1, 1, Lk].
+
+    HF adds finfo.min to masked keys the same way; identical for any row with a real key.
+    """
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def causal_visibility(attention_mask: jax.Array, offset: jax.Array, length: int) -> jax.Array:
+    """Which cache slots each new query sees: [B, L, T] bool.
+
+    attention_mask: [B, T] (1 = slot holds a real token); the L queries sit at slots
+    offset .. offset + L - 1. Query slot i sees key slot j iff j <= i and slot j is real, so slots
+    not yet written are excluded by causality alone.
+    """
+    query_slots = offset + jnp.arange(length)
+    causal = jnp.arange(attention_mask.shape[1])[None, :] <= query_slots[:, None]  # [L, T]
+    return causal[None] & (attention_mask[:, None, :] > 0)
+
+
+def write_kv_cache(cache: dict[str, jax.Array], new: dict[str, jax.Array],
+                   cache_index: jax.Array) -> dict[str, jax.Array]:
+    """Writes new [B, L, H, Dh] entries into the same-named cache buffers [B, T, H, Dh] at slot
+    ``cache_index`` (cast to the buffer dtype); returns the updated buffers."""
+    return {n: jax.lax.dynamic_update_slice(cache[n], new[n].astype(cache[n].dtype),
+                                            (0, cache_index, 0, 0)) for n in new}
+
+
+def embedding_lookup(params: Any, path: tuple[str, ...], ids: jax.Array, hint: str) -> jax.Array:
+    """ids: [B, L] -> rows [B, L, D] of the embedding table at ``path`` (params' dtype).
+
+    ``params``: the variables dict ``{'params': ...}`` or the inner tree, boxed or not. ``hint``
+    ends the error message when the table is missing (which loader builds the right tree).
+    """
+    tree = params["params"] if "params" in params else params
+    try:
+        table = tree
+        for key in path:
+            table = table[key]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"embed_tokens: params lack {'/'.join(path)}; {hint}") from e
+    return jnp.take(nn.meta.unbox(table), ids, axis=0)
