@@ -179,7 +179,7 @@ def causal_lm_logprob_fn(module: Any, variables: Any) -> LogprobFn:
 
 
 def make_lm_scorer(tokenizer: Any, logprob_fn: LogprobFn, class_prefix: str = " ",
-                   pad_id: int | None = None) -> LMScorer:
+                   pad_id: int | None = None, pad_multiple: int = 128) -> LMScorer:
     """(prompt, class_names) -> [n_way] log-likelihood scores, with the causal LM's tokenizer.
 
     The prompt is tokenized with the tokenizer's own special tokens (e.g. Llama's <s>); each class
@@ -193,7 +193,9 @@ def make_lm_scorer(tokenizer: Any, logprob_fn: LogprobFn, class_prefix: str = " 
         prompt_ids = tokenizer(prompt)["input_ids"]
         class_ids = [tokenizer(class_prefix + n, add_special_tokens=False)["input_ids"]
                      for n in class_names]
-        return score_classes(logprob_fn, prompt_ids, class_ids, pad_id=pad_id)
+        # Few compiled shapes: prompts of 1-5 shots vary by hundreds of tokens.
+        return score_classes(logprob_fn, prompt_ids, class_ids, pad_id=pad_id,
+                             pad_multiple=pad_multiple)
 
     return scorer
 
