@@ -5,7 +5,6 @@ are replaced by small stubs where a script must get further. The TPU launcher's 
 is exercised against a stub gcloud that runs the remote commands locally in a fake home.
 """
 
-import ast
 import json
 import os
 import re

@@ -16,8 +16,6 @@ The frozen LM sits outside the optimizer and outside autodiff (its weights are a
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any
 
 import flax.linen as nn

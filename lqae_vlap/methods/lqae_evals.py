@@ -19,10 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

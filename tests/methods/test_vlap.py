@@ -20,7 +20,8 @@ import torch
 
 from lqae_vlap.data import captions as captions_lib
 from lqae_vlap.methods import vlap
-from lqae_vlap.train import sharding, trainer
+from lqae_vlap.train import sharding
+from tests.train.test_trainer import assert_sharded_step_matches_one_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
@@ -307,35 +308,8 @@ def test_gradients_reach_only_the_dense(built):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), full, first)
 
 
-def run_steps(config, mesh, num_steps):
-    method = vlap.build(config, mesh)
-    tx, schedule = trainer.make_optimizer(config.optim, config.train.steps, config.data.batch_size)
-    init, _, state_sh = trainer.build_state(method, tx, mesh, config.seed)
-    state = init()
-    batch0 = method.train_batches.batch_at(0)
-    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch0.items()}
-    step = trainer.make_train_step(method, tx, schedule, config.seed, state_sh, batch_sh, mesh)
-    losses = []
-    for s in range(num_steps):
-        batch = trainer._to_global(method.train_batches.batch_at(s), mesh)
-        state, m = step(state, method.frozen, batch)
-        losses.append(float(m["loss"]))
-    return losses, jax.device_get(state["params"]), state
-
-
 def test_sharded_step_matches_one_device(tiny_llama_dir):
-    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
-    config = demo_config(tiny_llama_dir)
-    one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
-    eight = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    losses_1, params_1, _ = run_steps(config, one, 3)
-    losses_8, params_8, state_8 = run_steps(config, eight, 3)
-    np.testing.assert_allclose(losses_8, losses_1, rtol=0, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5),
-                 params_1, params_8)
-    specs = [x.sharding.spec for x in jax.tree.leaves(state_8["params"])]
-    assert any("fsdp" in str(s) for s in specs), specs
-    assert losses_1[-1] < losses_1[0]
+    assert_sharded_step_matches_one_device(demo_config(tiny_llama_dir), build=vlap.build)
 
 
 def test_build_errors(tiny_llama_dir):

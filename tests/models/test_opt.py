@@ -6,7 +6,6 @@ run eagerly on one batch shape so JAX's per-op compile cache is shared between t
 """
 
 import json
-from pathlib import Path
 
 import flax.linen as nn
 import jax

@@ -1,7 +1,6 @@
 """Sinkhorn with the batch split over data x fsdp (as inside the trainer's step) equals one device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -34,8 +33,8 @@ def tiny_config(lm_path, **overrides):
     return c
 
 
-def run_steps(config, mesh, num_steps):
-    method = lqae.build(config, mesh)
+def run_steps(config, mesh, num_steps, build=lqae.build):
+    method = build(config, mesh)
     tx, schedule = trainer.make_optimizer(config.optim, config.train.steps, config.data.batch_size)
     init, _, state_sh = trainer.build_state(method, tx, mesh, config.seed)
     state = init()
@@ -50,6 +49,22 @@ def run_steps(config, mesh, num_steps):
     return losses, jax.device_get(state["params"]), state
 
 
+def assert_sharded_step_matches_one_device(config, build=lqae.build, steps=3):
+    """data=2 x fsdp=4 on 8 fake devices vs one device: same losses and params within 1e-5."""
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+    one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    eight = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    losses_1, params_1, _ = run_steps(config, one, steps, build)
+    losses_8, params_8, state_8 = run_steps(config, eight, steps, build)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=0, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5),
+                 params_1, params_8)
+    # fsdp really shards: some trainable weight is split over the fsdp axis.
+    specs = [x.sharding.spec for x in jax.tree.leaves(state_8["params"])]
+    assert any("fsdp" in str(s) for s in specs), specs
+    assert losses_1[-1] < losses_1[0]
+
+
 def test_mesh_shape_resolution():
     assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
     assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 2}, 8) == (1, 4, 2)
@@ -62,20 +77,7 @@ def test_mesh_shape_resolution():
 
 
 def test_sharded_step_matches_one_device(tiny_mlm_dir):
-    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
-    config = tiny_config(tiny_mlm_dir)
-    one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
-    eight = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    losses_1, params_1, _ = run_steps(config, one, 3)
-    losses_8, params_8, state_8 = run_steps(config, eight, 3)
-    np.testing.assert_allclose(losses_8, losses_1, rtol=0, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5),
-                 params_1, params_8)
-    # fsdp really shards: some trainable weight is split over the fsdp axis, and the batch is
-    # split over data x fsdp.
-    specs = [x.sharding.spec for x in jax.tree.leaves(state_8["params"])]
-    assert any("fsdp" in str(s) for s in specs), specs
-    assert losses_1[-1] < losses_1[0]
+    assert_sharded_step_matches_one_device(tiny_config(tiny_mlm_dir))
 
 
 def test_frozen_weights_outside_optimizer(tiny_mlm_dir):
