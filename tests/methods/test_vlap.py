@@ -21,9 +21,8 @@ import torch
 from lqae_vlap.data import captions as captions_lib
 from lqae_vlap.methods import vlap
 from lqae_vlap.train import sharding
-from tests.train.test_trainer import assert_sharded_step_matches_one_device
+from tests.train.test_trainer import assert_sharded_step_matches_one_device, load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
 
 
@@ -201,24 +200,10 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 def demo_config(llm_path, **overrides):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs/vlap_demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.model.llm_path = llm_path
-    c.data.batch_size = 16
-    c.model.vision.width = 24
-    c.sinkhorn.epsilon = 0.05  # peaked but not one-hot targets on a random tiny model
-    c.loss.temperature = 0.1
-    c.optim.warmup_steps = 1
-    c.train.steps = 3
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return load_config("vlap_demo", **{
+        "model.llm_path": llm_path, "data.batch_size": 16, "model.vision.width": 24,
+        "sinkhorn.epsilon": 0.05,  # peaked but not one-hot targets on a random tiny model
+        "loss.temperature": 0.1, "optim.warmup_steps": 1, "train.steps": 3, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ from lqae_vlap.train.checkpoint import Checkpointer
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def tiny_config(lm_path, **overrides):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs/lqae_tiny.py"))
+def load_config(name, **overrides):
+    """configs/NAME.py's get_config(), with dotted-key overrides ("model.lm_path"=...)."""
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, f"configs/{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
-    c.model.lm_path = lm_path
     for k, v in overrides.items():
         node = c
         *path, last = k.split(".")
@@ -31,6 +31,10 @@ def tiny_config(lm_path, **overrides):
             node = node[p]
         node[last] = v
     return c
+
+
+def tiny_config(lm_path, **overrides):
+    return load_config("lqae_tiny", **{"model.lm_path": lm_path, **overrides})
 
 
 def run_steps(config, mesh, num_steps, build=lqae.build):
