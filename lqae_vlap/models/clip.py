@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, _dense, _layer_norm,
-                                         convert_checkpoint, detect_prefix, open_state_dict,
-                                         read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, convert_checkpoint,
+                                         dense_sources, detect_prefix, layer_norm_sources,
+                                         open_state_dict, read_hf_config, resolve_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
                                      heads_dense, heads_out_dense, layer_norm, logical_init)
 from lqae_vlap.models.vit import patchify
@@ -273,19 +273,19 @@ def clip_vision_name_map(cfg: CLIPVisionConfig, prefix: str) -> NameMap:
                    PatchConv(cfg.patch_size, cfg.num_channels)),
         ("embeddings", "position_embedding", "embedding"):
             Source((f"{p}embeddings.position_embedding.weight",)),
-        **_layer_norm(("pre_layrnorm",), f"{p}pre_layrnorm"),
-        **_layer_norm(("post_layernorm",), f"{p}post_layernorm"),
+        **layer_norm_sources(("pre_layrnorm",), f"{p}pre_layrnorm"),
+        **layer_norm_sources(("post_layernorm",), f"{p}post_layernorm"),
     }
     for i in range(cfg.num_hidden_layers):
         hf, fx = f"{p}encoder.layers.{i}", (f"layers_{i}",)
         for name in ("q_proj", "k_proj", "v_proj"):
-            m.update(_dense(fx + ("self_attn", name), f"{hf}.self_attn.{name}", bias=Reshape()))
-        m.update(_dense(fx + ("self_attn", "out_proj"), f"{hf}.self_attn.out_proj",
+            m.update(dense_sources(fx + ("self_attn", name), f"{hf}.self_attn.{name}", bias=Reshape()))
+        m.update(dense_sources(fx + ("self_attn", "out_proj"), f"{hf}.self_attn.out_proj",
                         Linear(in_dims=2)))
-        m.update(_layer_norm(fx + ("layer_norm1",), f"{hf}.layer_norm1"))
-        m.update(_layer_norm(fx + ("layer_norm2",), f"{hf}.layer_norm2"))
-        m.update(_dense(fx + ("mlp", "fc1"), f"{hf}.mlp.fc1"))
-        m.update(_dense(fx + ("mlp", "fc2"), f"{hf}.mlp.fc2"))
+        m.update(layer_norm_sources(fx + ("layer_norm1",), f"{hf}.layer_norm1"))
+        m.update(layer_norm_sources(fx + ("layer_norm2",), f"{hf}.layer_norm2"))
+        m.update(dense_sources(fx + ("mlp", "fc1"), f"{hf}.mlp.fc1"))
+        m.update(dense_sources(fx + ("mlp", "fc2"), f"{hf}.mlp.fc2"))
     if cfg.projection_dim is not None:  # never prefixed, in every layout
         m[("visual_projection", "kernel")] = Source(("visual_projection.weight",), Linear())
     return m

@@ -3,9 +3,12 @@
 The model contract (OPT in models/opt.py and Llama in models/llama.py follow it):
 
   apply_fn(params, input_ids=None, *, inputs_embeds=None, attention_mask, positions, cache,
-           cache_index) -> {'logits': [B, L, V] float32, 'cache': updated cache, ...}
-      ``module.apply`` with ``params = {'params': ...}``. ``attention_mask`` is [B, T] over the
-      cache slots (1 = real token), ``positions`` [B, L] int32 are explicit, ``cache_index`` is
+           cache_index, logits_to_keep) -> {'logits': [B, n, V] float32, 'cache': new cache, ...}
+      ``module.apply`` with ``params = {'params': ...}``. ``logits_to_keep`` (a Python int) is 1
+      for the prompt's prefill: only the last position's logits are needed there (n = 1), and
+      projecting every prompt position onto the vocabulary was ~31% of the prefill's FLOPs
+      (opt-125m, 40-token prompts; bench/RESULTS.md); decode steps pass 0 (= all, L = 1).
+      ``attention_mask`` is [B, T] over the cache slots (1 = real token), ``positions`` [B, L] int32 are explicit, ``cache_index`` is
       the scalar int32 slot of this call's first token. The model writes this call's keys/values
       at slots [cache_index, cache_index + L) and lets query slot i see key slot j only when
       j <= i and the mask at j is 1 (so slots not yet written need no masking here).
@@ -25,6 +28,12 @@ positions). The decode loop is a ``lax.while_loop`` that stops as soon as every 
 host round trip per token. Outputs are [B, max_new_tokens] and hold ``pad_token_id`` after a
 row's EOS and after an early stop.
 
+On a mesh: pass ``mesh=`` (and params placed on it, e.g. ``opt.load(..., mesh=mesh)``); every
+cache leaf is then pinned to ``layers.kv_cache_sharding`` (batch over ('data', 'fsdp'), heads over
+'tensor') after the prefill and after every step (and beam reorder), so the loop carries the cache
+in that layout. An ``init_cache_fn`` with the mesh bound (``opt.cache_fn(cfg, mesh=mesh)``) creates
+it sharded in the first place.
+
 Semantics follow transformers' ``generate`` (greedy: ``do_sample=False``; beam search: its
 vectorised beam search with ``length_penalty`` and ``early_stopping`` in {False, True, 'never'},
 returning the best finished hypothesis) so outputs match token for token.
@@ -38,6 +47,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from lqae_vlap.models.layers import constrain_kv_cache
 
 _STOP_MODES = {False: 0, True: 1, "never": 2}  # transformers' early_stopping values
 _NEG = -1.0e9  # transformers' "impossible" score; kept equal so ties resolve the same way
@@ -84,7 +96,7 @@ def _check_inputs(input_ids: jax.Array, attention_mask: jax.Array, max_new_token
 
 def _prefill(apply_fn: Callable, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
              prefix_embeds: jax.Array | None, embed_fn: Callable | None, init_cache_fn: Callable,
-             cache_len: int) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+             cache_len: int, mesh: Mesh | None) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
     """Runs the prompt through the model once.
 
     Returns (last-slot logits [B, V] float32, cache, cache mask [B, cache_len], next position [B]).
@@ -98,16 +110,18 @@ def _prefill(apply_fn: Callable, params: Any, input_ids: jax.Array, attention_ma
     # Decode slots are real from the start; causality hides the ones not yet written.
     mask = jnp.concatenate([prompt_mask, jnp.ones((batch, cache_len - prompt), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    kw = dict(attention_mask=mask, positions=positions, cache=init_cache_fn(batch, cache_len),
-              cache_index=jnp.int32(0))
+    cache = constrain_kv_cache(init_cache_fn(batch, cache_len), mesh)
+    kw = dict(attention_mask=mask, positions=positions, cache=cache, cache_index=jnp.int32(0),
+              logits_to_keep=1)
     if prefix_embeds is None:
         out = apply_fn(params, input_ids=input_ids, **kw)
     else:
         text = embed_fn(params, input_ids)
         embeds = jnp.concatenate([prefix_embeds.astype(text.dtype), text], axis=1)
         out = apply_fn(params, inputs_embeds=embeds, **kw)
-    # Left padding puts every row's last real token in the last slot.
-    return out["logits"][:, -1].astype(jnp.float32), out["cache"], mask, prompt_mask.sum(axis=1)
+    # Left padding puts every row's last real token in the last slot (the one logit kept).
+    return (out["logits"][:, -1].astype(jnp.float32), constrain_kv_cache(out["cache"], mesh), mask,
+            prompt_mask.sum(axis=1))
 
 
 def _step(apply_fn: Callable, params: Any, tokens: jax.Array, cache: Any, mask: jax.Array,
@@ -115,19 +129,20 @@ def _step(apply_fn: Callable, params: Any, tokens: jax.Array, cache: Any, mask: 
     """Feeds one token per row at cache slot ``slot``: tokens [B] -> (logits [B, V], cache)."""
     out = apply_fn(params, input_ids=tokens[:, None], attention_mask=mask,
                    positions=positions[:, None].astype(jnp.int32), cache=cache,
-                   cache_index=slot.astype(jnp.int32))
+                   cache_index=slot.astype(jnp.int32), logits_to_keep=0)
     return out["logits"][:, -1].astype(jnp.float32), out["cache"]
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "apply_fn", "max_new_tokens", "pad_token_id", "embed_fn", "init_cache_fn", "max_length"))
+    "apply_fn", "max_new_tokens", "pad_token_id", "embed_fn", "init_cache_fn", "max_length",
+    "mesh"))
 def _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, *, max_new_tokens,
-            pad_token_id, embed_fn, init_cache_fn, max_length):
+            pad_token_id, embed_fn, init_cache_fn, max_length, mesh):
     prompt, cache_len = _check_inputs(input_ids, attention_mask, max_new_tokens, prefix_embeds,
                                       embed_fn, max_length)
     batch = input_ids.shape[0]
     logits, cache, mask, next_pos = _prefill(apply_fn, params, input_ids, attention_mask,
-                                             prefix_embeds, embed_fn, init_cache_fn, cache_len)
+                                             prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
     state = (jnp.int32(1), out, _is_eos(first, eos), cache)
@@ -143,7 +158,7 @@ def _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, *, 
                               next_pos + i - 1)
         token = jnp.where(done, pad_token_id, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-        return i + 1, out, done | _is_eos(token, eos), cache
+        return i + 1, out, done | _is_eos(token, eos), constrain_kv_cache(cache, mesh)
 
     return jax.lax.while_loop(cond, body, state)[1]
 
@@ -152,8 +167,8 @@ def greedy_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
                   attention_mask: jax.Array, max_new_tokens: int,
                   eos_token_id: int | Sequence[int] | None, pad_token_id: int,
                   prefix_embeds: jax.Array | None = None, embed_fn: Callable | None = None,
-                  init_cache_fn: Callable[[int, int], Any], max_length: int | None = None
-                  ) -> jax.Array:
+                  init_cache_fn: Callable[[int, int], Any], max_length: int | None = None,
+                  mesh: Mesh | None = None) -> jax.Array:
     """Greedy decoding (transformers ``generate(do_sample=False)``), one jit for the whole loop.
 
     Args:
@@ -165,6 +180,10 @@ def greedy_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
       prefix_embeds: [B, P, D] embeddings placed before the prompt's token embeddings (VLAP's
         visual tokens), all treated as real.
       max_length: cache slots (default P + L + max_new_tokens); must be at least that.
+      mesh: keep every cache leaf sharded on this mesh through the loop (batch over ('data',
+        'fsdp'), heads over 'tensor': ``layers.kv_cache_sharding``); pass params placed on the
+        same mesh (e.g. ``opt.load(..., mesh=mesh)``) and, to create the cache sharded rather
+        than reshard it, an ``init_cache_fn`` with the mesh bound (``opt.cache_fn(cfg, mesh=mesh)``).
 
     Returns:
       [B, max_new_tokens] int32 generated tokens (the prompt is not repeated).
@@ -172,7 +191,7 @@ def greedy_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
     return _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds,
                    _eos_array(eos_token_id), max_new_tokens=int(max_new_tokens),
                    pad_token_id=int(pad_token_id), embed_fn=embed_fn, init_cache_fn=init_cache_fn,
-                   max_length=max_length)
+                   max_length=max_length, mesh=mesh)
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -182,9 +201,9 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=(
     "apply_fn", "max_new_tokens", "pad_token_id", "embed_fn", "init_cache_fn", "max_length",
-    "num_beams"))
+    "num_beams", "mesh"))
 def _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, length_penalty, stop_mode,
-          *, max_new_tokens, pad_token_id, embed_fn, init_cache_fn, max_length, num_beams):
+          *, max_new_tokens, pad_token_id, embed_fn, init_cache_fn, max_length, num_beams, mesh):
     # eos, length_penalty and stop_mode (_STOP_MODES[early_stopping]) are traced: changing them
     # does not recompile.
     stop_when_full = stop_mode == _STOP_MODES[True]
@@ -194,10 +213,10 @@ def _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, lengt
     keep = max(2, 1 + eos.shape[0]) * k  # candidates per step, enough to leave k unfinished
     top_k_mask = jnp.arange(keep) < k
     logits, cache, mask, next_pos = _prefill(apply_fn, params, input_ids, attention_mask,
-                                             prefix_embeds, embed_fn, init_cache_fn, cache_len)
+                                             prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh)
     # The prompt is identical for every beam: prefill once, then copy rows b -> b*k .. b*k+k-1.
     logits = jnp.repeat(logits, k, axis=0)
-    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    cache = constrain_kv_cache(jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache), mesh)
     mask, next_pos = jnp.repeat(mask, k, axis=0), jnp.repeat(next_pos, k, axis=0)
 
     def select(t, logits, s):
@@ -250,7 +269,7 @@ def _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, lengt
 
     def reorder(cache, origin):
         rows = (jnp.arange(batch)[:, None] * k + origin).reshape(-1)
-        return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+        return constrain_kv_cache(jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache), mesh)
 
     s, origin, go_on = select(0, logits, init)
     state = (jnp.int32(1), s, reorder(cache, origin), go_on)
@@ -274,8 +293,8 @@ def beam_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
                 eos_token_id: int | Sequence[int] | None, pad_token_id: int, num_beams: int,
                 length_penalty: float = 1.0, early_stopping: bool | str = False,
                 prefix_embeds: jax.Array | None = None, embed_fn: Callable | None = None,
-                init_cache_fn: Callable[[int, int], Any], max_length: int | None = None
-                ) -> jax.Array:
+                init_cache_fn: Callable[[int, int], Any], max_length: int | None = None,
+                mesh: Mesh | None = None) -> jax.Array:
     """Beam search as transformers' ``generate(num_beams=K, do_sample=False)``, one jit.
 
     Arguments as ``greedy_search``, plus:
@@ -297,4 +316,4 @@ def beam_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
                  _eos_array(eos_token_id), jnp.float32(length_penalty),
                  jnp.int32(_STOP_MODES[early_stopping]), max_new_tokens=int(max_new_tokens),
                  pad_token_id=int(pad_token_id), embed_fn=embed_fn, init_cache_fn=init_cache_fn,
-                 max_length=max_length, num_beams=int(num_beams))
+                 max_length=max_length, num_beams=int(num_beams), mesh=mesh)

@@ -9,6 +9,11 @@ The name map and the q/k un-permutation follow transformers' GGUF integration
 ``LlamaTensorProcessor._reverse_permute_weights``), which undoes llama.cpp's ``LlamaModel.permute``
 in convert_hf_to_gguf.py: llama.cpp stores each q/k head with its rotary pairs interleaved
 (GPT-J layout); Hugging Face keeps the two halves separate (rotate_half layout).
+
+Llama 3.x files carry ``rope_freqs.weight`` (llama3 rope scaling baked into per-frequency
+divisors, with no scaling metadata): ``read_config`` checks it against the llama3 scaling that
+``llama.rope_inv_freq`` computes and returns that scaling as ``rope_scaling``; the tensor itself
+is then dropped from the state dict.
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ _BLOCK_NAMES = {
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
+ROPE_FREQS = "rope_freqs.weight"
+# llama.cpp's convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors) bakes Llama 3.x rope scaling
+# into this tensor and writes no scaling metadata; where metadata is silent it assumes these
+# values (the hparams defaults it uses, which are Llama 3.1/3.2's own).
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+ROPE_FREQS_RTOL = 1e-4  # float32 round-off of the factors is ~1e-7; a wrong parameter is >> 1e-3
+
 
 def hf_tensor_name(gguf_name: str) -> str:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; unknown names unchanged
@@ -88,11 +101,6 @@ def read_config(reader: Any) -> dict[str, Any]:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; this reader handles "
                          f"{SUPPORTED_ARCHITECTURES} (Llama-family decoders)")
     tensor_names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        # llama3-style GGUFs bake the rope scaling into a frequency-factor tensor instead of metadata.
-        raise ValueError("this GGUF carries a 'rope_freqs.weight' tensor (Llama-3.1 rope scaling), "
-                         "which this reader does not map back to rope_scaling; load the Hugging Face "
-                         "checkpoint folder with llama.load instead")
     config: dict[str, Any] = {"model_type": "llama", "hidden_act": "silu",
                               "tie_word_embeddings": "output.weight" not in tensor_names,
                               "attention_bias": "blk.0.attn_q.bias" in tensor_names,
@@ -118,7 +126,64 @@ def read_config(reader: Any) -> dict[str, Any]:
               "head_dim", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if k in config:
             config[k] = int(config[k])
+    if ROPE_FREQS in tensor_names:
+        config["rope_scaling"] = llama3_scaling_from_rope_freqs(reader, arch, config)
     return config
+
+
+def _tensor_array(reader: Any, name: str) -> np.ndarray:
+    from gguf.quants import dequantize  # noqa: PLC0415
+
+    (tensor,) = [t for t in reader.tensors if t.name == name]
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(-1)
+
+
+def llama3_scaling_from_rope_freqs(reader: Any, arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The rope_scaling dict (HF llama3 keys) that the file's ``rope_freqs.weight`` encodes.
+
+    Parameters come from the GGUF metadata where present (``rope.scaling.factor``,
+    ``rope.scaling.original_context_length``, and ``rope.scaling.{low,high}_freq_factor`` should a
+    writer add them), else llama.cpp's converter defaults (``LLAMA3_DEFAULTS``), with the factor
+    read off the tensor (its largest entry: the low-frequency band is divided by the factor). The
+    tensor must then equal, within ``ROPE_FREQS_RTOL``, what ``llama.rope_inv_freq`` computes from
+    those parameters (llama.cpp divides each base frequency by its entry); anything else raises a
+    ValueError naming the mismatch, as does scaling metadata of another type.
+    """
+    from lqae_vlap.models.llama import LlamaConfig, rope_inv_freq  # noqa: PLC0415  (llama imports us lazily)
+
+    declared = _field(reader, f"{arch}.rope.scaling.type")
+    if declared not in (None, "none", "llama3"):
+        raise ValueError(f"GGUF declares rope scaling {declared!r} but also carries {ROPE_FREQS!r} "
+                         "(llama3-style frequency factors); the two conflict, so this file cannot "
+                         "be read unambiguously")
+    factors = _tensor_array(reader, ROPE_FREQS)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    if factors.shape != (head_dim // 2,):
+        raise ValueError(f"GGUF {ROPE_FREQS!r} has {factors.size} entries; head_dim {head_dim} "
+                         f"needs {head_dim // 2} (one per rotary frequency)")
+    meta = {k: _field(reader, f"{arch}.rope.scaling.{key}") for k, key in (
+        ("factor", "factor"), ("low_freq_factor", "low_freq_factor"),
+        ("high_freq_factor", "high_freq_factor"),
+        ("original_max_position_embeddings", "original_context_length"))}
+    scaling = {"rope_type": "llama3",
+               "factor": float(meta["factor"] if meta["factor"] is not None else factors.max())}
+    for k, default in LLAMA3_DEFAULTS.items():
+        scaling[k] = type(default)(meta[k] if meta[k] is not None else default)
+    base = dict(model_type="llama", vocab_size=1, hidden_size=head_dim, intermediate_size=1,
+                num_hidden_layers=1, num_attention_heads=1, head_dim=head_dim,
+                rope_theta=float(config.get("rope_theta", 10000.0)))
+    plain = rope_inv_freq(LlamaConfig.from_hf(base))
+    scaled = rope_inv_freq(LlamaConfig.from_hf({**base, "rope_scaling": scaling}))
+    expected = plain / scaled  # llama.cpp: theta_i = position * base_freq_i / factor_i
+    err = np.abs(factors - expected) / np.abs(expected)
+    if not np.all(err <= ROPE_FREQS_RTOL):
+        i = int(np.argmax(err))
+        raise ValueError(
+            f"GGUF {ROPE_FREQS!r} does not match llama3 rope scaling {scaling} (from the file's "
+            f"metadata, else llama.cpp's defaults): entry {i} is {factors[i]:.6g}, expected "
+            f"{expected[i]:.6g} (max relative error {err.max():.3g} > {ROPE_FREQS_RTOL}); load the "
+            "Hugging Face checkpoint folder with llama.load, whose config.json states the scaling")
+    return scaling
 
 
 def open_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], StateDict]:
@@ -154,6 +219,8 @@ def open_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], StateDict]:
 
     entries = {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:  # checked by read_config and folded into rope_scaling
+            continue
         name = hf_tensor_name(tensor.name)
         if name in entries:
             raise ValueError(f"{path}: two GGUF tensors map to {name!r}")

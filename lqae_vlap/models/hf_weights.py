@@ -2,8 +2,9 @@
 
 Three layers, so new families (OPT, T5, Llama, CLIP) only add a name map:
   1. reading:    ``open_state_dict(folder)`` -> a lazy ``{pytorch_name: np.ndarray}`` over
-                 safetensors (single or sharded), pytorch_model.bin (single or sharded) or HF's
-                 flax_model.msgpack (renamed to PyTorch naming). bfloat16 reads via ml_dtypes.
+                 safetensors, pytorch_model.bin or HF's flax_model.msgpack, each single or sharded
+                 (flax renamed to PyTorch naming). Shapes come from headers (msgpack: a walk of its
+                 structure); each tensor is read when asked for. bfloat16 reads via ml_dtypes.
   2. name map:   per family, ``{flax_param_path: Source(hf_keys, transform)}``; the first present
                  key of ``hf_keys`` wins, so tied or legacy names are simply alternatives.
   3. conversion: ``convert_checkpoint`` checks the map against ``jax.eval_shape(module.init)``
@@ -33,15 +34,16 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from lqae_vlap.models.roberta import EncoderLMConfig, MaskedLM
 from lqae_vlap.train.sharding import boxed_shardings, fit_sharding_to_shape
 
 # --------------------------------------------------------------------------------------------
 # 1. Finding and reading a checkpoint folder
 # --------------------------------------------------------------------------------------------
 
+# transformers 4's FLAX_WEIGHTS_INDEX_NAME (Flax save_pretrained with max_shard_size); v5 has no Flax.
+FLAX_INDEX_NAME = "flax_model.msgpack.index.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "flax_model.msgpack")
+                "pytorch_model.bin.index.json", "flax_model.msgpack", FLAX_INDEX_NAME)
 # owner/name or a bare name such as "roberta-base"; anything else is treated as a path.
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -163,28 +165,199 @@ def _torch_bin_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[
     return {k: (tuple(v.shape), functools.partial(_torch_to_numpy, v)) for k, v in state.items()}
 
 
-def flax_to_pytorch_name(path: Sequence[str], value: np.ndarray) -> tuple[str, np.ndarray]:
-    """One HF-flax leaf ('bert','encoder','layer','0',...,'kernel') in PyTorch naming and layout."""
+def _flax_leaf_layout(path: Sequence[str], ndim: int) -> tuple[str, tuple[int, ...] | None]:
+    """(PyTorch name, axis permutation or None) of one HF-flax leaf ('bert', ..., 'kernel')."""
     *parents, leaf = path
+    perm = None
     if leaf == "kernel":
         leaf = "weight"
-        if value.ndim == 2:  # Dense [in, out] -> Linear [out, in]
-            value = value.T
-        elif value.ndim == 4:  # Conv [h, w, in, out] -> [out, in, h, w]
-            value = value.transpose(3, 2, 0, 1)
+        if ndim == 2:  # Dense [in, out] -> Linear [out, in]
+            perm = (1, 0)
+        elif ndim == 4:  # Conv [h, w, in, out] -> [out, in, h, w]
+            perm = (3, 2, 0, 1)
     elif leaf in ("embedding", "scale"):
         leaf = "weight"
-    return ".".join([*parents, leaf]), value
+    return ".".join([*parents, leaf]), perm
 
 
-def _flax_msgpack_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
-    from flax import serialization  # noqa: PLC0415
+def flax_to_pytorch_name(path: Sequence[str], value: np.ndarray) -> tuple[str, np.ndarray]:
+    """One HF-flax leaf ('bert','encoder','layer','0',...,'kernel') in PyTorch naming and layout."""
+    name, perm = _flax_leaf_layout(path, value.ndim)
+    return name, (value if perm is None else value.transpose(perm))
 
-    tree = serialization.msgpack_restore(path.read_bytes())
+
+# HF's flax checkpoints are flax.serialization.msgpack_serialize of the nested params dict: maps of
+# str keys whose leaves are msgpack ext type 1 = packb((shape, dtype name, raw C-order bytes)), and
+# arrays over 1 GiB split into {'__msgpack_chunked_array__': True, 'shape': {...}, 'chunks': {...}}.
+# The walker below reads only the structure and records where each array's bytes lie, so shapes
+# are known without reading a tensor and each tensor is read (seek + read) only when asked for.
+_FLAX_NDARRAY_EXT, _FLAX_NPSCALAR_EXT = 1, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blob:
+    """A msgpack bin payload left on disk: ``length`` bytes at ``offset``."""
+
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlaxArray:
+    shape: tuple[int, ...]
+    dtype: Any
+    blobs: tuple[_Blob, ...]  # one per chunk, concatenated in order (flattened, C order)
+
+
+class _MsgpackWalker:
+    """Just enough of msgpack (https://github.com/msgpack/msgpack/blob/master/spec.md) to walk a
+    flax checkpoint: values are parsed except bin payloads, which become ``_Blob``s."""
+
+    def __init__(self, f: Any, path: Path):
+        self.f, self.path, self.size = f, path, os.fstat(f.fileno()).st_size
+
+    def _read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise ValueError(f"{self.path}: truncated msgpack file (wanted {n} bytes at offset "
+                             f"{self.f.tell() - len(b)}); re-download the checkpoint")
+        return b
+
+    def _uint(self, n: int) -> int:
+        return int.from_bytes(self._read(n), "big")
+
+    def _blob(self, n: int) -> _Blob:
+        blob = _Blob(self.f.tell(), n)
+        if blob.offset + n > self.size:  # a seek past the end would not notice a cut-off file
+            raise ValueError(f"{self.path}: truncated msgpack file ({n} bytes of data at offset "
+                             f"{blob.offset}, file size {self.size}); re-download the checkpoint")
+        self.f.seek(n, os.SEEK_CUR)
+        return blob
+
+    def value(self) -> Any:
+        t = self._read(1)[0]
+        if t <= 0x7F:
+            return t
+        if t >= 0xE0:
+            return t - 0x100
+        if 0x80 <= t <= 0x8F:
+            return self._map(t & 0x0F)
+        if 0x90 <= t <= 0x9F:
+            return [self.value() for _ in range(t & 0x0F)]
+        if 0xA0 <= t <= 0xBF:
+            return self._read(t & 0x1F).decode()
+        fixed = {0xC0: None, 0xC2: False, 0xC3: True}
+        if t in fixed:
+            return fixed[t]
+        sizes = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+        if t in sizes:
+            return self._uint(sizes[t])
+        sizes = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+        if t in sizes:
+            return int.from_bytes(self._read(sizes[t]), "big", signed=True)
+        if t in (0xCA, 0xCB):
+            return struct.unpack(">f" if t == 0xCA else ">d", self._read(4 if t == 0xCA else 8))[0]
+        sizes = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+        if t in sizes:
+            return self._blob(self._uint(sizes[t]))
+        sizes = {0xD9: 1, 0xDA: 2, 0xDB: 4}
+        if t in sizes:
+            return self._read(self._uint(sizes[t])).decode()
+        if t in (0xDC, 0xDD):
+            return [self.value() for _ in range(self._uint(2 if t == 0xDC else 4))]
+        if t in (0xDE, 0xDF):
+            return self._map(self._uint(2 if t == 0xDE else 4))
+        sizes = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+        if t in sizes:
+            return self._ext(sizes[t])
+        sizes = {0xC7: 1, 0xC8: 2, 0xC9: 4}
+        if t in sizes:
+            return self._ext(self._uint(sizes[t]))
+        raise ValueError(f"{self.path}: byte 0x{t:02x} at offset {self.f.tell() - 1} is not "
+                         "msgpack; the file is not a flax checkpoint (or is corrupt)")
+
+    def _map(self, n: int) -> dict[str, Any]:
+        return {str(self.value()): self.value() for _ in range(n)}
+
+    def _ext(self, length: int) -> _FlaxArray:
+        code, start = self._read(1)[0], self.f.tell()
+        if code not in (_FLAX_NDARRAY_EXT, _FLAX_NPSCALAR_EXT):
+            raise ValueError(f"{self.path}: msgpack extension type {code} at offset {start} is not "
+                             "an array; only flax array leaves are supported in weight files")
+        shape, dtype, blob = self.value()  # flax's _ndarray_to_bytes: (shape, dtype name, bytes)
+        if self.f.tell() != start + length or not isinstance(blob, _Blob):
+            raise ValueError(f"{self.path}: malformed flax array at offset {start}")
+        dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+        return _FlaxArray(tuple(int(d) for d in shape), dtype, (blob,))
+
+
+def _unchunk(node: Any) -> Any:
+    """flax's chunked-array dicts -> one _FlaxArray (the walk's counterpart of msgpack_restore)."""
+    if not isinstance(node, dict):
+        return node
+    if "__msgpack_chunked_array__" in node:
+        shape = tuple(int(node["shape"][str(i)]) for i in range(len(node["shape"])))
+        chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
+        return _FlaxArray(shape, chunks[0].dtype, tuple(b for c in chunks for b in c.blobs))
+    return {k: _unchunk(v) for k, v in node.items()}
+
+
+def _read_flax_array(path: Path, array: _FlaxArray) -> np.ndarray:
+    parts = []
+    with open(path, "rb") as f:
+        for blob in array.blobs:
+            f.seek(blob.offset)
+            parts.append(f.read(blob.length))
+    data = b"".join(parts) if len(parts) > 1 else parts[0]
+    return np.frombuffer(data, dtype=np.dtype(array.dtype).newbyteorder("<")).reshape(array.shape)
+
+
+def _flax_msgpack_tree(path: Path) -> dict[tuple[str, ...], _FlaxArray]:
+    """The flattened {flax path: _FlaxArray} of one flax msgpack file; no tensor is read."""
+    with open(path, "rb") as f:
+        tree = _unchunk(_MsgpackWalker(f, path).value())
+    flat = traverse_util.flatten_dict(tree) if isinstance(tree, dict) else {}
+    bad = sorted("/".join(k) for k, v in flat.items() if not isinstance(v, _FlaxArray))
+    if not flat or bad:
+        raise ValueError(f"{path}: not a flax params checkpoint (expected a nested dict of arrays"
+                         + (f"; non-array leaves: {', '.join(bad[:5])}" if bad else "") + ")")
+    return flat
+
+
+def _flax_msgpack_entries(path: Path, tree: dict[tuple[str, ...], _FlaxArray] | None = None
+                          ) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
     entries = {}
-    for flax_path, value in traverse_util.flatten_dict(tree).items():
-        key, value = flax_to_pytorch_name([str(p) for p in flax_path], np.asarray(value))
-        entries[key] = (tuple(value.shape), functools.partial(lambda v: v, value))
+    for flax_path, array in (_flax_msgpack_tree(path) if tree is None else tree).items():
+        key, perm = _flax_leaf_layout(flax_path, len(array.shape))
+        shape = array.shape if perm is None else tuple(array.shape[i] for i in perm)
+
+        def read(array: _FlaxArray = array, perm: tuple[int, ...] | None = perm) -> np.ndarray:
+            value = _read_flax_array(path, array)
+            return value if perm is None else value.transpose(perm)
+
+        entries[key] = (shape, read)
+    return entries
+
+
+def _sharded_flax_msgpack_entries(folder: Path) -> dict:
+    """HF flax ``save_pretrained`` with shards: the index maps '/'-joined flax paths to shard files."""
+    index = folder / FLAX_INDEX_NAME
+    weight_map = json.loads(index.read_text())["weight_map"]
+    entries: dict = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).is_file():
+            raise FileNotFoundError(f"{index} lists shard {shard!r}, which is not in {folder}; "
+                                    "download every shard of the checkpoint")
+        tree = _flax_msgpack_tree(folder / shard)
+        listed = {k for k, v in weight_map.items() if v == shard}
+        absent = sorted(listed - {"/".join(p) for p in tree})
+        if absent:  # a stale index or a partial shard: fail before loading anything
+            raise ValueError(f"{index} says {shard} holds {_listing('tensors', absent)}, but that "
+                             "file does not; re-download the checkpoint")
+        for key, value in _flax_msgpack_entries(folder / shard, tree).items():
+            if key in entries:
+                raise ValueError(f"{folder}: tensor {key!r} is stored in more than one shard")
+            entries[key] = value
     return entries
 
 
@@ -207,6 +380,7 @@ def open_state_dict(folder: str | os.PathLike) -> StateDict:
         "pytorch_model.bin.index.json":
             lambda: _sharded(folder, "pytorch_model.bin.index.json", _torch_bin_entries),
         "flax_model.msgpack": lambda: _flax_msgpack_entries(folder / "flax_model.msgpack"),
+        FLAX_INDEX_NAME: lambda: _sharded_flax_msgpack_entries(folder),
     }
     for name in WEIGHT_FILES:
         if (folder / name).exists():
@@ -284,75 +458,19 @@ def detect_prefix(keys: Iterable[str], anchor: str, prefixes: Sequence[str]) -> 
                      "it is not a checkpoint of this model family")
 
 
-def _layer_norm(flax_path: tuple[str, ...], hf: str) -> NameMap:
+def layer_norm_sources(flax_path: tuple[str, ...], hf: str) -> NameMap:
+    """A LayerNorm's name-map entries: Flax ``scale``/``bias`` <- HF ``weight``/``bias``."""
     # '.gamma'/'.beta' are the names of the original TF-converted BERT checkpoints.
     return {flax_path + ("scale",): Source((f"{hf}.weight", f"{hf}.gamma")),
             flax_path + ("bias",): Source((f"{hf}.bias", f"{hf}.beta"))}
 
 
-def _dense(flax_path: tuple[str, ...], hf: str, kernel: Transform = Linear(),
-           bias: Transform = Copy()) -> NameMap:
+def dense_sources(flax_path: tuple[str, ...], hf: str, kernel: Transform = Linear(),
+                  bias: Transform = Copy()) -> NameMap:
+    """A dense layer's name-map entries: Flax ``kernel``/``bias`` <- HF ``weight``/``bias``."""
     return {flax_path + ("kernel",): Source((f"{hf}.weight",), kernel),
             flax_path + ("bias",): Source((f"{hf}.bias",), bias)}
 
-
-# Heads of BertForMaskedLM / RobertaForMaskedLM: they never carry the base-model prefix.
-_MLM_HEAD_KEYS = {
-    "bert": dict(dense="cls.predictions.transform.dense", norm="cls.predictions.transform.LayerNorm",
-                 bias="cls.predictions.bias", decoder="cls.predictions.decoder"),
-    "roberta": dict(dense="lm_head.dense", norm="lm_head.layer_norm", bias="lm_head.bias",
-                    decoder="lm_head.decoder"),
-}
-
-
-def encoder_lm_has_head(keys: Iterable[str], model_type: str) -> bool:
-    """Whether a BERT-family checkpoint carries a masked-LM head (BertModel/MiniLM do not)."""
-    return f"{_MLM_HEAD_KEYS[model_type]['dense']}.weight" in set(keys)
-
-
-def encoder_lm_name_map(cfg: EncoderLMConfig, prefix: str) -> NameMap:
-    """BERT / RoBERTa: our MaskedLM param paths -> transformers state-dict names."""
-    p = prefix
-    m: NameMap = {
-        ("embeddings", "word_embeddings", "embedding"): Source((f"{p}embeddings.word_embeddings.weight",)),
-        ("embeddings", "position_embeddings", "embedding"):
-            Source((f"{p}embeddings.position_embeddings.weight",)),
-        ("embeddings", "token_type_embeddings", "embedding"):
-            Source((f"{p}embeddings.token_type_embeddings.weight",)),
-        **_layer_norm(("embeddings", "layer_norm"), f"{p}embeddings.LayerNorm"),
-    }
-    for i in range(cfg.num_hidden_layers):
-        hf, fx = f"{p}encoder.layer.{i}", (f"layer_{i}",)
-        for name in ("query", "key", "value"):
-            m.update(_dense(fx + ("attention", name), f"{hf}.attention.self.{name}", bias=Reshape()))
-        m.update(_dense(fx + ("attention", "out"), f"{hf}.attention.output.dense", Linear(in_dims=2)))
-        m.update(_layer_norm(fx + ("attention_norm",), f"{hf}.attention.output.LayerNorm"))
-        m.update(_dense(fx + ("mlp", "wi"), f"{hf}.intermediate.dense"))
-        m.update(_dense(fx + ("mlp", "wo"), f"{hf}.output.dense"))
-        m.update(_layer_norm(fx + ("mlp_norm",), f"{hf}.output.LayerNorm"))
-    if cfg.has_lm_head:
-        head = _MLM_HEAD_KEYS[cfg.model_type]
-        m.update(_dense(("lm_head", "dense"), head["dense"]))
-        m.update(_layer_norm(("lm_head", "layer_norm"), head["norm"]))
-        # Tied heads share one bias stored as either or both names; an untied head (transformers 5)
-        # also unties the bias and its forward adds decoder.bias.
-        bias_keys = (head["bias"], f"{head['decoder']}.bias")
-        m[("lm_head", "bias")] = Source(bias_keys if cfg.tie_word_embeddings else bias_keys[::-1])
-        if not cfg.tie_word_embeddings:
-            m[("lm_head", "decoder", "kernel")] = Source(
-                (f"{head['decoder']}.weight", f"{p}embeddings.word_embeddings.weight"), Linear())
-    return m
-
-
-def encoder_lm_ignored(cfg: EncoderLMConfig) -> tuple[str, ...]:
-    """Regexes of checkpoint keys a BERT-family MaskedLM knowingly does not use."""
-    head = _MLM_HEAD_KEYS[cfg.model_type]
-    ignored = [r"(^|\.)embeddings\.(position_ids|token_type_ids)$",  # buffers, not weights
-               r"(^|\.)pooler\.",  # the [CLS] pooler of BertModel / BertForPreTraining
-               r"^cls\.seq_relationship\."]  # BERT's next-sentence head
-    if cfg.tie_word_embeddings:  # the decoder reuses the word embeddings
-        ignored.append("^" + re.escape(f"{head['decoder']}.weight") + "$")
-    return tuple(ignored)
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,40 +565,12 @@ def abstract_on_mesh(abstract_params: Any, mesh: Mesh | None) -> Any:
 
 
 def load_masked_lm(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32,
-                   mesh: Mesh | None = None,
-                   abstract: bool = False) -> tuple[MaskedLM, dict[str, Any], Any]:
-    """Loads a BERT / RoBERTa / XLM-R checkpoint (with or without its MLM head) as a frozen MaskedLM.
+                   mesh: Mesh | None = None, abstract: bool = False) -> tuple[Any, dict[str, Any], Any]:
+    """Loads a BERT / RoBERTa / XLM-R checkpoint as a frozen MaskedLM: ``roberta.load`` (kept here
+    because callers reach it through this module; the family's name map lives in roberta.py)."""
+    from lqae_vlap.models import roberta  # noqa: PLC0415  (roberta imports this module)
 
-    Args:
-      path_or_name: local checkpoint folder (or a hub name where there is network).
-      dtype: param and compute dtype (e.g. jnp.bfloat16).
-      mesh: place every weight on this mesh by its logical axis names while loading.
-      abstract: read no tensor: return ``jax.ShapeDtypeStruct`` leaves (with their shardings when
-        ``mesh`` is given) for planning and compiling without the weights.
-
-    Returns:
-      (module, variables, hf_config): ``module.apply(variables, input_ids, ...)`` runs it;
-      ``variables = {'params': ...}`` holds plain jax arrays. Checkpoints without a head
-      (e.g. a plain BertModel) load with ``config.has_lm_head=False``.
-    """
-    folder = resolve_checkpoint(path_or_name)
-    hf_config = read_hf_config(folder)
-    cfg = EncoderLMConfig.from_hf(hf_config)  # raises for other families
-    # Planning may start from config.json alone; it then assumes the full masked LM.
-    state = (open_state_dict(folder)
-             if not abstract or any((folder / f).exists() for f in WEIGHT_FILES) else None)
-    if state is not None:
-        cfg = dataclasses.replace(cfg, has_lm_head=encoder_lm_has_head(state, cfg.model_type))
-    module = MaskedLM(cfg, dtype=dtype, param_dtype=dtype)
-    abstract_params = jax.eval_shape(
-        functools.partial(module.init, with_lm_head=cfg.has_lm_head),
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    if abstract:
-        return module, {"params": abstract_on_mesh(abstract_params, mesh)}, hf_config
-    prefix = detect_prefix(state, "embeddings.word_embeddings.weight", ("bert.", "roberta.", ""))
-    params = convert_checkpoint(state, encoder_lm_name_map(cfg, prefix), abstract_params,
-                                dtype=dtype, mesh=mesh, ignored=encoder_lm_ignored(cfg))
-    return module, {"params": params}, hf_config
+    return roberta.load(path_or_name, dtype=dtype, mesh=mesh, abstract=abstract)
 
 
 def load_tokenizer(path_or_name: str | os.PathLike) -> Any:

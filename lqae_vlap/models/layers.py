@@ -7,12 +7,16 @@ param trees (and the checkpoint name maps that address them) do not depend on th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lqae_vlap.train.sharding import fit_sharding_to_shape, logical_to_sharding
 
 Initializer = Callable[..., jax.Array]
 # BERT / GPT style N(0, 0.02^2) kernels; a file with another default passes its own.
@@ -118,6 +122,41 @@ def write_kv_cache(cache: dict[str, jax.Array], new: dict[str, jax.Array],
     ``cache_index`` (cast to the buffer dtype); returns the updated buffers."""
     return {n: jax.lax.dynamic_update_slice(cache[n], new[n].astype(cache[n].dtype),
                                             (0, cache_index, 0, 0)) for n in new}
+
+
+# KV-cache buffers are [batch, length, heads, head_dim]: rows over ('data', 'fsdp') and heads over
+# 'tensor' by LOGICAL_RULES, the same split as the q/k/v kernels' 'heads' axis, so attention runs
+# on local heads with no resharding of the cache.
+KV_CACHE_AXES = ("batch", "length", "heads", "kv")
+
+
+def kv_cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """The mesh layout of one cache buffer ``[batch, length, heads, head_dim]`` (another rank: the
+    batch axis only). Mesh axes that do not divide a dimension are dropped (that dim replicates)."""
+    names = KV_CACHE_AXES if len(shape) == 4 else ("batch",) + (None,) * (len(shape) - 1)
+    return fit_sharding_to_shape(logical_to_sharding(P(*names), mesh), tuple(shape))
+
+
+def kv_cache_zeros(shape: Sequence[int], dtype: Any, mesh: Mesh | None = None) -> jax.Array:
+    """A zeroed cache buffer, created in place on its ``kv_cache_sharding`` when ``mesh`` is given
+    (never whole on one device first); inside a jit the layout becomes the buffer's sharding."""
+    shape = tuple(int(d) for d in shape)
+    if mesh is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(jnp.zeros, static_argnums=(0, 1),
+                   out_shardings=kv_cache_sharding(mesh, shape))(shape, dtype)
+
+
+def constrain_kv_cache(cache: Any, mesh: Mesh | None) -> Any:
+    """Every leaf of a cache pytree pinned to ``kv_cache_sharding`` (identity without a mesh).
+
+    Used inside generation loops so the carried cache keeps its layout step after step instead of
+    whatever the partitioner would infer from the attention einsums or a beam gather.
+    """
+    if mesh is None:
+        return cache
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, kv_cache_sharding(mesh, x.shape)), cache)
 
 
 def embedding_lookup(params: Any, path: tuple[str, ...], ids: jax.Array, hint: str) -> jax.Array:

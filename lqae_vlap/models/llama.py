@@ -24,9 +24,10 @@ llama.cpp GGUF file (dequantised by ``models/gguf.py``); both go through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -38,8 +39,8 @@ from jax.sharding import Mesh
 from lqae_vlap.models.hf_weights import (Copy, Linear, NameMap, Reshape, Source, convert_checkpoint,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activation, dense,
-                                     embedding_lookup, heads_dense, heads_out_dense, logical_init,
-                                     write_kv_cache)
+                                     embedding_lookup, heads_dense, heads_out_dense, kv_cache_zeros,
+                                     logical_init, write_kv_cache)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # mistral without sliding window is the same network
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -244,12 +245,23 @@ class DecoderLayer(nn.Module):
         return x, cache
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32
-               ) -> dict[str, dict[str, jax.Array]]:
-    """Zeroed KV buffers ``{'layers_{i}': {'k','v': [batch, max_len, kv_heads, head_dim]}}``."""
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32, *,
+               mesh: Mesh | None = None) -> dict[str, dict[str, jax.Array]]:
+    """Zeroed KV buffers ``{'layers_{i}': {'k','v': [batch, max_len, kv_heads, head_dim]}}``.
+
+    With ``mesh``, each buffer is created sharded: batch over ('data', 'fsdp'), kv heads over
+    'tensor' (``layers.kv_cache_sharding``; replicated where 'tensor' does not divide them).
+    """
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-    return {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {f"layers_{i}": {"k": kv_cache_zeros(shape, dtype, mesh),
+                            "v": kv_cache_zeros(shape, dtype, mesh)}
             for i in range(config.num_hidden_layers)}
+
+
+def cache_fn(config: LlamaConfig, dtype: Any = jnp.float32, mesh: Mesh | None = None
+             ) -> Callable[[int, int], Any]:
+    """``init_cache`` with config, dtype (and mesh) bound: models/generate.py's ``init_cache_fn``."""
+    return functools.partial(init_cache, config, dtype=dtype, mesh=mesh)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -265,7 +277,8 @@ class LlamaForCausalLM(nn.Module):
                  attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None,
                  cache: dict[str, Any] | None = None,
-                 cache_index: jax.Array | int | None = None) -> dict[str, Any]:
+                 cache_index: jax.Array | int | None = None,
+                 logits_to_keep: int = 0) -> dict[str, Any]:
         """Runs the decoder.
 
         Args:
@@ -277,9 +290,13 @@ class LlamaForCausalLM(nn.Module):
             every row; left-padded prompts must pass per-row positions (e.g. cumsum(mask) - 1).
           cache: from ``init_cache``; this call's keys/values are written at ``cache_index``.
           cache_index: scalar int32 slot of this call's first token (required with a cache).
+          logits_to_keep: 0 (default) for logits at every position; n > 0 for the last n only
+            (transformers' ``logits_to_keep``): generation's prefill needs one position, and the
+            vocabulary projection of the rest would be most of its cost.
 
         Returns:
-          dict(logits=[B, L, V] float32, hidden_states=[B, L, D] after the final norm,
+          dict(logits=[B, L, V] (or [B, logits_to_keep, V]) float32,
+               hidden_states=[B, L, D] after the final norm,
                cache=the updated cache or None).
         """
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -292,6 +309,9 @@ class LlamaForCausalLM(nn.Module):
                              f"{cfg.hidden_size}], got shape {inputs_embeds.shape}")
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"LlamaForCausalLM: input_ids must be [batch, length], got {input_ids.shape}")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"LlamaForCausalLM: logits_to_keep must be a Python int >= 0 (0 = every "
+                             f"position), got {logits_to_keep!r}")
         if (cache is None) != (cache_index is None):
             raise ValueError("LlamaForCausalLM: pass cache and cache_index together (init_cache "
                              "makes the cache; cache_index is the slot of the first new token)")
@@ -321,10 +341,11 @@ class LlamaForCausalLM(nn.Module):
             if cache is not None:
                 new_cache[name] = layer_cache
         x = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
+        h = x[:, -logits_to_keep:] if logits_to_keep else x
         if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+            logits = embed.attend(h)
         else:
-            logits = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)(x)
+            logits = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)(h)
         return {"logits": logits.astype(jnp.float32), "hidden_states": x, "cache": new_cache}
 
 

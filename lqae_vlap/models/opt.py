@@ -44,12 +44,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, _dense, _layer_norm,
-                                         convert_checkpoint, detect_prefix, open_state_dict,
-                                         read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, convert_checkpoint,
+                                         dense_sources, detect_prefix, layer_norm_sources,
+                                         open_state_dict, read_hf_config, resolve_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activation,
                                      check_heads_divide, dense, embedding_lookup, heads_dense,
-                                     heads_out_dense, layer_norm, logical_init, write_kv_cache)
+                                     heads_out_dense, kv_cache_zeros, layer_norm, logical_init,
+                                     write_kv_cache)
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p reads row p + 2
 
@@ -129,11 +130,16 @@ def _layer_norm_module(cfg: OPTConfig, dtype: Any, param_dtype: Any, name: str) 
                       use_affine=cfg.layer_norm_elementwise_affine)
 
 
-def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32
-               ) -> dict[str, dict[str, jax.Array]]:
-    """Zeroed per-layer key/value buffers ``{'layers_{i}': {'k', 'v': [batch, max_len, H, Dh]}}``."""
+def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Any = jnp.float32, *,
+               mesh: Mesh | None = None) -> dict[str, dict[str, jax.Array]]:
+    """Zeroed per-layer key/value buffers ``{'layers_{i}': {'k', 'v': [batch, max_len, H, Dh]}}``.
+
+    With ``mesh``, each buffer is created sharded: batch over ('data', 'fsdp'), heads over
+    'tensor' (``layers.kv_cache_sharding``).
+    """
     shape = (batch, max_len, config.num_attention_heads, config.head_dim)
-    return {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {f"layers_{i}": {"k": kv_cache_zeros(shape, dtype, mesh),
+                            "v": kv_cache_zeros(shape, dtype, mesh)}
             for i in range(config.num_hidden_layers)}
 
 
@@ -201,7 +207,8 @@ class OPTForCausalLM(nn.Module):
                  attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None,
                  cache: dict[str, Any] | None = None,
-                 cache_index: jax.Array | int | None = None) -> dict[str, Any]:
+                 cache_index: jax.Array | int | None = None,
+                 logits_to_keep: int = 0) -> dict[str, Any]:
         """Runs the decoder.
 
         Args:
@@ -214,15 +221,22 @@ class OPTForCausalLM(nn.Module):
             cumsum(attention_mask) - 1 over the whole mask, sliced at this call's slots.
           cache: from ``init_cache``; this call's keys/values are written at ``cache_index``.
           cache_index: scalar int32 slot of this call's first token (required with a cache).
+          logits_to_keep: 0 (default) for logits at every position; n > 0 for the last n only
+            (transformers' ``logits_to_keep``): generation's prefill needs one position, and the
+            vocabulary projection of the rest would be most of its cost.
 
         Returns:
-          dict(logits=[B, L, V] float32, hidden_states=[B, L, word_embed_proj_dim],
+          dict(logits=[B, L, V] (or [B, logits_to_keep, V]) float32,
+               hidden_states=[B, L, word_embed_proj_dim],
                cache=the updated cache or None).
         """
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OPTForCausalLM: pass exactly one of input_ids [B, L] or "
                              "inputs_embeds [B, L, D]")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"OPTForCausalLM: logits_to_keep must be a Python int >= 0 (0 = every "
+                             f"position), got {logits_to_keep!r}")
         if (cache is None) != (cache_index is None):
             raise ValueError("OPTForCausalLM: pass cache and cache_index together (init_cache makes "
                              "the cache; cache_index is the slot of the first new token)")
@@ -281,10 +295,11 @@ class OPTForCausalLM(nn.Module):
         if cfg.projects:
             x = dense(cfg.word_embed_proj_dim, ("embed", "mlp"), use_bias=False, name="project_out",
                       **kw)(x)
+        h = x[:, -logits_to_keep:] if logits_to_keep else x
         if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+            logits = embed.attend(h)
         else:
-            logits = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)(x)
+            logits = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)(h)
         return {"logits": logits.astype(jnp.float32), "hidden_states": x, "cache": new_cache}
 
 
@@ -311,13 +326,13 @@ def opt_name_map(cfg: OPTConfig, prefix: str) -> NameMap:
     p = prefix
 
     def dense(path: tuple[str, ...], hf: str, kernel: Any = Linear(), bias: Any = None) -> NameMap:
-        m = _dense(path, hf, kernel, bias or Reshape())
+        m = dense_sources(path, hf, kernel, bias or Reshape())
         if not cfg.enable_bias:
             del m[path + ("bias",)]
         return m
 
     def norm(path: tuple[str, ...], hf: str) -> NameMap:
-        return _layer_norm(path, hf) if cfg.layer_norm_elementwise_affine else {}
+        return layer_norm_sources(path, hf) if cfg.layer_norm_elementwise_affine else {}
 
     m: NameMap = {
         ("embed_tokens", "embedding"): Source((f"{p}embed_tokens.weight",)),
@@ -392,9 +407,10 @@ def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
     return module, {"params": params}, hf_config
 
 
-def cache_fn(config: OPTConfig, dtype: Any = jnp.float32) -> Callable[[int, int], Any]:
-    """``init_cache`` with config and dtype bound: the ``init_cache_fn`` of models/generate.py."""
-    return functools.partial(init_cache, config, dtype=dtype)
+def cache_fn(config: OPTConfig, dtype: Any = jnp.float32, mesh: Mesh | None = None
+             ) -> Callable[[int, int], Any]:
+    """``init_cache`` with config, dtype (and mesh) bound: models/generate.py's ``init_cache_fn``."""
+    return functools.partial(init_cache, config, dtype=dtype, mesh=mesh)
 
 
 __all__ = ["OPTConfig", "OPTForCausalLM", "init_cache", "embed_tokens", "load", "opt_name_map",

@@ -11,19 +11,29 @@ Param tree (``{'params': ...}``), every leaf with logical axis names:
   layer_{i}/attention_norm, layer_{i}/mlp/{wi,wo}, layer_{i}/mlp_norm
   lm_head/{dense,layer_norm,bias} (+ lm_head/decoder/kernel only when the head is untied)
 
-Checkpoint loading lives in ``models/hf_weights.py`` (``load_masked_lm``).
+Checkpoint loading: ``load(folder)`` (also reachable as ``hf_weights.load_masked_lm``) with
+``encoder_lm_name_map`` through ``hf_weights.convert_checkpoint``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping
+import os
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from lqae_vlap.models.hf_weights import (WEIGHT_FILES, Linear, NameMap, Reshape, Source,
+                                         abstract_on_mesh, convert_checkpoint, dense_sources,
+                                         detect_prefix, layer_norm_sources, open_state_dict,
+                                         read_hf_config, resolve_checkpoint)
 
 from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
                                      heads_dense, heads_out_dense, layer_norm, logical_init,
@@ -306,3 +316,104 @@ def word_embedding_matrix(params: Mapping[str, Any]) -> jax.Array:
         raise ValueError("word_embedding_matrix: params lack embeddings/word_embeddings/embedding; "
                          "pass the tree returned by load_masked_lm or MaskedLM.init") from e
     return nn.meta.unbox(table)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint loading
+# --------------------------------------------------------------------------------------------
+
+# Heads of BertForMaskedLM / RobertaForMaskedLM: they never carry the base-model prefix.
+_MLM_HEAD_KEYS = {
+    "bert": dict(dense="cls.predictions.transform.dense", norm="cls.predictions.transform.LayerNorm",
+                 bias="cls.predictions.bias", decoder="cls.predictions.decoder"),
+    "roberta": dict(dense="lm_head.dense", norm="lm_head.layer_norm", bias="lm_head.bias",
+                    decoder="lm_head.decoder"),
+}
+
+
+def encoder_lm_has_head(keys: Iterable[str], model_type: str) -> bool:
+    """Whether a BERT-family checkpoint carries a masked-LM head (BertModel/MiniLM do not)."""
+    return f"{_MLM_HEAD_KEYS[model_type]['dense']}.weight" in set(keys)
+
+
+def encoder_lm_name_map(cfg: EncoderLMConfig, prefix: str) -> NameMap:
+    """BERT / RoBERTa: our MaskedLM param paths -> transformers state-dict names."""
+    p = prefix
+    m: NameMap = {
+        ("embeddings", "word_embeddings", "embedding"): Source((f"{p}embeddings.word_embeddings.weight",)),
+        ("embeddings", "position_embeddings", "embedding"):
+            Source((f"{p}embeddings.position_embeddings.weight",)),
+        ("embeddings", "token_type_embeddings", "embedding"):
+            Source((f"{p}embeddings.token_type_embeddings.weight",)),
+        **layer_norm_sources(("embeddings", "layer_norm"), f"{p}embeddings.LayerNorm"),
+    }
+    for i in range(cfg.num_hidden_layers):
+        hf, fx = f"{p}encoder.layer.{i}", (f"layer_{i}",)
+        for name in ("query", "key", "value"):
+            m.update(dense_sources(fx + ("attention", name), f"{hf}.attention.self.{name}",
+                                   bias=Reshape()))
+        m.update(dense_sources(fx + ("attention", "out"), f"{hf}.attention.output.dense",
+                               Linear(in_dims=2)))
+        m.update(layer_norm_sources(fx + ("attention_norm",), f"{hf}.attention.output.LayerNorm"))
+        m.update(dense_sources(fx + ("mlp", "wi"), f"{hf}.intermediate.dense"))
+        m.update(dense_sources(fx + ("mlp", "wo"), f"{hf}.output.dense"))
+        m.update(layer_norm_sources(fx + ("mlp_norm",), f"{hf}.output.LayerNorm"))
+    if cfg.has_lm_head:
+        head = _MLM_HEAD_KEYS[cfg.model_type]
+        m.update(dense_sources(("lm_head", "dense"), head["dense"]))
+        m.update(layer_norm_sources(("lm_head", "layer_norm"), head["norm"]))
+        # Tied heads share one bias stored as either or both names; an untied head (transformers 5)
+        # also unties the bias and its forward adds decoder.bias.
+        bias_keys = (head["bias"], f"{head['decoder']}.bias")
+        m[("lm_head", "bias")] = Source(bias_keys if cfg.tie_word_embeddings else bias_keys[::-1])
+        if not cfg.tie_word_embeddings:
+            m[("lm_head", "decoder", "kernel")] = Source(
+                (f"{head['decoder']}.weight", f"{p}embeddings.word_embeddings.weight"), Linear())
+    return m
+
+
+def encoder_lm_ignored(cfg: EncoderLMConfig) -> tuple[str, ...]:
+    """Regexes of checkpoint keys a BERT-family MaskedLM knowingly does not use."""
+    head = _MLM_HEAD_KEYS[cfg.model_type]
+    ignored = [r"(^|\.)embeddings\.(position_ids|token_type_ids)$",  # buffers, not weights
+               r"(^|\.)pooler\.",  # the [CLS] pooler of BertModel / BertForPreTraining
+               r"^cls\.seq_relationship\."]  # BERT's next-sentence head
+    if cfg.tie_word_embeddings:  # the decoder reuses the word embeddings
+        ignored.append("^" + re.escape(f"{head['decoder']}.weight") + "$")
+    return tuple(ignored)
+
+
+def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None,
+         abstract: bool = False) -> tuple[MaskedLM, dict[str, Any], Any]:
+    """Loads a BERT / RoBERTa / XLM-R checkpoint (with or without its MLM head) as a frozen MaskedLM.
+
+    Args:
+      path_or_name: local checkpoint folder (or a hub name where there is network).
+      dtype: param and compute dtype (e.g. jnp.bfloat16).
+      mesh: place every weight on this mesh by its logical axis names while loading.
+      abstract: read no tensor: return ``jax.ShapeDtypeStruct`` leaves (with their shardings when
+        ``mesh`` is given) for planning and compiling without the weights.
+
+    Returns:
+      (module, variables, hf_config): ``module.apply(variables, input_ids, ...)`` runs it;
+      ``variables = {'params': ...}`` holds plain jax arrays. Checkpoints without a head
+      (e.g. a plain BertModel) load with ``config.has_lm_head=False``.
+    """
+    folder = resolve_checkpoint(path_or_name)
+    hf_config = read_hf_config(folder)
+    cfg = EncoderLMConfig.from_hf(hf_config)  # raises for other families
+    # Planning may start from config.json alone; it then assumes the full masked LM.
+    state = (open_state_dict(folder)
+             if not abstract or any((folder / f).exists() for f in WEIGHT_FILES) else None)
+    if state is not None:
+        cfg = dataclasses.replace(cfg, has_lm_head=encoder_lm_has_head(state, cfg.model_type))
+    module = MaskedLM(cfg, dtype=dtype, param_dtype=dtype)
+    abstract_params = jax.eval_shape(
+        functools.partial(module.init, with_lm_head=cfg.has_lm_head),
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    if abstract:
+        return module, {"params": abstract_on_mesh(abstract_params, mesh)}, hf_config
+    prefix = detect_prefix(state, "embeddings.word_embeddings.weight", ("bert.", "roberta.", ""))
+    params = convert_checkpoint(state, encoder_lm_name_map(cfg, prefix), abstract_params,
+                                dtype=dtype, mesh=mesh, ignored=encoder_lm_ignored(cfg))
+    return module, {"params": params}, hf_config

@@ -38,8 +38,9 @@ from jax.sharding import Mesh
 
 from lqae_vlap.models.hf_weights import (Linear, NameMap, Source, convert_checkpoint,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
-from lqae_vlap.models.layers import (ACTIVATIONS, dense, embedding_lookup, heads_dense,
-                                     heads_out_dense, logical_init, padding_bias, write_kv_cache)
+from lqae_vlap.models.layers import (ACTIVATIONS, constrain_kv_cache, dense, embedding_lookup,
+                                     heads_dense, heads_out_dense, kv_cache_zeros, logical_init,
+                                     padding_bias, write_kv_cache)
 
 _INIT = nn.initializers.normal(0.05)  # default kernel / table init of this file (fresh models only)
 # Cache pytree: one {'key', 'value'} per decoder layer, each [batch, max_len, heads, head_dim].
@@ -381,10 +382,15 @@ class T5(nn.Module):
         return {"logits": out["logits"], "hidden_states": out["hidden_states"], "encoder_hidden": enc}
 
 
-def init_cache(config: T5Config, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-    """Zeroed decoder self-attention buffers: per layer {'key','value'} [batch, max_len, heads, d_kv]."""
+def init_cache(config: T5Config, batch: int, max_len: int, dtype: Any = jnp.float32, *,
+               mesh: Mesh | None = None) -> Cache:
+    """Zeroed decoder self-attention buffers: per layer {'key','value'} [batch, max_len, heads, d_kv].
+
+    With ``mesh``, each buffer is created sharded: batch over ('data', 'fsdp'), heads over
+    'tensor' (``layers.kv_cache_sharding``).
+    """
     shape = (batch, max_len, config.num_heads, config.d_kv)
-    return tuple({"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+    return tuple({"key": kv_cache_zeros(shape, dtype, mesh), "value": kv_cache_zeros(shape, dtype, mesh)}
                  for _ in range(config.num_decoder_layers))
 
 
@@ -426,16 +432,20 @@ def _check_generate_args(module: T5, input_ids: jax.Array, max_new_tokens: int,
                          f"{module.config.d_model}], got {prefix_embeds.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "mesh"))
 def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
                     attention_mask: jax.Array | None = None, *, max_new_tokens: int,
-                    prefix_embeds: jax.Array | None = None) -> dict[str, jax.Array]:
+                    prefix_embeds: jax.Array | None = None,
+                    mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """Greedy decoding, as transformers' ``generate(do_sample=False)``.
 
     Args:
       input_ids: [B, L] encoder token ids; attention_mask: [B, L] (1 = real).
       max_new_tokens: decoder steps at most; the loop stops early once every row emitted EOS.
       prefix_embeds: optional [B, P, D] encoder inputs placed before the embedded input_ids.
+      mesh: keep the decoder cache and the cross-attention keys/values sharded on it (batch over
+        ('data', 'fsdp'), heads over 'tensor') through the loop; pass params placed on the same
+        mesh (``t5.load(..., mesh=mesh)``).
 
     Returns:
       dict(sequences=[B, 1 + max_new_tokens] starting with decoder_start_token_id, then the
@@ -445,12 +455,12 @@ def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
     _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
     cfg = module.config
     enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
-    cross_kv = module.apply(variables, enc, method=T5.cross_key_values)
+    cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
     batch = input_ids.shape[0]
     seqs = jnp.full((batch, 1 + max_new_tokens), cfg.pad_token_id, jnp.int32)
     seqs = seqs.at[:, 0].set(cfg.decoder_start_token_id)
     init = (jnp.int32(0), seqs, jnp.zeros((batch,), bool),
-            init_cache(cfg, batch, max_new_tokens, module.dtype))
+            init_cache(cfg, batch, max_new_tokens, module.dtype, mesh=mesh))
 
     def cond(state):
         step, _, finished, _ = state
@@ -464,7 +474,8 @@ def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
         nxt = jnp.argmax(out["logits"][:, -1], axis=-1).astype(jnp.int32)
         nxt = jnp.where(finished, cfg.pad_token_id, nxt)
         seqs = jax.lax.dynamic_update_slice_in_dim(seqs, nxt[:, None], step + 1, axis=1)
-        return step + 1, seqs, finished | (nxt == cfg.eos_token_id), out["cache"]
+        return (step + 1, seqs, finished | (nxt == cfg.eos_token_id),
+                constrain_kv_cache(out["cache"], mesh))
 
     steps, seqs, _, _ = jax.lax.while_loop(cond, body, init)
     return {"sequences": seqs, "num_steps": steps}
@@ -475,10 +486,12 @@ def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams", "length_penalty"))
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams", "length_penalty",
+                                             "mesh"))
 def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                 *, max_new_tokens: int, num_beams: int = 4, length_penalty: float = 1.0,
-                prefix_embeds: jax.Array | None = None) -> dict[str, jax.Array]:
+                prefix_embeds: jax.Array | None = None,
+                mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """Beam search, a port of transformers' vectorised ``_beam_search`` (early_stopping=False).
 
     Every step keeps the best 2*num_beams continuations; those ending in EOS (or at the length
@@ -486,6 +499,8 @@ def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask
     sum(log p) / generated_length**length_penalty; the rest continue. It stops when no running beam
     can beat the worst finished one (HF's heuristic: best running score / current length), or at
     max_new_tokens.
+
+    ``mesh``: as in ``greedy_generate`` (the cache rows are batch x beams).
 
     Returns:
       dict(sequences=[B, num_beams, 1 + max_new_tokens] best first, pad_token_id after each EOS;
@@ -500,7 +515,7 @@ def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask
     enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
     enc = jnp.repeat(enc, k, axis=0)  # [B*K, Le, D], beam-major within each example as in HF
     enc_mask = jnp.repeat(enc_mask, k, axis=0)
-    cross_kv = module.apply(variables, enc, method=T5.cross_key_values)
+    cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
     vocab = cfg.vocab_size
 
     # HF fills unused slots with pad_token_id or eos; we use pad everywhere and mask after EOS below.
@@ -511,7 +526,8 @@ def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask
     init = dict(cur_len=jnp.int32(1), running=running, running_scores=running_scores,
                 sequences=running, scores=jnp.full((batch, k), _NEG, jnp.float32),
                 finished=jnp.zeros((batch, k), bool), improvable=jnp.ones((batch, 1), bool),
-                go=jnp.bool_(True), cache=init_cache(cfg, batch * k, max_new_tokens, module.dtype))
+                go=jnp.bool_(True),
+                cache=init_cache(cfg, batch * k, max_new_tokens, module.dtype, mesh=mesh))
 
     def cond(s):
         return s["go"] & (s["cur_len"] < max_length)
@@ -548,7 +564,8 @@ def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask
         finished = _gather_beams(jnp.concatenate([s["finished"], just_finished], axis=1), best)
 
         flat_parent = (beam_parent + jnp.arange(batch)[:, None] * k).reshape(-1)
-        cache = jax.tree.map(lambda c: jnp.take(c, flat_parent, axis=0), out["cache"])
+        cache = constrain_kv_cache(
+            jax.tree.map(lambda c: jnp.take(c, flat_parent, axis=0), out["cache"]), mesh)
 
         new_len = cur_len + 1
         best_running = running_scores[:, :1] / ((new_len - 1).astype(jnp.float32) ** length_penalty)

@@ -8,8 +8,10 @@ The real model is compared with transformers' LlamaForCausalLM loaded from the s
 (``from_pretrained(folder, gguf_file=...)``, which dequantises with the same gguf package).
 """
 
+import dataclasses
 import functools
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -53,8 +55,9 @@ def gguf_name(hf: str) -> str:
     return f"{GGUF_NAMES[base]}.{kind}"
 
 
-def write_gguf(path: Path, model: torch.nn.Module, quantize: dict[str, gguf.GGMLQuantizationType]
-               ) -> None:
+def write_gguf(path: Path, model: torch.nn.Module, quantize: dict[str, gguf.GGMLQuantizationType],
+               rope_freqs: np.ndarray | None = None, metadata=None) -> None:
+    """``rope_freqs``: a Llama-3 ``rope_freqs.weight`` tensor; ``metadata(writer)`` adds keys."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_architecture()
@@ -70,6 +73,10 @@ def write_gguf(path: Path, model: torch.nn.Module, quantize: dict[str, gguf.GGML
     w.add_vocab_size(cfg.vocab_size)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if metadata is not None:
+        metadata(w)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for name, t in model.state_dict().items():
         x = t.numpy().astype(np.float32)
         if ".q_proj." in name:
@@ -165,6 +172,103 @@ def test_unknown_tensor_is_named_in_the_error(tmp_path, tiny):
     abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     with pytest.raises(ValueError, match=r"missing keys.*down_proj.*unexpected keys.*blk\.0\.mystery"):
         convert_checkpoint(StateDict(entries, "x.gguf"), llama.llama_name_map(cfg), abstract)
+
+
+# ------------------------------------------------------------------------------------------------
+# Llama 3.1 files: rope scaling baked into rope_freqs.weight
+# ------------------------------------------------------------------------------------------------
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=8192)
+
+
+def llama_cpp_rope_factors(theta: float, dim: int, factor: float, low_freq_factor: float,
+                           high_freq_factor: float, original_max_position_embeddings: int
+                           ) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.generate_extra_tensors, re-typed (float32 torch
+    frequencies, Python-float band tests), the independent reference for the tensor."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    old = original_max_position_embeddings
+    low_wavelen, high_wavelen = old / low_freq_factor, old / high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
+
+
+@pytest.fixture(scope="module")
+def llama31(tmp_path_factory):
+    """A tiny Llama with Llama 3.1's rope (theta 5e5, llama3 scaling): head_dim 16 gives rotary
+    wavelengths from 6 to 6e5 positions, so all three bands (unscaled, smoothed, / factor) occur."""
+    torch.manual_seed(1)
+    cfg = HFLlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                        max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1,
+                        eos_token_id=2, tie_word_embeddings=False,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3})
+    model = HFLlama(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight")
+                    else 0.3 * torch.randn_like(p))
+    factors = llama_cpp_rope_factors(500000.0, 16, **LLAMA3)
+    assert (factors == 1).any() and (factors == 8).any() and ((factors > 1) & (factors < 8)).any()
+    return model, factors, tmp_path_factory.mktemp("llama31")
+
+
+def test_llama31_rope_freqs_become_llama3_scaling(llama31):
+    model, factors, folder = llama31
+    # As llama.cpp writes it: the tensor, and no rope-scaling metadata at all.
+    write_gguf(folder / "l31.gguf", model, {}, rope_freqs=factors)
+    module, variables, config = llama.load_gguf(folder / "l31.gguf")
+    assert config["rope_scaling"] == {"rope_type": "llama3", **LLAMA3}
+    assert module.config.rope_type == "llama3" and module.config.rope_factor == 8.0
+    # Far positions, where the scaled low frequencies turn by very different angles.
+    ids = np.random.RandomState(2).randint(3, 96, size=(2, 7))
+    positions = 5000 + np.arange(7)[None].repeat(2, 0)
+    with torch.no_grad():
+        expected = model(input_ids=torch.as_tensor(ids),
+                         position_ids=torch.as_tensor(positions)).logits.numpy()
+    run = lambda m: np.asarray(jax.jit(m.apply)(variables, jnp.asarray(ids),  # noqa: E731
+                                                positions=jnp.asarray(positions))["logits"])
+    np.testing.assert_allclose(run(module), expected, rtol=0, atol=1e-4)
+    # The scaling matters here: the same weights without it are far off.
+    unscaled = module.clone(config=dataclasses.replace(module.config, rope_type="default"))
+    assert np.abs(run(unscaled) - expected).max() > 1e-2
+
+
+def test_rope_freqs_that_disagree_are_named(llama31):
+    model, factors, folder = llama31
+    # Metadata, where present, is what the tensor is checked against.
+    custom = dict(LLAMA3, original_max_position_embeddings=4096)
+    write_gguf(folder / "ctx.gguf", model, {},
+               rope_freqs=llama_cpp_rope_factors(500000.0, 16, **custom),
+               metadata=lambda w: w.add_rope_scaling_orig_ctx_len(4096))
+    config, _ = open_gguf(folder / "ctx.gguf")
+    assert config["rope_scaling"] == {"rope_type": "llama3", **custom}
+    cases = {
+        "hi2": (llama_cpp_rope_factors(500000.0, 16, **dict(LLAMA3, high_freq_factor=2.0)), None),
+        "factor": (factors, lambda w: w.add_rope_scaling_factor(4.0)),
+        "ctx": (factors, lambda w: w.add_rope_scaling_orig_ctx_len(4096)),
+    }
+    for name, (tensor, meta) in cases.items():
+        write_gguf(folder / f"{name}.gguf", model, {}, rope_freqs=tensor, metadata=meta)
+        with pytest.raises(ValueError, match=r"does not match llama3 rope scaling.*entry \d+ is"):
+            open_gguf(folder / f"{name}.gguf")
+    write_gguf(folder / "linear.gguf", model, {}, rope_freqs=factors, metadata=lambda w: (
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR), w.add_rope_scaling_factor(8.0)))
+    with pytest.raises(ValueError, match="declares rope scaling 'linear'.*conflict"):
+        open_gguf(folder / "linear.gguf")
+    write_gguf(folder / "short.gguf", model, {}, rope_freqs=factors[:4])
+    with pytest.raises(ValueError, match="has 4 entries; head_dim 16 needs 8"):
+        open_gguf(folder / "short.gguf")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ from lqae_vlap.train.sharding import make_mesh
 from tests.models.test_roberta import (assert_real_tokens_close, padded_batch, tiny_torch_model,
                                        torch_run)
 
-FORMATS = ["safetensors", "sharded_safetensors", "bin", "sharded_bin", "flax_msgpack"]
+FORMATS = ["safetensors", "sharded_safetensors", "bin", "sharded_bin", "flax_msgpack",
+           "sharded_flax_msgpack"]
 
 
-def hf_flax_msgpack(state: dict[str, torch.Tensor]) -> bytes:
+def hf_flax_tree(state: dict[str, torch.Tensor]) -> dict:
     """What transformers' Flax models saved: nested dict, kernels [in, out], 'embedding'/'scale'."""
     tree: dict = {}
     for key, tensor in state.items():
@@ -44,7 +45,33 @@ def hf_flax_msgpack(state: dict[str, torch.Tensor]) -> bytes:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return serialization.msgpack_serialize(tree)
+    return tree
+
+
+def hf_flax_msgpack(state: dict[str, torch.Tensor]) -> bytes:
+    return serialization.msgpack_serialize(hf_flax_tree(state))
+
+
+def write_sharded_flax(state: dict[str, torch.Tensor], folder: Path, chunk_bytes: int = 256) -> None:
+    """transformers 4's Flax save_pretrained(max_shard_size=...): '/'-joined flax paths in the
+    index's weight_map, each shard the msgpack of its nested sub-dict. Arrays over ``chunk_bytes``
+    are split the way flax splits arrays over 1 GiB, so the chunked layout is read here too."""
+    flat_tree = traverse_util.flatten_dict(hf_flax_tree(state), sep="/")
+    keys = sorted(flat_tree)
+    shards = {"flax_model-00001-of-00002.msgpack": keys[::2],
+              "flax_model-00002-of-00002.msgpack": keys[1::2]}
+    limit = serialization.MAX_CHUNK_SIZE
+    serialization.MAX_CHUNK_SIZE = chunk_bytes
+    try:
+        for name, names in shards.items():
+            sub = traverse_util.unflatten_dict({k: flat_tree[k] for k in names}, sep="/")
+            (folder / name).write_bytes(serialization.msgpack_serialize(sub))
+    finally:
+        serialization.MAX_CHUNK_SIZE = limit
+    weight_map = {k: name for name, names in shards.items() for k in names}
+    total = sum(v.nbytes for v in flat_tree.values())
+    (folder / "flax_model.msgpack.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
 def write_checkpoint(model: torch.nn.Module, folder: Path, fmt: str) -> Path:
@@ -70,6 +97,8 @@ def write_checkpoint(model: torch.nn.Module, folder: Path, fmt: str) -> Path:
             (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
         elif fmt == "flax_msgpack":
             (folder / "flax_model.msgpack").write_bytes(hf_flax_msgpack(state))
+        elif fmt == "sharded_flax_msgpack":
+            write_sharded_flax(state, folder)
     return folder
 
 
@@ -99,6 +128,39 @@ def test_every_format_gives_identical_params(reference, tmp_path, fmt):
     assert set(got) == set(expected)
     for path, value in expected.items():
         np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=str(path))
+
+
+def test_sharded_flax_msgpack_is_lazy_and_checked(tmp_path, monkeypatch):
+    from lqae_vlap.models import hf_weights  # noqa: PLC0415
+
+    model = tiny_torch_model("roberta")
+    folder = write_checkpoint(model, tmp_path / "flax", "sharded_flax_msgpack")
+    raw = (folder / "flax_model-00001-of-00002.msgpack").read_bytes()
+    assert b"__msgpack_chunked_array__" in raw  # the chunked layout really is exercised
+    reads = []
+    read = hf_weights._read_flax_array
+    monkeypatch.setattr(hf_weights, "_read_flax_array", lambda *a: reads.append(a) or read(*a))
+    state = hf_weights.open_state_dict(folder)
+    key = "roberta.encoder.layer.1.intermediate.dense.weight"
+    assert state.shape(key) == (64, 32) and reads == []  # shapes without reading any tensor
+    np.testing.assert_array_equal(state[key], model.state_dict()[key].numpy())
+    assert len(reads) == 1
+    # An index naming a tensor its shard lacks, or a shard that is not there: named errors.
+    original = (folder / "flax_model.msgpack.index.json").read_text()
+    index = json.loads(original)
+    index["weight_map"]["roberta/pooler/dense/kernel"] = "flax_model-00001-of-00002.msgpack"
+    (folder / "flax_model.msgpack.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="tensors \\(1\\): roberta/pooler/dense/kernel.*re-download"):
+        hf_weights.open_state_dict(folder)
+    index["weight_map"]["roberta/pooler/dense/kernel"] = "flax_model-00003-of-00003.msgpack"
+    (folder / "flax_model.msgpack.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="flax_model-00003-of-00003.msgpack"):
+        hf_weights.open_state_dict(folder)
+    (folder / "flax_model.msgpack.index.json").write_text(original)
+    for cut in (len(raw) // 2, len(raw) - 10):  # mid-structure, and inside the last tensor
+        (folder / "flax_model-00001-of-00002.msgpack").write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match="truncated msgpack"):
+            hf_weights.open_state_dict(folder)
 
 
 def test_bfloat16_checkpoints_read(tmp_path):

@@ -102,6 +102,22 @@ def test_padded_batch_matches_pytorch(variants, name):
     assert_real_close(out["hidden_states"], hidden, mask)
 
 
+@pytest.mark.parametrize("name", ["untied_bias", "tied_linear"])
+def test_logits_to_keep_matches_pytorch(variants, name):
+    """Only the last n positions' logits (generation's prefill), as HF's logits_to_keep."""
+    _, model, module, variables, _ = variants[name]
+    ids, mask, positions = padded_batch()
+    ids, mask, positions = ids[[0, 2]], mask[[0, 2]], positions[[0, 2]]  # last 3 slots real
+    with torch.no_grad():
+        expected = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                         position_ids=torch.as_tensor(positions), logits_to_keep=3).logits.numpy()
+    fwd = jax.jit(functools.partial(module.apply, logits_to_keep=3))  # a Python int: static
+    out = fwd(variables, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+              positions=jnp.asarray(positions))
+    assert out["logits"].shape == expected.shape == (2, 3, TINY["vocab_size"])
+    np.testing.assert_allclose(np.asarray(out["logits"]), expected, rtol=0, atol=ATOL)
+
+
 def test_tied_head_is_absent_from_file_and_tied_on_load(variants):
     folder, _, _, variables, _ = variants["tied_linear"]
     with safe_open(str(folder / "model.safetensors"), "np") as f:

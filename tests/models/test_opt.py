@@ -91,6 +91,23 @@ def test_padded_batch_matches_pytorch(models, layout):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_logits_to_keep_matches_pytorch(models, layout):
+    """Only the last n positions' logits (what generation's prefill asks for), as HF computes them."""
+    _, model, module, variables = models[layout]
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                         logits_to_keep=2).logits.numpy()
+    out = module.apply(variables, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                       logits_to_keep=2)
+    assert out["logits"].shape == (BATCH, 2, 100) and expected.shape == (BATCH, 2, 100)
+    assert out["hidden_states"].shape[1] == LENGTH  # the hidden states stay whole
+    np.testing.assert_allclose(out["logits"], expected, rtol=0, atol=ATOL)  # last slots are real
+    with pytest.raises(ValueError, match="logits_to_keep must be a Python int >= 0"):
+        module.apply(variables, jnp.asarray(ids), logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_inputs_embeds_match_pytorch(models, layout):
     _, model, module, variables = models[layout]
     width = module.config.word_embed_proj_dim
