@@ -34,5 +34,7 @@ setup(
         # torch is the parity reference for our Flax models (transformers' PyTorch classes).
         # accelerate: transformers needs it to read GGUF files (the SmolLM2 parity test).
         "test": ["pytest", "torch==2.13.0", "accelerate"],
+        # bench/ops.py times ott-jax's Sinkhorn beside ours when it is installed.
+        "bench": ["ott-jax"],
     },
 )

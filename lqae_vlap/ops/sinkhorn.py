@@ -213,6 +213,7 @@ def sinkhorn(
     col_marginal: jax.Array | None = None,
     row_marginal: jax.Array | None = None,
     differentiable: bool = False,
+    impl: str = "lax",
 ) -> jax.Array:
     """Sinkhorn-Knopp assignments with a fixed number of iterations (SwAV / VLAP).
 
@@ -230,6 +231,9 @@ def sinkhorn(
       differentiable: if False (default) the scores are wrapped in stop_gradient, so Q is a
         constant target; if True, gradients w.r.t. the scores flow through all iterations
         (never w.r.t. epsilon or the marginals).
+      impl: "lax" (default; this file), "pallas" (the fused kernels of ops/sinkhorn_pallas.py:
+        Triton on GPU, the Pallas interpreter on CPU, same result to float32 rounding; not
+        differentiable) or "auto" (pallas on GPU unless differentiable, lax elsewhere).
 
     Returns:
       Q: [batch, words] = batch * P. Row b sums to batch * r_b (1 for uniform rows); column k sums
@@ -239,6 +243,23 @@ def sinkhorn(
     num_iters = _check_count(
         num_iters, "num_iters", fn, "; for a tolerance use sinkhorn_until_converged"
     )
+    if impl not in ("lax", "pallas", "auto"):
+        raise ValueError(f"{fn}: impl must be 'lax', 'pallas' or 'auto', got {impl!r}.")
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" and not differentiable else "lax"
+    if impl == "pallas":
+        if differentiable:
+            raise ValueError(
+                f"{fn}: differentiable=True needs impl='lax' (the Pallas kernels have no "
+                "gradient); use impl='lax' or impl='auto'."
+            )
+        # Imported here: sinkhorn_pallas imports this module's helpers.
+        from lqae_vlap.ops.sinkhorn_pallas import sinkhorn_fused
+
+        return sinkhorn_fused(
+            scores, epsilon=epsilon, num_iters=num_iters, col_marginal=col_marginal,
+            row_marginal=row_marginal,
+        )
     scores = _check_common(scores, epsilon, fn)
     batch, words = scores.shape
     col = _check_marginal(col_marginal, words, "col_marginal", fn)
