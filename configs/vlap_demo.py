@@ -16,6 +16,7 @@ import importlib.util
 import os
 
 from lqae_vlap import config_files
+from lqae_vlap.data import demo_images
 
 
 def smollm2_gguf() -> str:
@@ -37,10 +38,27 @@ def get_config(arg=None):
     c.model.vision = dict(kind="standin", path="", dtype="float32", patch_size=8, width=64, seed=0)
     c.model.max_caption_len = 8
     c.word_marginal.source = "count"
-    c.data = dict(name="digits", train_path="", eval_path="", batch_size=8, seed=0,
-                  num_workers=0)
+    c.data.update(dict(name="digits", train_path="", eval_path="", batch_size=8, seed=0,
+                       num_workers=0))
     c.optim.update(dict(lr=1e-2, warmup_steps=20, weight_decay=0.0))
     c.train.update(dict(steps=steps, log_every=10, checkpoint_every=100, keep_checkpoints=2,
-                        eval_every=150))
-    c.eval = dict(batch_size=16, num_batches=2, num_captions=8, max_new_tokens=8)
+                        eval_every=0))
+    digits = demo_images.DIGIT_NAMES
+    c.eval.update(dict(
+        evals=("loss", "captioning", "retrieval", "vqa", "arithmetic"),
+        source=dict(name="", split="", path=""),  # the 297 held-out digits
+        batch_size=32, num_batches=2, max_images=0,
+        captioning=dict(num_beams=(1, 3), max_new_tokens=8, length_penalty=1.0, max_images=64,
+                        metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"), num_show=6),
+        # Ten captions for 297 images: galleries of 10 hold one image per digit, so R@1 chance
+        # is 10% (R@10 would be 100% by construction, hence ks 1 and 5).
+        retrieval=dict(similarities=("word_scores", "caption_likelihood"), gallery_size=10,
+                       ks=(1, 5), max_pairs=100),
+        vqa=dict(source="digits", questions="", annotations="", image_dir="",
+                 prompt="Question: {question} Answer:", max_new_tokens=4, max_questions=64,
+                 num_show=4),
+        # image of a 3 - "three" + "eight" -> is the nearest held-out image an 8? (all 90 pairs)
+        arithmetic=dict(pairs=tuple(f"{a}->{b}" for a in digits for b in digits if a != b),
+                        top_k=5, num_show=3),
+    ))
     return c

@@ -72,7 +72,7 @@ def get_config(arg=None):
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: the rest of the devices
 
     c.model = dict(
-        llm_family="opt",  # 'opt' | 'llama' (HF folder or .gguf) | 't5' (not wired up yet)
+        llm_family="opt",  # 'opt' | 'llama' (HF folder or .gguf) | 't5' (configs/vlap_t5.py)
         llm_path=f"facebook/{size}",  # HF hub name or local folder
         # Plan mode only, when llm_path is not a local folder: the LLM's HF config fields.
         llm_arch=opt_arch(size.split("/")[-1]),
@@ -92,21 +92,56 @@ def get_config(arg=None):
     # (what the paper describes). 'released_code': what the authors' script computes: a
     # per-sample softmax weighted by softmax(frequency / prior_temperature), cubed over its 3
     # iterations, which never normalises over the words (so no word marginal is enforced).
-    c.sinkhorn = dict(mode="paper", epsilon=0.01, num_iters=3, prior_temperature=0.25)
+    # impl: 'lax' (default, any backend and mesh), 'pallas' (the fused kernel of
+    # ops/sinkhorn_pallas.py; Triton on GPU, not yet timed on one, not split over a mesh) or
+    # 'auto' (pallas on a GPU).
+    c.sinkhorn = dict(mode="paper", epsilon=0.01, num_iters=3, prior_temperature=0.25,
+                      impl="lax")
     # Word marginal: 'uniform', 'count' (count the training captions at start-up: only for
     # sources that list them), or the path of a marginal saved by ops/word_frequency.py
     # (count_token_frequencies over CC3M with this LLM's tokenizer -> smooth -> save_marginal).
     c.word_marginal = dict(source="uniform", alpha=1.0, power=1.0)
     c.loss = dict(map=0.1, cap=1.0, temperature=0.01)
 
-    c.data = dict(name="jsonl", train_path="", eval_path="", batch_size=256, seed=0,
-                  num_workers=16)
+    # Training pairs. 'cc3m': img2dataset output folders (train_path: CC3M's training TSV,
+    # eval_path: its validation TSV); 'coco_captions': TFDS (data_dir, Karpathy splits
+    # train_split / eval_split); 'jsonl': folders of {"image", "caption"} lines. index_cache_dir
+    # keeps the sources' caption indexes between runs.
+    c.data = dict(name="cc3m", train_path="", eval_path="", data_dir="", train_split="train",
+                  eval_split="val", index_cache_dir="", batch_size=256, seed=0, num_workers=16)
+    # The frozen CLIP's features computed once and memory-mapped (data/feature_cache.py), keyed
+    # by model + preprocessing + data. CC3M x 50 tokens x 768 is ~0.5 TB in float32 (float16
+    # halves it, at ~1e-3 relative change of the features), so it is off by default.
+    c.data.feature_cache = dict(enabled=False, dir="", dtype="float32", batch_size=256)
     steps_per_epoch = CC3M_TRAIN_PAIRS // c.data.batch_size
     c.optim = dict(lr=1e-4, lr_scale_batch=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                    warmup_steps=3 * steps_per_epoch, grad_clip=0.0, end_lr_ratio=0.0)
     c.train = dict(steps=32 * steps_per_epoch, log_every=100, checkpoint_every=5000,
                    keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
-    c.eval = dict(batch_size=64, num_batches=8, num_captions=16, max_new_tokens=30)
+    # Evaluations (methods/vlap_evals.py), every train.eval_every steps, at the end, or alone
+    # with --config.mode=eval on a checkpoint. Add "vqa" with eval.vqa.source="vqav2" and the
+    # official VQAv2 files (questions / annotations JSON, COCO image folder).
+    c.eval = dict(
+        evals=("loss", "captioning", "retrieval", "arithmetic"),
+        # Held-out images with their references: '' = the training data's held-out split;
+        # 'coco_captions' (TFDS, split 'test' = Karpathy 5k test) or 'jsonl' (path).
+        source=dict(name="coco_captions", split="test", path=""),
+        batch_size=64, num_batches=8, max_images=0,  # 0 = every held-out image
+        captioning=dict(num_beams=(1, 5), max_new_tokens=30, length_penalty=1.0, max_images=0,
+                        metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"), num_show=8),
+        # similarities (each reported): 'word_scores' (cosine of the two [V] word-score
+        # profiles L_map aligns), 'embedding', 'caption_likelihood' (the LLM's log-likelihood
+        # of the caption after the image: one pass per pair, galleries only, <= max_pairs per
+        # gallery); gallery_size 0 = all images at once (COCO 5k protocol).
+        retrieval=dict(similarities=("word_scores",), gallery_size=0, ks=(1, 5, 10),
+                       max_pairs=100_000),
+        vqa=dict(source="", questions="", annotations="", image_dir="",
+                 prompt="Question: {question} Answer:", max_new_tokens=10, max_questions=0,
+                 num_show=5),
+        # image - word(a) + word(b) -> nearest image, scored when captions name a and b.
+        arithmetic=dict(pairs=("dog->cat", "man->woman", "grass->snow", "day->night"), top_k=5,
+                        num_show=5),
+    )
     # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
     # memory per device, and the peak that turns FLOPs into a step time (H100 bf16 dense).
     # No flops_overrides: Sinkhorn's 3-iteration loop is the only loop in the step and XLA counts

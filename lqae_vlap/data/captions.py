@@ -9,6 +9,11 @@ the caption string into fixed-length ids before batching (strings never reach th
   ``JsonlCaptions``: a folder with ``*.jsonl`` files of ``{"image": path, "caption": str}`` lines
       (CC3M / COCO exported that way); image paths are relative to the folder (or absolute).
   ``tokenize_captions``: pad / truncate to ``max_len``, returns (ids, mask).
+
+Full-size data lives next door: ``coco_captions.CocoCaptions`` (TFDS COCO, Karpathy splits),
+``cc3m.Cc3m`` (an img2dataset download), ``vqa_source`` (VQAv2 questions). Every source also has
+``fields_without_image(i)``: example ``i`` minus 'image', read without decoding the image, which
+``feature_cache.CachedFeatures`` uses when the vision features are cached.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ class DigitCaptions:
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.images[index]
         return {**example, "caption": digit_caption(int(example["label"]))}
+
+    def fields_without_image(self, index: int) -> dict[str, Any]:
+        """Example ``index`` minus 'image' (for cached vision features)."""
+        return {k: v for k, v in self[index].items() if k != "image"}
 
     @property
     def captions(self) -> list[str]:
@@ -97,11 +106,18 @@ class JsonlCaptions:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _entry(self, index: int) -> tuple[str, str]:
         i = operator.index(index)
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {index} out of range for JsonlCaptions of length {len(self)}")
-        image, caption = self.entries[i]
+        return self.entries[i]
+
+    def fields_without_image(self, index: int) -> dict[str, Any]:
+        """Example ``index`` minus 'image', without opening the image (for cached features)."""
+        return {"caption": self._entry(index)[1]}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, caption = self._entry(index)
         path = Path(image) if os.path.isabs(image) else self.folder / image
         with Image.open(path) as im:
             pixels = np.asarray(im.convert("RGB"), np.uint8)
@@ -110,6 +126,41 @@ class JsonlCaptions:
     @property
     def captions(self) -> list[str]:
         return [c for _, c in self.entries]
+
+
+class ImagesWithReferences:
+    """One example per distinct image of a ``JsonlCaptions``, with all its captions.
+
+    ``src[i] -> {'image', 'caption' (the first), 'references' (every caption of that image, in
+    file order)}``; images in order of first appearance. For captioning and retrieval evaluation.
+    """
+
+    def __init__(self, pairs: JsonlCaptions) -> None:
+        self.pairs = pairs
+        group: dict[str, int] = {}  # image path -> its group
+        self.groups: list[list[str]] = []
+        self.first_entry: list[int] = []  # pair index holding each group's image
+        for n, (image, caption) in enumerate(pairs.entries):
+            if image not in group:
+                group[image] = len(self.groups)
+                self.groups.append([])
+                self.first_entry.append(n)
+            self.groups[group[image]].append(caption)
+
+    def __len__(self) -> int:
+        return len(self.first_entry)
+
+    def fields_without_image(self, index: int) -> dict[str, Any]:
+        refs = self.groups[operator.index(index)]
+        return {"caption": refs[0], "references": list(refs)}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        fields = self.fields_without_image(index)
+        return {"image": self.pairs[self.first_entry[operator.index(index)]]["image"], **fields}
+
+    @property
+    def captions(self) -> list[str]:
+        return [c for refs in self.groups for c in refs]
 
 
 def pad_id(tokenizer: Any) -> int:

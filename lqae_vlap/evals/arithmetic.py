@@ -67,7 +67,8 @@ def arithmetic(query: np.ndarray, plus: Sequence[np.ndarray] | np.ndarray,
     Args:
       query: [D]; plus, minus: lists of [D]; candidates: [M, D] (rows need not be normalised).
       top_k: how many to return (at most M - len(exclude)).
-      exclude: candidate indices never returned (e.g. the words used as operands).
+      exclude: candidate indices never returned (e.g. the words used as operands); zero
+        candidate rows are never returned either.
 
     Returns:
       (indices [top_k] int64, cosine scores [top_k] float64), best first.
@@ -76,8 +77,11 @@ def arithmetic(query: np.ndarray, plus: Sequence[np.ndarray] | np.ndarray,
     cand = np.asarray(candidates, dtype=np.float64)
     if cand.ndim != 2 or cand.shape[1] != target.shape[0]:
         raise ValueError(f"candidates must be [M, {target.shape[0]}], got shape {cand.shape}")
-    scores = _unit(cand, "candidates") @ target
-    keep = np.ones(cand.shape[0], dtype=bool)
+    norms = np.linalg.norm(cand, axis=1)
+    # A zero row has no direction (e.g. the padding word's embedding, zero in many checkpoints):
+    # it is never an answer rather than an error.
+    scores = (cand / np.maximum(norms, _EPS)[:, None]) @ target
+    keep = norms >= _EPS
     excl = np.asarray(list(exclude), dtype=np.int64)
     if excl.size and (excl.min() < 0 or excl.max() >= cand.shape[0]):
         raise ValueError(f"exclude holds indices outside [0, {cand.shape[0]})")

@@ -5,16 +5,21 @@ token -> the frozen LLM's input-embedding space, where the whole projected seque
 prefix. Nothing else is trained.
 
 Loss = w_map * L_map + w_cap * L_cap  (0.1 and 1.0 in the paper; ``config.loss``):
-  L_cap: next-token cross-entropy of the frozen LLM on the caption, with input
-         [projected visual tokens ; embedded prompt "A picture of" ; caption]; only caption tokens
-         count (not the prefix, the prompt or padding).
+  L_cap: the frozen LLM's cross-entropy on the caption tokens only (not the prefix, the prompt
+         "A picture of" or padding). Decoder-only LLMs (OPT, Llama): next-token prediction on
+         [projected visual tokens ; embedded prompt ; caption]. T5: the encoder reads
+         [projected visual tokens ; embedded prompt] and the decoder is teacher-forced on the
+         caption (transformers' labels= loss).
   L_map: assignment prediction. s = cosine similarity of a representation to every L2-normalised
          word embedding of the LLM ([B, V]). Image representation: mean of the projected tokens.
-         Text representation: the frozen LLM's last hidden states on the caption alone,
-         mean-pooled over real tokens (constant: the LLM is frozen). Q_v, Q_t = Sinkhorn(s_v),
-         Sinkhorn(s_t) (constant targets); swapped prediction
+         Text representation: the frozen LLM's last hidden states on the caption alone (T5: the
+         ENCODER's), mean-pooled over real tokens (constant: the LLM is frozen). Q_v, Q_t =
+         Sinkhorn(s_v), Sinkhorn(s_t) (constant targets); swapped prediction
              L_map = 1/2 [CE(Q_t, softmax(s_v / tau)) + CE(Q_v, softmax(s_t / tau))],  tau 0.01.
          Only the first term reaches the Dense: s_t does not depend on it.
+
+The family-specific parts (word embeddings, text states, L_cap, generation, decoding) sit behind
+one interface, ``methods/vlap_llm.py``'s FrozenLLM, so this file never branches on the family.
 
 Sinkhorn (``config.sinkhorn.mode``): 'paper' is optimal transport whose word marginal is the
 word frequency over the training captions (ops/sinkhorn.py ``sinkhorn``); 'released_code' is what
@@ -25,15 +30,22 @@ Frozen weights (the LLM, the vision encoder, the prompt ids, the word frequencie
 separate ``frozen`` tree: the optimizer never sees them and ``jax.grad`` never differentiates
 them (gradients still flow *through* the LLM to the Dense in L_cap).
 
-Decoder-only LLMs (Llama-family from an HF folder or a GGUF file, OPT) are supported; T5 is not
-wired up yet (``build`` raises NotImplementedError naming what is missing).
+Frozen LLMs: 'opt', 'llama' (HF folder or GGUF file) and 't5' (T5, T5 v1.1, Flan-T5), in
+``config.model.llm_dtype`` (e.g. bfloat16: weights cast on load, the LLM computes in it; the
+losses are float32). ``build_parts`` returns the pieces (FrozenLLM, VisualMap, vision function,
+frozen tree, data sources) so evaluators can reuse them; ``build`` turns them into a Method.
+
+Data (``config.data.name``): 'digits' (demo), 'jsonl' folders, 'coco_captions' (TFDS, Karpathy
+splits), 'cc3m' (img2dataset output). ``config.data.feature_cache``: the frozen vision encoder's
+features computed once and stored, keyed by model + preprocessing + data (data/feature_cache.py).
+Evaluations (``config.eval.evals``; methods/vlap_evals.py): held-out loss, zero-shot captioning
+(greedy and beam, COCO metrics), retrieval Recall@K, zero-shot VQA and semantic arithmetic.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +60,9 @@ import numpy as np
 from lqae_vlap.data import batches as batches_lib
 from lqae_vlap.data import captions as captions_lib
 from lqae_vlap.data import preprocess as preprocess_lib
+from lqae_vlap.methods import vlap_evals, vlap_llm
+from lqae_vlap.methods.vlap_llm import (  # noqa: F401  (re-exported: VLAP's loss pieces)
+    FrozenLLM, caption_targets, captioning_loss, make_llm)
 from lqae_vlap.ops import sinkhorn as sinkhorn_lib
 from lqae_vlap.train import sharding as sharding_lib
 from lqae_vlap.train.trainer import Method
@@ -98,17 +113,17 @@ def _soft_cross_entropy(target: jax.Array, logits: jax.Array) -> jax.Array:
 
 def assignments(scores: jax.Array, *, col_marginal: jax.Array | None, epsilon: float,
                 num_iters: int, sinkhorn_mode: str = "paper",
-                prior_temperature: float = 0.25) -> jax.Array:
+                prior_temperature: float = 0.25, sinkhorn_impl: str = "lax") -> jax.Array:
     """Constant word assignments Q [B, V] (rows sum to 1) from scores [B, V].
 
     sinkhorn_mode 'paper': optimal transport with word marginal ``col_marginal`` (uniform if
     None). 'released_code': the authors' released computation, a per-sample softmax weighted by
     the prior softmax(col_marginal / prior_temperature) (uniform if None); it does not enforce
-    the word marginal.
+    the word marginal. sinkhorn_impl: ops/sinkhorn.py's ``impl`` ('lax', 'pallas', 'auto').
     """
     if sinkhorn_mode == "paper":
         return sinkhorn_lib.sinkhorn(scores, epsilon=epsilon, num_iters=num_iters,
-                                     col_marginal=col_marginal)
+                                     col_marginal=col_marginal, impl=sinkhorn_impl)
     if sinkhorn_mode == "released_code":
         if col_marginal is None:
             prior = jnp.ones((scores.shape[1],), jnp.float32)
@@ -123,7 +138,7 @@ def assignments(scores: jax.Array, *, col_marginal: jax.Array | None, epsilon: f
 def assignment_prediction_loss(
     visual_repr: jax.Array, text_repr: jax.Array, word_embeddings: jax.Array, *,
     col_marginal: jax.Array | None, epsilon: float, num_iters: int, temperature: float,
-    sinkhorn_mode: str = "paper", prior_temperature: float = 0.25,
+    sinkhorn_mode: str = "paper", prior_temperature: float = 0.25, sinkhorn_impl: str = "lax",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """VLAP's L_map (swapped assignment prediction over the LLM's words).
 
@@ -136,6 +151,7 @@ def assignment_prediction_loss(
       temperature: tau of the predictions softmax(s / tau) (0.01 in VLAP).
       sinkhorn_mode: 'paper' or 'released_code' (see ``assignments``).
       prior_temperature: temperature of the released code's word prior (0.25).
+      sinkhorn_impl: 'lax', 'pallas' (fused kernel) or 'auto' (ops/sinkhorn.py ``impl``).
 
     Returns:
       (L_map scalar, aux dict: 'map_v' = CE(Q_t, softmax(s_v / tau)), 'map_t' = CE(Q_v,
@@ -151,7 +167,8 @@ def assignment_prediction_loss(
     s_v = word_scores(visual_repr, word_embeddings)
     s_t = word_scores(text_repr, word_embeddings)
     kw = dict(col_marginal=col_marginal, epsilon=epsilon, num_iters=num_iters,
-              sinkhorn_mode=sinkhorn_mode, prior_temperature=prior_temperature)
+              sinkhorn_mode=sinkhorn_mode, prior_temperature=prior_temperature,
+              sinkhorn_impl=sinkhorn_impl)
     # Targets are constants (sinkhorn stop_gradients its scores), as in SwAV / VLAP.
     q_v = jax.lax.stop_gradient(assignments(s_v, **kw))
     q_t = jax.lax.stop_gradient(assignments(s_t, **kw))
@@ -160,39 +177,6 @@ def assignment_prediction_loss(
     agreement = jnp.mean((jnp.argmax(q_v, -1) == jnp.argmax(q_t, -1)).astype(jnp.float32))
     return 0.5 * (map_v + map_t), {"map_v": map_v, "map_t": map_t,
                                    "assign_agreement": agreement}
-
-
-def captioning_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over positions where loss_mask is 1 (0 when none).
-
-    logits: [B, N, V] (position i predicts targets[:, i]; the caller shifts), targets: [B, N]
-    int, loss_mask: [B, N] (1 on caption tokens only: prefix, prompt and padding are 0).
-    """
-    if logits.shape[:2] != targets.shape or targets.shape != loss_mask.shape:
-        raise ValueError(f"captioning_loss: logits [B, N, V], targets [B, N] and loss_mask [B, N] "
-                         f"must agree, got {logits.shape}, {targets.shape}, {loss_mask.shape}")
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    m = loss_mask.astype(jnp.float32)
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def caption_targets(num_before: int, caption_ids: jax.Array, caption_mask: jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
-    """Shifted targets for the sequence [num_before prefix/prompt slots ; caption (L)].
-
-    Position i predicts token i + 1, so caption token j is the target of position
-    num_before + j - 1. Returns (targets [B, num_before + L] int32, mask [B, num_before + L]).
-    """
-    if num_before < 1:
-        raise ValueError("caption_targets: need at least one slot before the caption (the visual "
-                         "prefix) to predict its first token")
-    b = caption_ids.shape[0]
-    head = jnp.zeros((b, num_before - 1), jnp.int32)
-    tail = jnp.zeros((b, 1), jnp.int32)
-    targets = jnp.concatenate([head, caption_ids.astype(jnp.int32), tail], axis=1)
-    mask = jnp.concatenate([head, caption_mask.astype(jnp.int32), tail], axis=1)
-    return targets, mask
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -241,12 +225,13 @@ def clip_features(frozen_vision: dict[str, Any], images: jax.Array, *, module: A
 # The loss the trainer differentiates
 
 
-def forward(params, frozen, batch, *, visual_map: VisualMap, llm: nn.Module,
+def forward(params, frozen, batch, *, visual_map: VisualMap, llm: FrozenLLM,
             vision_fn: Callable[[Any, jax.Array], jax.Array]) -> dict[str, jax.Array]:
     """Projected prefix, its mean, and the frozen LLM's text representation.
 
     batch: 'vision_features' [B, T, Dv] (precomputed frozen vision tokens) or 'image' (run
     through ``vision_fn``); 'caption_ids', 'caption_mask' [B, L].
+    Returns prefix [B, T, D] (the Dense's dtype), visual_repr and text_repr [B, D] float32.
     """
     if "vision_features" in batch:
         feats = batch["vision_features"]
@@ -258,42 +243,32 @@ def forward(params, frozen, batch, *, visual_map: VisualMap, llm: nn.Module,
     feats = jax.lax.stop_gradient(feats)  # the vision encoder is frozen
     prefix = visual_map.apply({"params": params}, feats)  # [B, T, D]
     ids, mask = batch["caption_ids"], batch["caption_mask"]
-    # The text side is frozen and a constant target: no gradient through it at all.
-    text_hidden = llm.apply({"params": frozen["llm"]}, ids, attention_mask=mask)["hidden_states"]
+    # The text side is frozen and a constant target: no gradient through it at all
+    # (decoder-only: the LM's last hidden states; T5: the encoder's).
+    text_hidden = llm.text_hidden(frozen["llm"], ids, mask)
     text_repr = jax.lax.stop_gradient(masked_mean(text_hidden, mask))
     return {"prefix": prefix, "visual_repr": jnp.mean(prefix.astype(jnp.float32), axis=1),
             "text_repr": text_repr}
 
 
-def loss_fn(params, frozen, batch, rng, *, visual_map: VisualMap, llm: nn.Module,
+def loss_fn(params, frozen, batch, rng, *, visual_map: VisualMap, llm: FrozenLLM,
             vision_fn: Callable[[Any, jax.Array], jax.Array], cfg: ml_collections.ConfigDict):
     """(params, frozen, batch, rng) -> (w_map * L_map + w_cap * L_cap, aux). rng is unused.
 
     frozen: {'llm': LLM params, 'prompt_ids': [P] int32, 'word_marginal': [V] float32,
-    'vision': vision-encoder constants}.
+    'vision': vision-encoder constants}. Losses are float32 whatever the LLM's dtype.
     """
     del rng
     w, s = cfg.loss, cfg.sinkhorn
     out = forward(params, frozen, batch, visual_map=visual_map, llm=llm, vision_fn=vision_fn)
-    words = frozen["llm"]["embed_tokens"]["embedding"]  # [V, D], the LLM's input embeddings
+    words = llm.word_embeddings(frozen["llm"])  # [V, D], the LLM's input embeddings
     l_map, map_aux = assignment_prediction_loss(
         out["visual_repr"], out["text_repr"], words, col_marginal=frozen["word_marginal"],
         epsilon=s.epsilon, num_iters=s.num_iters, temperature=w.temperature,
-        sinkhorn_mode=s.mode, prior_temperature=s.prior_temperature)
-
-    prefix, ids, mask = out["prefix"], batch["caption_ids"], batch["caption_mask"]
-    b, t = prefix.shape[:2]
-    prompt = jnp.broadcast_to(frozen["prompt_ids"][None, :], (b, frozen["prompt_ids"].shape[0]))
-    text_embeds = jnp.take(words, jnp.concatenate([prompt, ids], axis=1), axis=0)
-    inputs = jnp.concatenate([prefix.astype(text_embeds.dtype), text_embeds], axis=1)
-    before = t + prompt.shape[1]
-    attn = jnp.concatenate([jnp.ones((b, before), jnp.int32), mask.astype(jnp.int32)], axis=1)
-    # Right padding only: positions 0..N-1 are the real positions for every real token.
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), attn.shape)
-    logits = llm.apply({"params": frozen["llm"]}, inputs_embeds=inputs, attention_mask=attn,
-                       positions=positions)["logits"]
-    targets, loss_mask = caption_targets(before, ids, mask)
-    l_cap = captioning_loss(logits, targets, loss_mask)
+        sinkhorn_mode=s.mode, prior_temperature=s.prior_temperature,
+        sinkhorn_impl=s.get("impl", "lax"))
+    l_cap = llm.caption_loss(frozen["llm"], out["prefix"], frozen["prompt_ids"],
+                             batch["caption_ids"], batch["caption_mask"])
     loss = w.map * l_map + w.cap * l_cap
     return loss, {"map": l_map, "cap": l_cap, **map_aux}
 
@@ -319,25 +294,47 @@ def _arch_config(arch: Any, field: str, path: str) -> Any:
     return AutoConfig.for_model(**arch)
 
 
-def _load_llm(m: ml_collections.ConfigDict, mesh, abstract: bool = False):
-    """Returns (module, params, tokenizer) for config.model.llm_*.
+def _abstract_t5(path: str, hf_config: Any, dtype: Any, mesh):
+    """(module, params as ShapeDtypeStructs) of a T5 without reading a tensor.
 
-    abstract=True reads no tensor and returns no tokenizer (None): params are ShapeDtypeStructs,
-    built from the checkpoint's config.json when ``llm_path`` is local, else from
-    ``config.model.llm_arch``.
+    models/t5.py's ``load`` has no abstract mode, so it is built here the way that loader builds
+    it: the lm head is untied when the checkpoint stores ``lm_head.weight`` (only its key list is
+    read), else when the config says ``tie_word_embeddings=False`` (v1.1 / Flan-T5).
+    """
+    from lqae_vlap.models import hf_weights, t5  # noqa: PLC0415
+
+    tied = getattr(hf_config, "tie_word_embeddings", True) is not False
+    if hf_config is None or path is not None:
+        folder = hf_weights.resolve_checkpoint(path)
+        hf_config = hf_weights.read_hf_config(folder)
+        tied = getattr(hf_config, "tie_word_embeddings", True) is not False
+        if any((folder / f).exists() for f in hf_weights.WEIGHT_FILES):
+            tied = "lm_head.weight" not in hf_weights.open_state_dict(folder)
+    cfg = t5.T5Config.from_hf(hf_config, tie_word_embeddings=tied)
+    module = t5.T5(cfg, dtype=dtype, param_dtype=dtype)
+    return module, hf_weights.abstract_on_mesh(t5.abstract_params(module), mesh)
+
+
+def _load_llm(m: ml_collections.ConfigDict, mesh, abstract: bool = False
+              ) -> tuple[FrozenLLM, Any]:
+    """Returns (FrozenLLM, params) for config.model.llm_* (weights cast to ``llm_dtype``).
+
+    abstract=True reads no tensor and loads no tokenizer (``llm.tokenizer`` is None): params are
+    ShapeDtypeStructs, built from the checkpoint's config.json when ``llm_path`` is local, else
+    from ``config.model.llm_arch``.
     """
     from transformers import AutoTokenizer  # noqa: PLC0415
 
+    from lqae_vlap.models import hf_weights  # noqa: PLC0415
+
     dtype = jnp.dtype(m.get("llm_dtype", "float32"))
     family, path = m.llm_family, m.llm_path
-    if family == "t5":
-        raise NotImplementedError(
-            "VLAP with T5 is not wired up yet: methods/vlap.py needs a T5 loss path (text "
-            "representation from t5.encode, captioning through the decoder with the visual prefix "
-            "as encoder input). Use config.model.llm_family='opt' or 'llama' for now.")
-    if family not in ("opt", "llama"):
+    if family not in vlap_llm.FAMILIES:
         raise ValueError(f"config.model.llm_family={family!r} is not known; use 'opt', 'llama' "
                          "(HF folder or .gguf file) or 't5'")
+    if family == "t5" and str(path).endswith(".gguf"):
+        raise ValueError("config.model.llm_path: GGUF files hold decoder-only models; give T5 a "
+                         "Hugging Face checkpoint folder")
     models = importlib.import_module(f"lqae_vlap.models.{family}")
     if abstract:
         if str(path).endswith(".gguf"):
@@ -348,9 +345,13 @@ def _load_llm(m: ml_collections.ConfigDict, mesh, abstract: bool = False):
             hf_config = None  # the folder's own config.json
         else:
             hf_config = _arch_config(m.get("llm_arch"), "config.model.llm_arch", path)
+        if family == "t5":
+            module, params = _abstract_t5(None if hf_config is not None else path, hf_config,
+                                          dtype, mesh)
+            return make_llm(family, module, None), params
         module, variables, _ = models.load(None if hf_config is not None else path, dtype=dtype,
                                            mesh=mesh, abstract=True, hf_config=hf_config)
-        return module, variables["params"], None
+        return make_llm(family, module, None), variables["params"]
     if family == "llama" and str(path).endswith(".gguf"):
         module, variables, _ = models.load_gguf(path, dtype=dtype, mesh=mesh)
         folder, name = os.path.split(str(path))
@@ -358,8 +359,9 @@ def _load_llm(m: ml_collections.ConfigDict, mesh, abstract: bool = False):
             None if m.get("tokenizer_path") else name))
     else:
         module, variables, _ = models.load(path, dtype=dtype, mesh=mesh)
-        tok = AutoTokenizer.from_pretrained(m.get("tokenizer_path") or path, local_files_only=True)
-    return module, variables["params"], tok
+        # A hub name resolves to the same downloaded folder as the weights (hf_weights).
+        tok = hf_weights.load_tokenizer(m.get("tokenizer_path") or path)
+    return make_llm(family, module, tok, mesh=mesh), variables["params"]
 
 
 def _vision(config: ml_collections.ConfigDict, mesh, abstract: bool = False):
@@ -399,16 +401,113 @@ def _vision(config: ml_collections.ConfigDict, mesh, abstract: bool = False):
                      "only) or 'clip'")
 
 
-def _sources(config):
+DATA_SOURCES = ("digits", "jsonl", "coco_captions", "cc3m")
+VQA_SOURCES = ("", "digits", "vqav2")
+
+
+def _sources(config) -> dict[str, Any]:
+    """Random-access sources: 'train' and 'validation' (image-caption pairs, for the losses),
+    'images' (one example per held-out image with all its 'references', for captioning,
+    retrieval and arithmetic: the data's held-out split, or ``config.eval.source``) and 'vqa'
+    (questions, or None)."""
     d = config.data
+    size = int(config.model.image_size)
     if d.name == "digits":
+        train = captions_lib.DigitCaptions("train", image_size=size)
+        val = captions_lib.DigitCaptions("validation", image_size=size)
+        out = {"train": train, "validation": val, "images": val}
+    elif d.name == "jsonl":
+        val = captions_lib.JsonlCaptions(d.eval_path)
+        out = {"train": captions_lib.JsonlCaptions(d.train_path), "validation": val,
+               "images": captions_lib.ImagesWithReferences(val)}
+    elif d.name == "coco_captions":
+        from lqae_vlap.data.coco_captions import CocoCaptions  # noqa: PLC0415  (tfds, optional)
+
+        kw = dict(data_dir=d.get("data_dir") or None,
+                  index_cache_dir=d.get("index_cache_dir") or None)
+        out = {"train": CocoCaptions(d.train_split, mode="pairs", **kw),
+               "validation": CocoCaptions(d.eval_split, mode="pairs", **kw),
+               "images": CocoCaptions(d.eval_split, mode="images", **kw)}
+    elif d.name == "cc3m":
+        from lqae_vlap.data.cc3m import Cc3m  # noqa: PLC0415
+
+        if not d.train_path or not d.eval_path:
+            raise ValueError("config.data.name='cc3m' needs config.data.train_path and "
+                             "config.data.eval_path: img2dataset output folders of CC3M's "
+                             "training and validation TSVs")
+        val = Cc3m(d.eval_path, cache_dir=d.get("index_cache_dir") or None)
+        out = {"train": Cc3m(d.train_path, cache_dir=d.get("index_cache_dir") or None),
+               "validation": val, "images": val}
+    else:
+        raise ValueError(f"config.data.name={d.name!r} is not known; use one of {DATA_SOURCES}")
+    e = config.eval.get("source", ml_collections.ConfigDict({"name": ""}))
+    if e.name == "coco_captions":  # e.g. train on CC3M, caption COCO's Karpathy test zero-shot
+        from lqae_vlap.data.coco_captions import CocoCaptions  # noqa: PLC0415
+
+        out["images"] = CocoCaptions(e.split, data_dir=d.get("data_dir") or None, mode="images",
+                                     index_cache_dir=d.get("index_cache_dir") or None)
+    elif e.name == "jsonl":
+        out["images"] = captions_lib.ImagesWithReferences(captions_lib.JsonlCaptions(e.path))
+    elif e.name:
+        raise ValueError(f"config.eval.source.name={e.name!r} is not known; use '' (the "
+                         "training data's held-out split), 'coco_captions' or 'jsonl'")
+    q = config.eval.get("vqa", ml_collections.ConfigDict({"source": ""}))
+    if q.source not in VQA_SOURCES:
+        raise ValueError(f"config.eval.vqa.source={q.source!r} is not known; use one of "
+                         f"{VQA_SOURCES} ('' = no VQA)")
+    out["vqa"] = None
+    if q.source == "digits":
+        from lqae_vlap.data.vqa_source import DigitQuestions  # noqa: PLC0415
+
+        out["vqa"] = DigitQuestions("validation", image_size=size)
+    elif q.source == "vqav2":
+        from lqae_vlap.data.vqa_source import VqaV2Source  # noqa: PLC0415
+
+        out["vqa"] = VqaV2Source(q.questions, q.annotations or None, q.image_dir)
+    return out
+
+
+def _cache_features(config, sources: dict[str, Any], vision_fn, frozen_vision, host_image,
+                    mesh) -> dict[str, Any]:
+    """Replaces every source's images by the frozen vision encoder's features, computed once
+    and stored in ``config.data.feature_cache.dir`` under a key of model + preprocessing + data
+    (data/feature_cache.py); training then never decodes an image or runs the vision tower."""
+    from lqae_vlap.data import feature_cache as fc  # noqa: PLC0415
+
+    c, v, d = config.data.feature_cache, config.model.vision, config.data
+    if not c.dir:
+        raise ValueError("config.data.feature_cache.enabled needs config.data.feature_cache.dir "
+                         "(a folder for the .npy features)")
+    if v.kind == "clip":
+        from lqae_vlap.data import clip_preprocess  # noqa: PLC0415
+
+        vision = fc.vision_identity(v.path if _is_local(v.path) else None,
+                                    config={"path": str(v.path), "dtype": v.dtype,
+                                            "output": "last_hidden_state"})
         size = int(config.model.image_size)
-        return (captions_lib.DigitCaptions("train", image_size=size),
-                captions_lib.DigitCaptions("validation", image_size=size))
-    if d.name == "jsonl":
-        return captions_lib.JsonlCaptions(d.train_path), captions_lib.JsonlCaptions(d.eval_path)
-    raise ValueError(f"config.data.name={d.name!r} is not known; use 'digits' or 'jsonl' (folders "
-                     "of {\"image\", \"caption\"} lines)")
+        preprocess = {"name": "clip_resize_crop", "size": size, "crop": size,
+                      "resample": "bicubic", "mean": list(clip_preprocess.CLIP_MEAN),
+                      "std": list(clip_preprocess.CLIP_STD)}
+    else:
+        vision = fc.vision_identity(config={"kind": v.kind, "patch_size": int(v.patch_size),
+                                            "width": int(v.width), "seed": int(v.seed)})
+        preprocess = {"name": "demo_images", "size": int(config.model.image_size)}
+    dataset = {"name": d.name, "train_path": str(d.get("train_path", "")),
+               "eval_path": str(d.get("eval_path", ""))}
+    encode = jax.jit(lambda images: vision_fn(frozen_vision, images),
+                     out_shardings=sharding_lib.replicated(mesh))
+    cache = fc.FeatureCache(c.dir)
+    out, done = {}, {}
+    for name, src in sources.items():
+        if src is None or id(src) in done:
+            out[name] = done.get(id(src)) if src is not None else None
+            continue
+        key = fc.cache_key(vision=vision, preprocess=preprocess, dataset=dataset, split=name,
+                           num_examples=len(src), dtype=c.dtype)
+        feats = cache.get_or_compute(key, src, encode, batch_size=int(c.batch_size),
+                                     preprocess=host_image, num_workers=int(d.num_workers))
+        out[name] = done[id(src)] = fc.CachedFeatures(src, feats)
+    return out
 
 
 def _word_marginal(config, tokenizer, vocab: int, train_src) -> tuple[np.ndarray, str]:
@@ -434,63 +533,14 @@ def _make_preprocess(tokenizer, max_len: int, host_image: Callable | None):
     def fn(example, rng):
         del rng
         ids, mask = captions_lib.tokenize_captions(tokenizer, [example["caption"]], max_len)
-        image = example["image"] if host_image is None else host_image(example["image"])
-        return {"image": np.asarray(image, np.uint8), "caption_ids": ids[0],
-                "caption_mask": mask[0]}
+        out = {"caption_ids": ids[0], "caption_mask": mask[0]}
+        if "vision_features" in example:  # from the feature cache
+            out["vision_features"] = np.asarray(example["vision_features"], np.float32)
+        else:
+            image = example["image"] if host_image is None else host_image(example["image"])
+            out["image"] = np.asarray(image, np.uint8)
+        return out
     return fn
-
-
-def make_evaluate(config, visual_map, llm, vision_fn, tokenizer, eval_batches, mesh):
-    """Held-out losses plus greedy captions of a few validation images (written to a file)."""
-    from lqae_vlap.models import generate  # noqa: PLC0415
-
-    loss = jax.jit(functools.partial(loss_fn, visual_map=visual_map, llm=llm,
-                                     vision_fn=vision_fn, cfg=config),
-                   out_shardings=sharding_lib.replicated(mesh))
-    num_batches, max_new = int(config.eval.num_batches), int(config.eval.max_new_tokens)
-    family = config.model.llm_family
-    models = importlib.import_module(f"lqae_vlap.models.{family}")
-    apply_fn = llm.apply
-    init_cache_fn = functools.partial(models.init_cache, llm.config)
-    embed_fn = models.embed_tokens
-
-    @jax.jit
-    def prefixes(params, frozen, images):
-        feats = vision_fn(frozen["vision"], images)
-        return visual_map.apply({"params": params}, feats)
-
-    def evaluate(params, frozen, step, workdir):
-        sums: dict[str, float] = {}
-        for i in range(num_batches):
-            batch = eval_batches.batch_at(i)
-            _, aux = loss(params, frozen, batch, jax.random.PRNGKey(0))
-            for k, v in jax.device_get(aux).items():
-                sums[k] = sums.get(k, 0.0) + float(v) / num_batches
-        batch = eval_batches.batch_at(0)
-        k = min(int(config.eval.num_captions), batch["image"].shape[0])
-        prefix = prefixes(params, frozen, jnp.asarray(batch["image"][:k]))
-        prompt = jnp.broadcast_to(frozen["prompt_ids"][None], (k, frozen["prompt_ids"].shape[0]))
-        out = generate.greedy_search(
-            apply_fn, {"params": frozen["llm"]}, input_ids=prompt,
-            attention_mask=jnp.ones_like(prompt), max_new_tokens=max_new,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=captions_lib.pad_id(tokenizer),
-            prefix_embeds=prefix, embed_fn=embed_fn, init_cache_fn=init_cache_fn)
-        out = np.asarray(jax.device_get(out))
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        refs = [tokenizer.decode(ids[m > 0], skip_special_tokens=True)
-                for ids, m in zip(batch["caption_ids"][:k], batch["caption_mask"][:k])]
-        sums["caption_exact"] = float(np.mean([a.strip() == b.strip()
-                                               for a, b in zip(texts, refs)]))
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, f"captions_{step:06d}.txt"), "w") as f:
-                f.write(f"# step {step}: prompt {config.model.prompt!r}; generated | reference\n")
-                for a, b in zip(texts, refs):
-                    f.write(" ".join(a.split()) + " | " + " ".join(b.split()) + "\n")
-            with open(os.path.join(workdir, f"eval_{step:06d}.json"), "w") as f:
-                json.dump({"step": step, **sums, "captions": texts}, f, indent=1)
-        return sums
-
-    return evaluate
 
 
 def _prompt_len(m: ml_collections.ConfigDict) -> int:
@@ -507,6 +557,54 @@ def _prompt_len(m: ml_collections.ConfigDict) -> int:
     return int(m.prompt_len)
 
 
+def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
+                ) -> dict[str, Any]:
+    """Everything VLAP is made of, for ``build`` and for evaluators that reuse it.
+
+    Returns dict(
+      llm: FrozenLLM (tokenizer None when abstract), visual_map: VisualMap,
+      vision_fn: (frozen['vision'], images [B, H, W, 3]) -> tokens [B, T, Dv],
+      vision_width: Dv, frozen: {'llm', 'vision', 'prompt_ids' [P], 'word_marginal' [V]} placed
+      on ``mesh`` (ShapeDtypeStructs when abstract), host_image: host-side image preprocess or
+      None, image_size: S, sources: {'train', 'validation', 'images', 'vqa'} (see
+      ``_sources``; features instead of images when ``data.feature_cache.enabled``; None when
+      abstract), train_src / val_src: sources['train'] / ['validation'],
+      marginal_from: where the word marginal came from (None when abstract)).
+    """
+    m = config.model
+    if config.sinkhorn.mode not in SINKHORN_MODES:
+        raise ValueError(f"config.sinkhorn.mode={config.sinkhorn.mode!r} is not known; use one of "
+                         f"{SINKHORN_MODES}")
+    llm, llm_params = _load_llm(m, mesh, abstract=abstract)
+    vocab = llm.word_embeddings(llm_params).shape[0]
+    vision_fn, frozen_vision, vision_width, host_image, image_size = _vision(config, mesh,
+                                                                            abstract)
+    visual_map = VisualMap(llm_width=llm.embed_dim, dtype=jnp.dtype(m.get("dtype", "float32")))
+    rep = sharding_lib.replicated(mesh)
+    parts = dict(llm=llm, visual_map=visual_map, vision_fn=vision_fn, vision_width=vision_width,
+                 host_image=host_image, image_size=image_size, sources=None, train_src=None,
+                 val_src=None,
+                 marginal_from=None)
+    if abstract:
+        parts["frozen"] = {
+            "llm": llm_params, "vision": frozen_vision,
+            "prompt_ids": jax.ShapeDtypeStruct((_prompt_len(m),), jnp.int32, sharding=rep),
+            "word_marginal": jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=rep)}
+        return parts
+    sources = _sources(config)
+    if config.data.get("feature_cache") and config.data.feature_cache.enabled:
+        sources = _cache_features(config, sources, vision_fn, frozen_vision, host_image, mesh)
+    train_src, val_src = sources["train"], sources["validation"]
+    marginal, marginal_from = _word_marginal(config, llm.tokenizer, vocab, train_src)
+    prompt_ids = np.asarray(llm.tokenizer(m.prompt, add_special_tokens=False)["input_ids"],
+                            np.int32)
+    parts.update(sources=sources, train_src=train_src, val_src=val_src,
+                 marginal_from=marginal_from, frozen={
+        "llm": llm_params, "vision": frozen_vision, "prompt_ids": jax.device_put(prompt_ids, rep),
+        "word_marginal": jax.device_put(marginal, rep)})
+    return parts
+
+
 def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) -> Method:
     """Loads the frozen LLM and vision encoder, builds the Dense, data and loss for the trainer.
 
@@ -514,50 +612,35 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
     ``jax.ShapeDtypeStruct``s (LLM, vision, prompt ids [P], word marginal [V]) and ``batch_spec``
     the global batch (image [B, S, S, 3] uint8, caption_ids / caption_mask [B, L] int32).
     """
-    m = config.model
-    if config.sinkhorn.mode not in SINKHORN_MODES:
-        raise ValueError(f"config.sinkhorn.mode={config.sinkhorn.mode!r} is not known; use one of "
-                         f"{SINKHORN_MODES}")
-    llm, llm_params, tokenizer = _load_llm(m, mesh, abstract=abstract)
-    words = llm_params["embed_tokens"]["embedding"]
-    vocab, llm_width = words.shape
-    vision_fn, frozen_vision, vision_width, host_image, image_size = _vision(config, mesh,
-                                                                            abstract)
-    visual_map = VisualMap(llm_width=llm_width, dtype=jnp.dtype(m.get("dtype", "float32")))
-    rep = sharding_lib.replicated(mesh)
+    m, d = config.model, config.data
+    parts = build_parts(config, mesh, abstract=abstract)
+    llm, visual_map, vision_fn = parts["llm"], parts["visual_map"], parts["vision_fn"]
+    frozen, vision_width = parts["frozen"], parts["vision_width"]
+    vocab, llm_width = llm.word_embeddings(frozen["llm"]).shape[0], llm.embed_dim
 
     def init_params(rng):
         return visual_map.init(rng, jnp.zeros((1, 1, vision_width), jnp.float32))["params"]
 
     loss = functools.partial(loss_fn, visual_map=visual_map, llm=llm, vision_fn=vision_fn,
                              cfg=config)
-    d = config.data
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    prompt_len = frozen["prompt_ids"].shape[0]
     if abstract:
-        prompt_len, cap = _prompt_len(m), int(m.max_caption_len)
-        frozen = {"llm": llm_params, "vision": frozen_vision,
-                  "prompt_ids": jax.ShapeDtypeStruct((prompt_len,), jnp.int32, sharding=rep),
-                  "word_marginal": jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=rep)}
+        cap, size = int(m.max_caption_len), parts["image_size"]
         batch_spec = {
-            "image": jax.ShapeDtypeStruct((d.batch_size, image_size, image_size, 3), jnp.uint8),
+            "image": jax.ShapeDtypeStruct((d.batch_size, size, size, 3), jnp.uint8),
             "caption_ids": jax.ShapeDtypeStruct((d.batch_size, cap), jnp.int32),
             "caption_mask": jax.ShapeDtypeStruct((d.batch_size, cap), jnp.int32)}
         arch = "" if _is_local(m.llm_path) else " (architecture from config.model.llm_arch)"
         describe = (f"VLAP plan: frozen {m.vision.kind} vision (width {vision_width}) -> Dense -> "
                     f"frozen {m.llm_family} {m.llm_path}{arch} (vocab {vocab}, width "
-                    f"{llm_width}); prompt {prompt_len} tokens, captions {cap} tokens")
-        return Method(init_params=init_params, frozen=frozen,
-                      frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen), loss_fn=loss,
-                      train_batches=None, batch_spec=batch_spec, describe=describe)
+                    f"{llm_width}, {jnp.dtype(m.get('llm_dtype', 'float32')).name}); "
+                    f"prompt {prompt_len} tokens, captions {cap} tokens")
+        return Method(init_params=init_params, frozen=frozen, frozen_shardings=frozen_shardings,
+                      loss_fn=loss, train_batches=None, batch_spec=batch_spec, describe=describe)
 
-    train_src, val_src = _sources(config)
-    marginal, marginal_from = _word_marginal(config, tokenizer, vocab, train_src)
-    prompt_ids = np.asarray(tokenizer(m.prompt, add_special_tokens=False)["input_ids"], np.int32)
-    frozen = {"llm": llm_params, "vision": frozen_vision,
-              "prompt_ids": jax.device_put(prompt_ids, rep),
-              "word_marginal": jax.device_put(marginal, rep)}
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-
-    pre = _make_preprocess(tokenizer, int(m.max_caption_len), host_image)
+    train_src, val_src = parts["train_src"], parts["val_src"]
+    pre = _make_preprocess(llm.tokenizer, int(m.max_caption_len), parts["host_image"])
     pid, pcount = jax.process_index(), jax.process_count()
     train_batches = batches_lib.IndexedBatches(
         train_src, global_batch_size=d.batch_size, seed=d.seed, shuffle=True,
@@ -567,13 +650,17 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
         preprocess=pre, num_workers=d.num_workers)
 
     describe = (f"VLAP: frozen {m.vision.kind} vision (width {vision_width}) -> Dense -> frozen "
-                f"{m.llm_family} {m.llm_path} (vocab {vocab}, width {llm_width}); prompt "
-                f"{m.prompt!r} = {len(prompt_ids)} tokens; sinkhorn {config.sinkhorn.mode} "
+                f"{m.llm_family} {m.llm_path} (vocab {vocab}, width {llm_width}, "
+                f"{jnp.dtype(m.get('llm_dtype', 'float32')).name}); prompt {m.prompt!r} = "
+                f"{prompt_len} tokens; sinkhorn {config.sinkhorn.mode} "
                 f"(eps {config.sinkhorn.epsilon}, {config.sinkhorn.num_iters} iters), word "
-                f"marginal {marginal_from}; loss {config.loss.map} * map + {config.loss.cap} * cap"
-                f"; data {d.name}: {len(train_src)} train / {len(val_src)} validation pairs")
+                f"marginal {parts['marginal_from']}; loss {config.loss.map} * map + "
+                f"{config.loss.cap} * cap; data {d.name}: {len(train_src)} train / "
+                f"{len(val_src)} validation pairs")
     return Method(init_params=init_params, frozen=frozen, frozen_shardings=frozen_shardings,
                   loss_fn=loss, train_batches=train_batches, eval_batches=eval_batches,
-                  evaluate=make_evaluate(config, visual_map, llm, vision_fn, tokenizer,
-                                         eval_batches, mesh),
+                  evaluate=vlap_evals.Evaluator(
+                      config, llm=llm, visual_map=visual_map, vision_fn=vision_fn,
+                      host_image=parts["host_image"], sources=parts["sources"],
+                      loss_batches=eval_batches, loss_fn=loss, mesh=mesh).run,
                   describe=describe)

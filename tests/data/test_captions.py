@@ -32,6 +32,7 @@ def test_digit_captions_follow_labels():
         np.testing.assert_array_equal(ex["image"], ref[i]["image"])
         assert ex["caption"] == f"a handwritten digit {names[int(ref[i]['label'])]}"
     assert src.captions[5] == src[5]["caption"]
+    assert src.fields_without_image(5) == {"caption": src[5]["caption"], "label": ref[5]["label"]}
     with pytest.raises(ValueError, match="0..9"):
         captions.digit_caption(10)
 
@@ -70,8 +71,30 @@ def test_jsonl_folder_reader(tmp_path):
     for i in range(3):
         np.testing.assert_array_equal(src[i]["image"], pixels[i])
         assert src[i]["caption"] == f"caption {i}"
+        assert src.fields_without_image(i) == {"caption": f"caption {i}"}
+    (tmp_path / "imgs" / "0.png").unlink()  # the fields never open the image
+    assert src.fields_without_image(0) == {"caption": "caption 0"}
+    with pytest.raises(FileNotFoundError):
+        src[0]
+    with pytest.raises(IndexError, match="out of range"):
+        src.fields_without_image(3)
     (tmp_path / "c.jsonl").write_text('{"image": "x.png"}\n')
     with pytest.raises(ValueError, match="c.jsonl:1"):
         captions.JsonlCaptions(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a folder"):
         captions.JsonlCaptions(tmp_path / "missing")
+
+
+def test_images_with_references_groups_captions_by_image(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((4, 4, 3), 7 if name == "a.png" else 9, np.uint8)).save(
+            tmp_path / name)
+    lines = [("a.png", "first of a"), ("b.png", "only b"), ("a.png", "second of a")]
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in lines))
+    src = captions.ImagesWithReferences(captions.JsonlCaptions(tmp_path))
+    assert len(src) == 2
+    assert src[0]["references"] == ["first of a", "second of a"] and src[0]["caption"] == "first of a"
+    assert int(src[0]["image"][0, 0, 0]) == 7 and int(src[1]["image"][0, 0, 0]) == 9
+    assert src.fields_without_image(1) == {"caption": "only b", "references": ["only b"]}
+    assert src.captions == ["first of a", "second of a", "only b"]

@@ -100,3 +100,12 @@ def test_bad_inputs():
         arithmetic(DOG, [np.ones(3)], [], np.eye(4))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         nearest_words(DOG, np.eye(4), plus_ids=[9])
+
+
+def test_zero_candidate_rows_are_never_returned():
+    cand = np.eye(4)
+    cand[1] = 0.0  # e.g. a padding word's zero embedding
+    idx, _ = arithmetic(DOG, [], [], cand, top_k=3)
+    assert 1 not in idx.tolist() and len(idx) == 3
+    with pytest.raises(ValueError, match="top_k"):
+        arithmetic(DOG, [], [], cand, top_k=4)  # only 3 non-zero rows

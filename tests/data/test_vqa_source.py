@@ -1,0 +1,127 @@
+"""VQAv2 and digit-question sources (data/vqa_source.py) on tiny files in the official format."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lqae_vlap.data.batches import IndexedBatches
+from lqae_vlap.data.demo_images import DIGIT_NAMES, DemoImages
+from lqae_vlap.data.vqa_source import DIGIT_QUESTION, DigitQuestions, VqaV2Source
+from lqae_vlap.evals.vqa import question_accuracy, vqa_accuracy
+
+IMAGES = (42, 1234567)
+QUESTIONS = [  # (question_id, image_id, question, answers)
+    (420, 42, "What color is the bus?", ["red"] * 7 + ["orange", "red ", "dark red"]),
+    (421, 42, "How many wheels?", ["4", "four", "4", "4", "6", "4", "4", "4", "4", "4"]),
+    (1234567000, 1234567, "Is it raining?", ["no"] * 10),
+]
+
+
+def _pixels(image_id: int) -> np.ndarray:
+    return np.random.default_rng(image_id).integers(0, 256, (9, 13, 3), dtype=np.uint8)
+
+
+def _write(tmp_path, subtype="val2014", folder="val2014", with_annotations=True):
+    qfile = tmp_path / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
+    qfile.write_text(json.dumps({"data_subtype": subtype, "questions": [
+        {"question_id": q, "image_id": i, "question": t} for q, i, t, _ in QUESTIONS]}))
+    afile = None
+    if with_annotations:
+        afile = tmp_path / f"v2_mscoco_{subtype}_annotations.json"
+        afile.write_text(json.dumps({"annotations": [
+            {"question_id": q, "image_id": i, "question_type": "what", "answer_type": "other",
+             "multiple_choice_answer": a[0],
+             "answers": [{"answer": x, "answer_confidence": "yes", "answer_id": k + 1}
+                         for k, x in enumerate(a)]} for q, i, _, a in QUESTIONS]}))
+    image_dir = tmp_path / folder
+    image_dir.mkdir(exist_ok=True)
+    for image_id in IMAGES:  # PNG: lossless, so pixels compare exactly
+        Image.fromarray(_pixels(image_id)).save(image_dir / f"COCO_{folder}_{image_id:012d}.jpg",
+                                                format="PNG")
+    return qfile, afile, image_dir
+
+
+def test_examples_follow_the_files(tmp_path):
+    qfile, afile, image_dir = _write(tmp_path)
+    src = VqaV2Source(qfile, afile, image_dir)
+    assert len(src) == 3 and src.image_subtype == "val2014"
+    for k, (qid, image_id, text, answers) in enumerate(QUESTIONS):
+        ex = src[k]
+        assert ex["question"] == text and ex["answers"] == answers
+        assert ex["question_id"] == qid and ex["image_id"] == image_id
+        assert ex["question_id"].dtype == np.int64
+        np.testing.assert_array_equal(ex["image"], _pixels(image_id))
+        assert src.fields_without_image(k) == {n: v for n, v in ex.items() if n != "image"}
+    assert src.questions == [q[2] for q in QUESTIONS]
+    # The source feeds the official scorer directly: each question's most common answer.
+    preds = {qid: max(set(a), key=a.count) for qid, _, _, a in QUESTIONS}
+    acc = vqa_accuracy(preds, src.data.answers)
+    want = np.mean([question_accuracy(preds[q], a) for q, _, _, a in QUESTIONS])
+    assert acc["overall"] == pytest.approx(want, abs=1e-12)
+
+    def pre(example, rng):
+        return {"image": np.asarray(example["image"][:8, :8]), "answers": example["answers"]}
+
+    batch = IndexedBatches(src, global_batch_size=3, seed=0, shuffle=False, preprocess=pre).batch_at(0)
+    assert batch["image"].shape == (3, 8, 8, 3) and batch["answers"].shape == (3, 10)
+
+
+def test_test_dev_questions_use_test2015_images_and_have_no_answers(tmp_path):
+    qfile, _, image_dir = _write(tmp_path, subtype="test-dev2015", folder="test2015",
+                                 with_annotations=False)
+    src = VqaV2Source(qfile, None, image_dir)
+    assert src.image_subtype == "test2015"
+    assert src[0]["answers"] == [] and src.image_path(42).name == "COCO_test2015_000000000042.jpg"
+    np.testing.assert_array_equal(src[2]["image"], _pixels(1234567))
+
+
+def test_custom_pattern_and_parsed_dicts(tmp_path):
+    image_dir = tmp_path / "imgs"
+    image_dir.mkdir()
+    for image_id in IMAGES:
+        buf = io.BytesIO()
+        Image.fromarray(_pixels(image_id)).save(buf, format="PNG")
+        (image_dir / f"{image_id}.png").write_bytes(buf.getvalue())
+    questions = {"questions": [{"question_id": 1, "image_id": 42, "question": "q?"}]}
+    src = VqaV2Source(questions, None, image_dir, image_pattern="{image_id}.png", image_subtype="x")
+    np.testing.assert_array_equal(src[0]["image"], _pixels(42))
+
+
+def test_errors_name_the_fix(tmp_path):
+    qfile, afile, image_dir = _write(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError,
+                       match="COCO_val2014_000000000042.jpg does not exist.*image_pattern"):
+        VqaV2Source(qfile, afile, tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="not a folder.*val2014.zip"):
+        VqaV2Source(qfile, afile, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="visualqa.org"):
+        VqaV2Source(tmp_path / "missing.json", None, image_dir)
+    with pytest.raises(ValueError, match="no 'data_subtype'.*image_subtype="):
+        VqaV2Source({"questions": [{"question_id": 1, "image_id": 42, "question": "q"}]}, None, image_dir)
+    short = json.loads(afile.read_text())
+    short["annotations"][0]["answers"] = short["annotations"][0]["answers"][:3]
+    with pytest.raises(ValueError, match=r"\[420\] have not 10 answers"):
+        VqaV2Source(qfile, short, image_dir)
+
+
+def test_digit_questions_stand_in():
+    src = DigitQuestions("validation", image_size=8)
+    ref = DemoImages("validation", image_size=8)
+    assert len(src) == len(ref) == 297
+    for k in (0, 100, 296):
+        ex = src[k]
+        name = DIGIT_NAMES[int(ref[k]["label"])]
+        assert ex["question"] == DIGIT_QUESTION and ex["answers"] == [name] * 10
+        assert ex["label"] == ref[k]["label"] and ex["question_id"] == k == ex["image_id"]
+        np.testing.assert_array_equal(ex["image"], ref[k]["image"])
+        assert question_accuracy(name, ex["answers"]) == 1.0
+        assert question_accuracy(DIGIT_NAMES[(int(ex["label"]) + 1) % 10], ex["answers"]) == 0.0
+    assert src.data.answers[5] == src[5]["answers"]
+    with pytest.raises(IndexError, match="out of range"):
+        src[297]
