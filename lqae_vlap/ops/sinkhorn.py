@@ -214,6 +214,8 @@ def sinkhorn(
     row_marginal: jax.Array | None = None,
     differentiable: bool = False,
     impl: str = "lax",
+    mesh: jax.sharding.Mesh | None = None,
+    batch_axes: str | tuple[str, ...] = ("data", "fsdp"),
 ) -> jax.Array:
     """Sinkhorn-Knopp assignments with a fixed number of iterations (SwAV / VLAP).
 
@@ -234,6 +236,10 @@ def sinkhorn(
       impl: "lax" (default; this file), "pallas" (the fused kernels of ops/sinkhorn_pallas.py:
         Triton on GPU, the Pallas interpreter on CPU, same result to float32 rounding; not
         differentiable) or "auto" (pallas on GPU unless differentiable, lax elsewhere).
+      mesh, batch_axes: only for the pallas path (see `sinkhorn_fused`): under a sharded jit,
+        pass the jax.sharding.Mesh the batch is split on and its batch axes, so each device
+        runs the kernels on its own rows (XLA cannot partition a pallas_call). The lax path
+        ignores them: XLA partitions it from the scores' sharding.
 
     Returns:
       Q: [batch, words] = batch * P. Row b sums to batch * r_b (1 for uniform rows); column k sums
@@ -258,7 +264,7 @@ def sinkhorn(
 
         return sinkhorn_fused(
             scores, epsilon=epsilon, num_iters=num_iters, col_marginal=col_marginal,
-            row_marginal=row_marginal,
+            row_marginal=row_marginal, mesh=mesh, batch_axes=batch_axes,
         )
     scores = _check_common(scores, epsilon, fn)
     batch, words = scores.shape

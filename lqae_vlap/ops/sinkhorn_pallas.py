@@ -24,6 +24,12 @@ expect two HBM reads per fused pass. Reaching one read per iteration needs a row
 shared memory (Mosaic GPU, one row = 201 KB of the H100's 227 KB) and cross-row column sums by
 atomics, which this file does not attempt.
 
+On a device mesh (`mesh=`): XLA's SPMD partitioner does not split a pallas_call, so the rows are
+split explicitly with jax.shard_map over the batch axes (words replicated). The row steps and the
+plan only need a device's own rows; the column step couples all rows, so each iteration every
+device reduces its row blocks' partials to one (max, sum) pair per word and the devices combine
+them with a pmax and a psum of [K] floats (2 x 201 KB at K = 50,272) - the scores never move.
+
 On GPU the kernel is lowered with Triton (`plgpu.CompilerParams`; without it jax 0.10 picks
 Mosaic GPU, which rejects these masked, unaligned loads). TPU is not supported (use the lax
 version). Not differentiable: the scores are stop_gradient'ed, as in `sinkhorn` by default.
@@ -38,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import Mesh, PartitionSpec as P
 
 from lqae_vlap.ops import sinkhorn as _lax_sinkhorn
 
@@ -172,37 +179,69 @@ def _call(mode, scores, eps, g, f, log_r, scale, *, dtype, block_rows, block_col
     )(scores, eps, g, f, log_r, scale)
 
 
-def _col_potential(log_c, col_max, col_sum):
-    """g = log c - LSE over the row blocks of the partial (max, sum) pairs: [K]."""
+def _col_potential(log_c, col_max, col_sum, axes=()):
+    """g = log c - LSE over the row blocks of the partial (max, sum) pairs: [K].
+
+    col_max, col_sum: [num_row_blocks, K] of this device's rows. With mesh `axes` (inside
+    shard_map) the other devices' rows enter through one pmax and one psum of [K] floats, so the
+    column LSE is over the whole batch while the row steps stay local.
+    """
     top = jnp.max(col_max, axis=0)
+    if axes:
+        top = lax.pmax(top, axes)
     shift = jnp.where(jnp.isneginf(top), 0.0, top)
-    lse = shift + jnp.log(jnp.sum(col_sum * jnp.exp(col_max - shift[None, :]), axis=0))
+    total = jnp.sum(col_sum * jnp.exp(col_max - shift[None, :]), axis=0)
+    if axes:
+        total = lax.psum(total, axes)
+    lse = shift + jnp.log(total)
     return jnp.where(jnp.isneginf(log_c), -jnp.inf, log_c - lse)
+
+
+def _iterations(scores, eps, log_r, scale, log_c, *, num_iters, axes, dtype, block_rows,
+                block_cols, interpret, num_warps):
+    """The passes over this device's rows: scores [b, K], eps [1], log_r / scale [b], log_c [K]
+    -> Q [b, K]. log_r and scale are already normalised over the whole batch; only the column
+    potential needs the other devices (see `_col_potential`)."""
+    call = functools.partial(_call, scores=scores, eps=eps, log_r=log_r, scale=scale, dtype=dtype,
+                             block_rows=block_rows, block_cols=block_cols, interpret=interpret,
+                             num_warps=num_warps)
+    zeros_k = jnp.zeros((scores.shape[1],), dtype)  # placeholders for inputs a mode does not read
+    f0 = _lax_sinkhorn._initial_f(log_r)
+    g = _col_potential(log_c, *call("col", g=zeros_k, f=f0), axes=axes)
+    for _ in range(num_iters - 1):  # num_iters is small (3): unrolled, one kernel each
+        _, col_max, col_sum = call("fused", g=g, f=f0)
+        g = _col_potential(log_c, col_max, col_sum, axes=axes)
+    (q,) = call("plan", g=g, f=f0)
+    return q
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("num_iters", "block_rows", "block_cols", "interpret", "num_warps"))
+    static_argnames=("num_iters", "block_rows", "block_cols", "interpret", "num_warps", "mesh",
+                     "batch_axes"))
 def _sinkhorn_fused(scores, epsilon, col_marginal, row_marginal, *, num_iters, block_rows,
-                    block_cols, interpret, num_warps):
+                    block_cols, interpret, num_warps, mesh=None, batch_axes=()):
     scores = lax.stop_gradient(scores)
     dtype = _lax_sinkhorn._compute_dtype(scores.dtype)
     batch, words = scores.shape
+    # [B] / [K] vectors, normalised over the whole batch (cheap; XLA partitions these).
     log_r = _lax_sinkhorn._log_marginal(row_marginal, batch, dtype)
     log_c = _lax_sinkhorn._log_marginal(col_marginal, words, dtype)
     eps = lax.stop_gradient(jnp.asarray(epsilon, dtype)).reshape(1)
     scale = jnp.where(jnp.isneginf(log_r), 0.0, batch * jnp.exp(log_r))
-    call = functools.partial(_call, scores=scores, eps=eps, log_r=log_r, scale=scale, dtype=dtype,
-                             block_rows=block_rows, block_cols=block_cols, interpret=interpret,
-                             num_warps=num_warps)
-    zeros_k = jnp.zeros((words,), dtype)  # placeholders for inputs a mode does not read
-    f0 = _lax_sinkhorn._initial_f(log_r)
-    g = _col_potential(log_c, *call("col", g=zeros_k, f=f0))
-    for _ in range(num_iters - 1):  # num_iters is small (3): unrolled, one kernel each
-        _, col_max, col_sum = call("fused", g=g, f=f0)
-        g = _col_potential(log_c, col_max, col_sum)
-    (q,) = call("plan", g=g, f=f0)
-    return q
+    body = functools.partial(
+        _iterations, num_iters=num_iters, axes=batch_axes if mesh is not None else (),
+        dtype=dtype, block_rows=block_rows, block_cols=block_cols, interpret=interpret,
+        num_warps=num_warps)
+    if mesh is None:
+        return body(scores, eps, log_r, scale, log_c)
+    # pallas_call is opaque to the SPMD partitioner (it would gather the [B, K] scores onto every
+    # device), so the split is explicit: rows over batch_axes, the words replicated. Axes not
+    # in batch_axes (e.g. tensor) see the same rows and compute the same Q.
+    rows, vec = P(batch_axes, None), P(batch_axes)
+    # check_vma=False: pallas_call has no varying-manual-axes rule; the out_spec is exact anyway.
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, P(), vec, vec, P()), out_specs=rows,
+                         check_vma=False)(scores, eps, log_r, scale, log_c)
 
 
 def _default_interpret() -> bool:
@@ -217,6 +256,28 @@ def _default_interpret() -> bool:
     return False
 
 
+def _check_mesh(mesh, batch_axes, batch: int, fn: str) -> tuple[str, ...]:
+    """Validates the mesh and the batch axes; returns batch_axes as a tuple."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{fn}: mesh must be a jax.sharding.Mesh (e.g. the trainer's mesh), got "
+                        f"{type(mesh).__name__}; pass mesh=None to run without one.")
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    missing = [a for a in axes if a not in mesh.axis_names]
+    if not axes or missing or len(set(axes)) != len(axes):
+        raise ValueError(f"{fn}: batch_axes must be distinct axes of the mesh "
+                         f"{tuple(mesh.axis_names)}, got {batch_axes!r}.")
+    shards = 1
+    for a in axes:
+        shards *= mesh.shape[a]
+    if batch % shards:
+        raise ValueError(
+            f"{fn}: batch {batch} is not divisible by the {shards} devices of mesh axes {axes} "
+            f"(each device must own batch / {shards} rows); pad the batch to a multiple of "
+            f"{shards} with row_marginal 0 on the padded rows (they take no part; multiply "
+            "Q[:batch] by batch / padded_batch), or use impl='lax', which XLA partitions.")
+    return axes
+
+
 def sinkhorn_fused(
     scores: jax.Array,
     *,
@@ -228,6 +289,8 @@ def sinkhorn_fused(
     block_rows: int = 64,
     block_cols: int = 256,
     num_warps: int = 8,
+    mesh: Mesh | None = None,
+    batch_axes: str | tuple[str, ...] = ("data", "fsdp"),
 ) -> jax.Array:
     """Sinkhorn-Knopp assignments, fused Pallas kernels; same result as `sinkhorn.sinkhorn`.
 
@@ -244,10 +307,19 @@ def sinkhorn_fused(
         ceil(batch / block_rows) x words x 2 floats; block_rows x block_cols floats live in
         registers (64 x 256 with 8 warps = 64 per thread).
       num_warps: Triton warps per program (ignored when interpreting).
+      mesh: None runs the kernels on whatever holds the scores (a single device; under a sharded
+        jit XLA would gather the whole [batch, words] matrix onto every device, as it cannot
+        partition a pallas_call). A Mesh splits the rows over `batch_axes` with jax.shard_map
+        (words replicated): each device runs the kernels on its batch / n rows, and the column
+        partials are combined across devices each iteration (one pmax and one psum of [words]).
+        Pass the trainer's mesh when calling from inside its sharded jit; the batch must divide
+        evenly over the batch axes (a clear error says how to pad otherwise).
+      batch_axes: mesh axis name(s) the batch is split over (the trainer's ('data', 'fsdp')).
 
     Returns:
       Q: [batch, words] = batch * P, rows summing to batch * r_b; not differentiable (the scores
-      are stop_gradient'ed). Works under jax.vmap (an extra grid axis).
+      are stop_gradient'ed). Works under jax.vmap (an extra grid axis). With a mesh, Q comes
+      back split over `batch_axes` like the rows of the scores.
     """
     fn = "sinkhorn_fused"
     num_iters = _lax_sinkhorn._check_count(num_iters, "num_iters", fn)
@@ -261,8 +333,10 @@ def sinkhorn_fused(
     batch, words = scores.shape
     col = _lax_sinkhorn._check_marginal(col_marginal, words, "col_marginal", fn)
     row = _lax_sinkhorn._check_marginal(row_marginal, batch, "row_marginal", fn)
+    axes = () if mesh is None else _check_mesh(mesh, batch_axes, batch, fn)
     if interpret is None:
         interpret = _default_interpret()
     return _sinkhorn_fused(scores, epsilon, col, row, num_iters=num_iters,
                            block_rows=block_rows, block_cols=block_cols,
-                           interpret=bool(interpret), num_warps=int(num_warps))
+                           interpret=bool(interpret), num_warps=int(num_warps), mesh=mesh,
+                           batch_axes=axes)
