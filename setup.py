@@ -36,5 +36,8 @@ setup(
         "test": ["pytest", "torch==2.13.0", "accelerate"],
         # bench/ops.py times ott-jax's Sinkhorn beside ours when it is installed.
         "bench": ["ott-jax"],
+        # gs:// workdirs (TPU pods): metrics, evaluation files and orbax's checkpoints go
+        # through fsspec, which needs gcsfs for Google Cloud Storage.
+        "gcs": ["gcsfs"],
     },
 )

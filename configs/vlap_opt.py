@@ -92,9 +92,9 @@ def get_config(arg=None):
     # (what the paper describes). 'released_code': what the authors' script computes: a
     # per-sample softmax weighted by softmax(frequency / prior_temperature), cubed over its 3
     # iterations, which never normalises over the words (so no word marginal is enforced).
-    # impl: 'lax' (default, any backend and mesh), 'pallas' (the fused kernel of
-    # ops/sinkhorn_pallas.py; Triton on GPU, not yet timed on one, not split over a mesh) or
-    # 'auto' (pallas on a GPU).
+    # impl: 'lax' (default, any backend), 'pallas' (the fused kernel of ops/sinkhorn_pallas.py:
+    # Triton on GPU, rows split over data/fsdp with column sums all-reduced; not yet timed on a
+    # GPU, and the batch must divide by the data x fsdp devices) or 'auto' (pallas on a GPU).
     c.sinkhorn = dict(mode="paper", epsilon=0.01, num_iters=3, prior_temperature=0.25,
                       impl="lax")
     # Word marginal: 'uniform', 'count' (count the training captions at start-up: only for

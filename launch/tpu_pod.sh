@@ -163,7 +163,7 @@ if ((!SKIP_INSTALL)); then
   install="set -e; $fetch; export PATH=\$HOME/.local/bin:\$PATH; \
 command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
 [ -x $VENV/bin/python ] || uv venv --python $(printf %q "$PYVER") $VENV; \
-uv pip install --python $VENV/bin/python -e ~/lqae_vlap 'jax[tpu]'$extra"
+uv pip install --python $VENV/bin/python -e ~/lqae_vlap'[gcs]' 'jax[tpu]'$extra"
   echo "installing on all workers ..." >&2
   ssh_all "$install"
 fi

@@ -13,6 +13,7 @@ and of RoBERTa and trained LayerNorm + Dense with LARS; here one LM layer is pro
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -22,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lqae_vlap.train import files
 import optax
 
 
@@ -40,9 +43,9 @@ def cached_features(cache_dir: str | os.PathLike, *, step: int, layer: int, spli
     and renamed, so an interrupted run never leaves a truncated cache behind.
     """
     key = cache_key(step, layer, split)
-    path = os.path.join(os.fspath(cache_dir), f"features_{split}_{key}.npz")
-    if os.path.exists(path):
-        with np.load(path) as f:
+    path = files.join(cache_dir, f"features_{split}_{key}.npz")  # local or gs://
+    if files.exists(path):
+        with np.load(io.BytesIO(files.read_bytes(path))) as f:
             if str(f["key"]) != key:
                 raise ValueError(f"feature cache {path} was written for another key; delete it")
             return f["features"], f["labels"]
@@ -51,10 +54,10 @@ def cached_features(cache_dir: str | os.PathLike, *, step: int, layer: int, spli
     if features.ndim != 2 or labels.shape != features.shape[:1]:
         raise ValueError(f"compute_fn must return features [N, D] and labels [N], got "
                          f"{features.shape} and {labels.shape}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, features=features, labels=labels, key=np.asarray(key))
-    os.replace(tmp, path)
+    files.makedirs(cache_dir)
+    buffer = io.BytesIO()
+    np.savez(buffer, features=features, labels=labels, key=np.asarray(key))
+    files.write_bytes(path, buffer.getvalue())  # whole-file write: never a truncated cache
     return features, labels
 
 

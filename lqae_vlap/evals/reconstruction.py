@@ -16,10 +16,13 @@ border), then averaged over positions and channels. Two windows:
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from lqae_vlap.train import files
 from numpy.lib.stride_tricks import sliding_window_view
 
 from lqae_vlap.data.preprocess import to_uint8
@@ -147,6 +150,8 @@ def png_grid(rows: Sequence[np.ndarray], path: str | os.PathLike, pad: int = 2) 
         pixels = np.broadcast_to(to_uint8(row), (n, h, w, 3))  # grey rows become RGB
         for j in range(n):
             grid[i * (h + pad): i * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = pixels[j]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path, format="PNG")
+    files.makedirs(os.path.dirname(files.normalize(path)))
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    files.write_bytes(path, buffer.getvalue())  # local or gs:// (train/files.py)
     return grid

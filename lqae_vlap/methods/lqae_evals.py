@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 import ml_collections
@@ -30,6 +29,7 @@ from lqae_vlap.evals import linear_probe as probe_lib
 from lqae_vlap.evals import reconstruction as recon_lib
 from lqae_vlap.models import roberta
 from lqae_vlap.ops import quantize as quantize_lib
+from lqae_vlap.train import files
 from lqae_vlap.train import sharding as sharding_lib
 
 EVALS = ("reconstruction", "fewshot", "fewshot_llm", "linear_probe")
@@ -37,8 +37,8 @@ EVALS = ("reconstruction", "fewshot", "fewshot_llm", "linear_probe")
 
 def _write_json(workdir: str, name: str, step: int, result: dict) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{name}_{step:06d}.json"), "w") as f:
-            json.dump({"step": step, **result}, f, indent=1)
+        files.write_text(files.join(workdir, f"eval_{name}_{step:06d}.json"),
+                         json.dumps({"step": step, **result}, indent=1))
 
 
 def encode_words(params, frozen, images, *, model, cfg) -> jax.Array:
@@ -154,14 +154,13 @@ class Evaluator:
             k = min(int(self.cfg.eval.num_images), x.shape[0])
             recon_lib.png_grid([x[:k], np.clip(out["recon_q"][:k], -1, 1),
                                 np.clip(out["recon_lm"][:k], -1, 1)],
-                               os.path.join(workdir, f"reconstructions_{step:06d}.png"))
+                               files.join(workdir, f"reconstructions_{step:06d}.png"))
             ids = np.asarray(out["q"].indices)
             lines = [f"# step {step}: the words each validation image became ({ids.shape[1]} "
                      "tokens, patches in row-major order)"]
             lines += [f"image {j}: " + " ".join(self.tokenizer.convert_ids_to_tokens(
                 [int(t) for t in ids[j]])) for j in range(k)]
-            with open(os.path.join(workdir, f"words_{step:06d}.txt"), "w") as f:
-                f.write("\n".join(lines) + "\n")
+            files.write_text(files.join(workdir, f"words_{step:06d}.txt"), "\n".join(lines) + "\n")
         return result
 
     def _episodes(self, run_one) -> dict[str, float]:
@@ -204,7 +203,7 @@ class Evaluator:
 
     def _linear_probe(self, params, frozen, step, workdir, words):
         p = self.cfg.eval.probe
-        cache = os.path.join(workdir, "probe_features")
+        cache = files.join(workdir, "probe_features")
 
         def features(split):
             def compute():

@@ -113,17 +113,20 @@ def _soft_cross_entropy(target: jax.Array, logits: jax.Array) -> jax.Array:
 
 def assignments(scores: jax.Array, *, col_marginal: jax.Array | None, epsilon: float,
                 num_iters: int, sinkhorn_mode: str = "paper",
-                prior_temperature: float = 0.25, sinkhorn_impl: str = "lax") -> jax.Array:
+                prior_temperature: float = 0.25, sinkhorn_impl: str = "lax",
+                sinkhorn_mesh: Any = None) -> jax.Array:
     """Constant word assignments Q [B, V] (rows sum to 1) from scores [B, V].
 
     sinkhorn_mode 'paper': optimal transport with word marginal ``col_marginal`` (uniform if
     None). 'released_code': the authors' released computation, a per-sample softmax weighted by
     the prior softmax(col_marginal / prior_temperature) (uniform if None); it does not enforce
-    the word marginal. sinkhorn_impl: ops/sinkhorn.py's ``impl`` ('lax', 'pallas', 'auto').
+    the word marginal. sinkhorn_impl: ops/sinkhorn.py's ``impl`` ('lax', 'pallas', 'auto');
+    sinkhorn_mesh: the mesh the batch is split over (the fused kernel's cross-device column sums).
     """
     if sinkhorn_mode == "paper":
         return sinkhorn_lib.sinkhorn(scores, epsilon=epsilon, num_iters=num_iters,
-                                     col_marginal=col_marginal, impl=sinkhorn_impl)
+                                     col_marginal=col_marginal, impl=sinkhorn_impl,
+                                     mesh=sinkhorn_mesh)
     if sinkhorn_mode == "released_code":
         if col_marginal is None:
             prior = jnp.ones((scores.shape[1],), jnp.float32)
@@ -139,6 +142,7 @@ def assignment_prediction_loss(
     visual_repr: jax.Array, text_repr: jax.Array, word_embeddings: jax.Array, *,
     col_marginal: jax.Array | None, epsilon: float, num_iters: int, temperature: float,
     sinkhorn_mode: str = "paper", prior_temperature: float = 0.25, sinkhorn_impl: str = "lax",
+    sinkhorn_mesh: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """VLAP's L_map (swapped assignment prediction over the LLM's words).
 
@@ -168,7 +172,7 @@ def assignment_prediction_loss(
     s_t = word_scores(text_repr, word_embeddings)
     kw = dict(col_marginal=col_marginal, epsilon=epsilon, num_iters=num_iters,
               sinkhorn_mode=sinkhorn_mode, prior_temperature=prior_temperature,
-              sinkhorn_impl=sinkhorn_impl)
+              sinkhorn_impl=sinkhorn_impl, sinkhorn_mesh=sinkhorn_mesh)
     # Targets are constants (sinkhorn stop_gradients its scores), as in SwAV / VLAP.
     q_v = jax.lax.stop_gradient(assignments(s_v, **kw))
     q_t = jax.lax.stop_gradient(assignments(s_t, **kw))
@@ -252,11 +256,13 @@ def forward(params, frozen, batch, *, visual_map: VisualMap, llm: FrozenLLM,
 
 
 def loss_fn(params, frozen, batch, rng, *, visual_map: VisualMap, llm: FrozenLLM,
-            vision_fn: Callable[[Any, jax.Array], jax.Array], cfg: ml_collections.ConfigDict):
+            vision_fn: Callable[[Any, jax.Array], jax.Array], cfg: ml_collections.ConfigDict,
+            mesh: Any = None):
     """(params, frozen, batch, rng) -> (w_map * L_map + w_cap * L_cap, aux). rng is unused.
 
     frozen: {'llm': LLM params, 'prompt_ids': [P] int32, 'word_marginal': [V] float32,
-    'vision': vision-encoder constants}. Losses are float32 whatever the LLM's dtype.
+    'vision': vision-encoder constants}. Losses are float32 whatever the LLM's dtype. mesh: the
+    mesh the batch is split over (only the fused Sinkhorn, ``sinkhorn.impl='pallas'``, needs it).
     """
     del rng
     w, s = cfg.loss, cfg.sinkhorn
@@ -266,7 +272,7 @@ def loss_fn(params, frozen, batch, rng, *, visual_map: VisualMap, llm: FrozenLLM
         out["visual_repr"], out["text_repr"], words, col_marginal=frozen["word_marginal"],
         epsilon=s.epsilon, num_iters=s.num_iters, temperature=w.temperature,
         sinkhorn_mode=s.mode, prior_temperature=s.prior_temperature,
-        sinkhorn_impl=s.get("impl", "lax"))
+        sinkhorn_impl=s.get("impl", "lax"), sinkhorn_mesh=mesh)
     l_cap = llm.caption_loss(frozen["llm"], out["prefix"], frozen["prompt_ids"],
                              batch["caption_ids"], batch["caption_mask"])
     loss = w.map * l_map + w.cap * l_cap
@@ -478,6 +484,9 @@ def _cache_features(config, sources: dict[str, Any], vision_fn, frozen_vision, h
     if not c.dir:
         raise ValueError("config.data.feature_cache.enabled needs config.data.feature_cache.dir "
                          "(a folder for the .npy features)")
+    if "://" in str(c.dir):
+        raise ValueError(f"config.data.feature_cache.dir={c.dir!r}: the features are memory-mapped,"
+                         " so the cache must be on a local disk (each host keeps its own copy)")
     if v.kind == "clip":
         from lqae_vlap.data import clip_preprocess  # noqa: PLC0415
 
@@ -622,7 +631,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
         return visual_map.init(rng, jnp.zeros((1, 1, vision_width), jnp.float32))["params"]
 
     loss = functools.partial(loss_fn, visual_map=visual_map, llm=llm, vision_fn=vision_fn,
-                             cfg=config)
+                             cfg=config, mesh=mesh)
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     prompt_len = frozen["prompt_ids"].shape[0]
     if abstract:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,6 +55,7 @@ from lqae_vlap.evals import arithmetic as arithmetic_lib
 from lqae_vlap.evals import captioning as captioning_lib
 from lqae_vlap.evals import retrieval as retrieval_lib
 from lqae_vlap.evals import vqa as vqa_lib
+from lqae_vlap.train import files
 from lqae_vlap.train import sharding as sharding_lib
 
 EVALS = ("loss", "captioning", "retrieval", "vqa", "arithmetic")
@@ -181,8 +181,8 @@ def contains_word(text: str, word: str) -> bool:
 
 def _write_json(workdir: str, name: str, step: int, result: dict) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{name}_{step:06d}.json"), "w") as f:
-            json.dump({"step": step, **result}, f, indent=1)
+        files.write_text(files.join(workdir, f"eval_{name}_{step:06d}.json"),
+                         json.dumps({"step": step, **result}, indent=1))
 
 
 class Evaluator:
@@ -394,11 +394,10 @@ class Evaluator:
             lines.append(f"captioning {decoding} on {n} held-out images: {shown}; exact match "
                          f"{100 * exact:.1f}%{skipped}")
             if jax.process_index() == 0:
-                with open(os.path.join(workdir, f"captions_{decoding}_{step:06d}.txt"), "w") as f:
-                    f.write(f"# step {step}, {decoding}: prompt {self.cfg.model.prompt!r}; "
-                            "generated | first reference\n")
-                    for k in sorted(p):
-                        f.write(f"{p[k]} | {refs[k][0]}\n")
+                text = (f"# step {step}, {decoding}: prompt {self.cfg.model.prompt!r}; "
+                        "generated | first reference\n")
+                text += "".join(f"{p[k]} | {refs[k][0]}\n" for k in sorted(p))
+                files.write_text(files.join(workdir, f"captions_{decoding}_{step:06d}.txt"), text)
         first = next(iter(preds.values()))
         show = sorted(first)[:int(c.num_show)]
         result["examples"] = [{"index": k, "references": refs[k],

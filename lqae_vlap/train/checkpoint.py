@@ -7,13 +7,14 @@ a restart needs to continue bit-for-bit.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from lqae_vlap.train import files
 
 
 class CheckpointError(RuntimeError):
@@ -24,7 +25,7 @@ class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for the trainer's state pytree."""
 
     def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = files.normalize(directory)  # gs://... kept as is (orbax reads it)
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers=ocp.StandardCheckpointHandler(),  # lets item_metadata read the tree
@@ -98,15 +99,15 @@ def find_checkpoint_dir(path: str) -> tuple[str, int | None]:
     Returns (manager directory, step or None for the latest). Raises CheckpointError naming the
     path when nothing usable is there.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
+    path = files.normalize(path)
+    if not files.exists(path):
         raise CheckpointError(f"checkpoint path does not exist: {path}")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    base = os.path.basename(path.rstrip("/"))
-    if base.isdigit() and os.path.isdir(path):
-        return os.path.dirname(path), int(base)
-    steps = [d for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+    if files.isdir(files.join(path, "checkpoints")):
+        path = files.join(path, "checkpoints")
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    if base.isdigit() and files.isdir(path):
+        return path.rstrip("/")[: -len(base) - 1], int(base)
+    steps = [d for d in files.listdir(path) if d.isdigit()] if files.isdir(path) else []
     if not steps:
         raise CheckpointError(
             f"no checkpoint steps found under {path}; point at a workdir, its checkpoints/ "

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from lqae_vlap.train import files
 
 
 def _scalar(v: Any) -> float | None:
@@ -23,7 +24,10 @@ def _scalar(v: Any) -> float | None:
 
 
 class MetricWriter:
-    """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tensorboard``."""
+    """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tensorboard``.
+
+    The workdir may be a bucket (gs://...): see train/files.py (tensorboardX writes gs:// itself).
+    """
 
     def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True):
         self.active = active
@@ -31,15 +35,15 @@ class MetricWriter:
         self._jsonl = None
         if not active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        files.makedirs(workdir)
+        self._jsonl = files.AppendOnlyText(files.join(workdir, "metrics.jsonl"))
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:  # optional: JSONL alone is still complete
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+                self._tb = SummaryWriter(files.join(workdir, "tensorboard"), flush_secs=10)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         scalars = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
@@ -60,8 +64,7 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict[str, float]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ import optax
 
 from lqae_vlap.data.batches import IndexedBatches
 from lqae_vlap.train import checkpoint as ckpt_lib
+from lqae_vlap.train import files
 from lqae_vlap.train import metrics as metrics_lib
 from lqae_vlap.train import sharding as sharding_lib
 
@@ -145,8 +145,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        files.write_text(files.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -154,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains (or resumes) the method described by ``config``; returns the final state."""
     init_from = (ckpt_lib.find_checkpoint_dir(config.train.init_from)  # fail before any work
                  if config.train.get("init_from", "") else None)
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
          f"device(s), {jax.process_count()} process(es)")
@@ -166,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     init_state, abstract_state, state_shardings = build_state(method, tx, mesh, config.seed)
 
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), save_every=config.train.checkpoint_every,
+        files.join(workdir, "checkpoints"), save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.get("async_checkpoint", True))
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_state)
@@ -232,8 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if method.evaluate is not None and done > 0:
             run_eval(done)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "done.json"), "w") as f:
-                json.dump({"step": done}, f)
+            files.write_text(files.join(workdir, "done.json"), json.dumps({"step": done}))
     writer.close()
     return state
 
@@ -251,7 +249,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     checkpointer = ckpt_lib.Checkpointer(directory, save_every=1, keep=1, async_save=False)
     state = checkpointer.restore(abstract_state, step)
     step = int(state["step"])
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     writer = metrics_lib.MetricWriter(workdir, active=jax.process_index() == 0)
     scalars = writer.write(step, {f"eval/{k}": v
                                   for k, v in method.evaluate(state["params"], method.frozen,

@@ -22,7 +22,7 @@ import torch
 from lqae_vlap.data import captions as captions_lib
 from lqae_vlap.methods import vlap
 from lqae_vlap.train import sharding
-from tests.train.test_trainer import assert_sharded_step_matches_one_device, load_config
+from tests.train.test_trainer import assert_sharded_step_matches_one_device, load_config, run_steps
 
 ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
 
@@ -404,3 +404,16 @@ def test_feature_cache_gives_the_same_loss_and_is_reused(built, tiny_llama_dir, 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "fc").glob("*.npy")}
     vlap.build(cached_config, mesh)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "fc").glob("*.npy")} == stamps
+
+
+def test_fused_sinkhorn_in_the_sharded_vlap_step(tiny_llama_dir):
+    """config.sinkhorn.impl='pallas' (the fused kernel; Pallas interpreter on CPU) in the 8-device
+    sharded train step, its column sums combined across devices, equals the lax step on one."""
+    one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    eight = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    losses_lax, params_lax, _ = run_steps(demo_config(tiny_llama_dir), one, 2, vlap.build)
+    losses_fused, params_fused, _ = run_steps(
+        demo_config(tiny_llama_dir, **{"sinkhorn.impl": "pallas"}), eight, 2, vlap.build)
+    np.testing.assert_allclose(losses_fused, losses_lax, rtol=0, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5),
+                 params_lax, params_fused)

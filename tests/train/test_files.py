@@ -1,0 +1,114 @@
+"""Workdir files on local disks and on object stores (fsspec's memory:// stands in for gs://)."""
+
+import io
+import json
+import os
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lqae_vlap.evals import linear_probe, reconstruction
+from lqae_vlap.train import checkpoint, files, metrics
+
+
+@pytest.fixture
+def bucket():
+    """A fresh object-store folder (fsspec's in-memory filesystem: no append, no local path)."""
+    return f"memory://bucket-{uuid.uuid4().hex}"
+
+
+def test_paths_are_kept_as_urls_and_local_paths_made_absolute(tmp_path, monkeypatch):
+    assert files.is_remote("gs://b/run") and not files.is_remote("runs/x")
+    assert not files.is_remote("file:///tmp/x")
+    assert files.normalize("gs://b/run") == "gs://b/run"  # os.path.abspath would give ./gs:/b/run
+    monkeypatch.chdir(tmp_path)
+    assert files.normalize("run") == os.path.join(str(tmp_path), "run")
+    assert files.join("gs://b/run", "metrics.jsonl") == "gs://b/run/metrics.jsonl"
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_write_read_exists_listdir(where, tmp_path, bucket):
+    root = str(tmp_path) if where == "local" else bucket
+    files.makedirs(files.join(root, "sub"))
+    files.write_text(files.join(root, "sub", "a.json"), '{"x": 1}')
+    files.write_bytes(files.join(root, "b.bin"), b"\x00\x01")
+    assert json.loads(files.read_text(files.join(root, "sub", "a.json"))) == {"x": 1}
+    assert files.read_bytes(files.join(root, "b.bin")) == b"\x00\x01"
+    assert files.isdir(files.join(root, "sub")) and not files.isdir(files.join(root, "b.bin"))
+    assert files.exists(files.join(root, "b.bin")) and not files.exists(files.join(root, "c"))
+    assert files.listdir(root) == ["b.bin", "sub"]
+
+
+def test_local_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    files.write_text(path, "old")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        files.write_text(path, "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
+
+
+def test_append_only_text_on_an_object_store_keeps_lines_across_restarts(bucket):
+    path = files.join(bucket, "metrics.jsonl")
+    log = files.AppendOnlyText(path, flush_secs=3600)
+    log.write("1\n")
+    log.write("2\n")
+    assert not files.exists(path)  # buffered: the object is rewritten on flush, not per line
+    log.flush()
+    assert files.read_text(path) == "1\n2\n"
+    log.write("3\n")
+    log.close()
+    again = files.AppendOnlyText(path, flush_secs=0)  # a restarted run appends
+    again.write("4\n")  # flush_secs=0: uploaded at once
+    assert files.read_text(path) == "1\n2\n3\n4\n"
+    again.close()
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_metric_writer_and_read_jsonl(where, tmp_path, bucket):
+    workdir = str(tmp_path / "run") if where == "local" else bucket + "/run"
+    for start in (0, 2):  # a restart appends to the same file
+        w = metrics.MetricWriter(workdir, tensorboard=False)
+        w.write(start + 1, {"loss": np.float32(0.5), "text": "skipped"})
+        w.write(start + 2, {"loss": 0.25})
+        w.close()
+    records = metrics.read_jsonl(files.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[0] == {"step": 1, "loss": 0.5}
+
+
+def test_find_checkpoint_dir_on_an_object_store(bucket):
+    files.makedirs(f"{bucket}/run/checkpoints/5")
+    files.write_text(f"{bucket}/run/checkpoints/5/x", "")  # object stores have no empty folders
+    files.write_text(f"{bucket}/run/checkpoints/10/x", "")
+    assert checkpoint.find_checkpoint_dir(f"{bucket}/run") == (f"{bucket}/run/checkpoints", None)
+    assert checkpoint.find_checkpoint_dir(f"{bucket}/run/checkpoints/5") == (
+        f"{bucket}/run/checkpoints", 5)
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.find_checkpoint_dir(f"{bucket}/elsewhere")
+
+
+def test_png_grid_and_probe_cache_write_to_an_object_store(bucket):
+    rows = [np.zeros((2, 4, 4, 3)), np.ones((2, 4, 4, 3))]
+    grid = reconstruction.png_grid(rows, files.join(bucket, "recon.png"))
+    png = np.asarray(Image.open(io.BytesIO(files.read_bytes(files.join(bucket, "recon.png")))))
+    np.testing.assert_array_equal(png, grid)
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.arange(6.0).reshape(3, 2), np.array([0, 1, 0])
+
+    cache = files.join(bucket, "probe_features")
+    first = linear_probe.cached_features(cache, step=3, layer=-1, split="train", compute_fn=compute)
+    second = linear_probe.cached_features(cache, step=3, layer=-1, split="train", compute_fn=compute)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
