@@ -96,6 +96,64 @@ def heads_out_dense(features: int, *, dtype: Any, param_dtype: Any, name: str | 
                            bias_init=logical_init(("embed",), nn.initializers.zeros), name=name)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale: no mean subtraction, no bias; statistics in float32.
+
+    Llama's LlamaRMSNorm and T5's T5LayerNorm are this same computation (one ``scale`` param).
+    """
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] -> [..., D]."""
+        scale = self.param("scale", logical_init(("norm",), nn.initializers.ones), (x.shape[-1],),
+                           self.param_dtype)
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * h.astype(self.dtype)
+
+
+def check_decoder_call(who: str, input_ids: jax.Array | None, inputs_embeds: jax.Array | None,
+                       embed_width: int, logits_to_keep: int, cache: Any, cache_index: Any,
+                       width_note: str = "") -> tuple[int, int]:
+    """The argument checks every decoder-only LM's ``__call__`` makes (the generate.py contract).
+
+    Returns (batch, length) of the new tokens.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"{who}: pass exactly one of input_ids [B, L] or inputs_embeds [B, L, D]")
+    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"{who}: logits_to_keep must be a Python int >= 0 (0 = every position), "
+                         f"got {logits_to_keep!r}")
+    if (cache is None) != (cache_index is None):
+        raise ValueError(f"{who}: pass cache and cache_index together (init_cache makes the "
+                         "cache; cache_index is the slot of the first new token)")
+    if inputs_embeds is not None:
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != embed_width:
+            raise ValueError(f"{who}: inputs_embeds must be [batch, length, {embed_width}]"
+                             f"{width_note}, got shape {inputs_embeds.shape}")
+        return inputs_embeds.shape[0], inputs_embeds.shape[1]
+    if input_ids.ndim != 2:
+        raise ValueError(f"{who}: input_ids must be [batch, length], got {input_ids.shape}")
+    return input_ids.shape[0], input_ids.shape[1]
+
+
+def decoder_attention_mask(who: str, attention_mask: jax.Array | None, batch: int, total: int,
+                           cached: bool) -> jax.Array:
+    """attention_mask over the ``total`` key slots ([batch, cache length] with a cache, else
+    [batch, length]); all real when None."""
+    if attention_mask is None:
+        return jnp.ones((batch, total), jnp.int32)
+    if attention_mask.shape != (batch, total):
+        want = "[batch, cache length]" if cached else "[batch, length]"
+        raise ValueError(f"{who}: attention_mask must be {want} = {(batch, total)}, got "
+                         f"{attention_mask.shape}")
+    return attention_mask
+
+
 def padding_bias(mask: jax.Array) -> jax.Array:
     """mask: [B, Lk] (1 = attend) -> additive float32 bias [B, 1, 1, Lk].
 

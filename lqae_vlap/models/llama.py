@@ -38,7 +38,8 @@ from jax.sharding import Mesh
 
 from lqae_vlap.models.hf_weights import (Copy, Linear, NameMap, Reshape, Source, convert_checkpoint,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
-from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activation, dense,
+from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, causal_visibility, check_activation,
+                                     check_decoder_call, decoder_attention_mask, dense,
                                      embedding_lookup, heads_dense, heads_out_dense, kv_cache_zeros,
                                      logical_init, write_kv_cache)
 
@@ -158,21 +159,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., D] -> [..., D]; statistics in float32 as LlamaRMSNorm does."""
-        scale = self.param("scale", logical_init(("norm",), nn.initializers.ones), (x.shape[-1],),
-                           self.param_dtype)
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * h.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -300,33 +286,15 @@ class LlamaForCausalLM(nn.Module):
                cache=the updated cache or None).
         """
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("LlamaForCausalLM: pass exactly one of input_ids [B, L] or "
-                             "inputs_embeds [B, L, D]")
-        if inputs_embeds is not None and (inputs_embeds.ndim != 3
-                                          or inputs_embeds.shape[-1] != cfg.hidden_size):
-            raise ValueError(f"LlamaForCausalLM: inputs_embeds must be [batch, length, "
-                             f"{cfg.hidden_size}], got shape {inputs_embeds.shape}")
-        if input_ids is not None and input_ids.ndim != 2:
-            raise ValueError(f"LlamaForCausalLM: input_ids must be [batch, length], got {input_ids.shape}")
-        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"LlamaForCausalLM: logits_to_keep must be a Python int >= 0 (0 = every "
-                             f"position), got {logits_to_keep!r}")
-        if (cache is None) != (cache_index is None):
-            raise ValueError("LlamaForCausalLM: pass cache and cache_index together (init_cache "
-                             "makes the cache; cache_index is the slot of the first new token)")
+        who = "LlamaForCausalLM"
+        b, length = check_decoder_call(who, input_ids, inputs_embeds, cfg.hidden_size,
+                                       logits_to_keep, cache, cache_index)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size,
                          embedding_init=logical_init(("vocab", "embed")), name="embed_tokens", **kw)
         x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-        b, length = x.shape[:2]
         offset = jnp.int32(0) if cache is None else jnp.asarray(cache_index, jnp.int32)
         total = length if cache is None else next(iter(cache.values()))["k"].shape[1]
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, total), jnp.int32)
-        if attention_mask.shape != (b, total):
-            want = "[batch, cache length]" if cache is not None else "[batch, length]"
-            raise ValueError(f"LlamaForCausalLM: attention_mask must be {want} = {(b, total)}, "
-                             f"got {attention_mask.shape}")
+        attention_mask = decoder_attention_mask(who, attention_mask, b, total, cache is not None)
         if positions is None:
             positions = offset + jnp.arange(length, dtype=jnp.int32)[None, :]
         positions = jnp.broadcast_to(positions, (b, length))

@@ -48,7 +48,8 @@ from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, conve
                                          dense_sources, detect_prefix, layer_norm_sources,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activation,
-                                     check_heads_divide, dense, embedding_lookup, heads_dense,
+                                     check_decoder_call, check_heads_divide,
+                                     decoder_attention_mask, dense, embedding_lookup, heads_dense,
                                      heads_out_dense, kv_cache_zeros, layer_norm, logical_init,
                                      write_kv_cache)
 
@@ -231,37 +232,18 @@ class OPTForCausalLM(nn.Module):
                cache=the updated cache or None).
         """
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("OPTForCausalLM: pass exactly one of input_ids [B, L] or "
-                             "inputs_embeds [B, L, D]")
-        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"OPTForCausalLM: logits_to_keep must be a Python int >= 0 (0 = every "
-                             f"position), got {logits_to_keep!r}")
-        if (cache is None) != (cache_index is None):
-            raise ValueError("OPTForCausalLM: pass cache and cache_index together (init_cache makes "
-                             "the cache; cache_index is the slot of the first new token)")
-        if inputs_embeds is not None:
-            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.word_embed_proj_dim:
-                raise ValueError(f"OPTForCausalLM: inputs_embeds must be [batch, length, "
-                                 f"{cfg.word_embed_proj_dim}] (the word-embedding width), got "
-                                 f"shape {inputs_embeds.shape}")
-            batch, length = inputs_embeds.shape[:2]
-        else:
-            if input_ids.ndim != 2:
-                raise ValueError(f"OPTForCausalLM: input_ids must be [batch, length], got {input_ids.shape}")
-            batch, length = input_ids.shape
+        who = "OPTForCausalLM"
+        batch, length = check_decoder_call(who, input_ids, inputs_embeds, cfg.word_embed_proj_dim,
+                                           logits_to_keep, cache, cache_index,
+                                           width_note=" (the word-embedding width)")
         total = length if cache is None else cache["layers_0"]["k"].shape[1]
         if total > cfg.max_position_embeddings:
-            raise ValueError(f"OPTForCausalLM: {total} tokens exceed the {cfg.max_position_embeddings} "
+            raise ValueError(f"{who}: {total} tokens exceed the {cfg.max_position_embeddings} "
                              "positions this checkpoint has; truncate the prompt or shrink the cache")
         if cache is not None and length > total:
-            raise ValueError(f"OPTForCausalLM: {length} new tokens do not fit a cache of {total} slots")
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, total), jnp.int32)
-        if attention_mask.shape != (batch, total):
-            want = "[batch, cache length]" if cache is not None else "[batch, length]"
-            raise ValueError(f"OPTForCausalLM: attention_mask must be {want} = {(batch, total)}, got "
-                             f"{attention_mask.shape}")
+            raise ValueError(f"{who}: {length} new tokens do not fit a cache of {total} slots")
+        attention_mask = decoder_attention_mask(who, attention_mask, batch, total,
+                                                cache is not None)
         offset = jnp.int32(0) if cache is None else jnp.asarray(cache_index, jnp.int32)
         if positions is None:  # HF: cumsum(mask) * mask - 1, so pads read position row 1
             mask = attention_mask.astype(jnp.int32)

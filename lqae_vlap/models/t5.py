@@ -1,7 +1,8 @@
 """Frozen T5 encoder-decoder (T5, T5 v1.1, Flan-T5) with a decoder KV cache, greedy and beam search.
 
 Matches transformers' ``T5ForConditionalGeneration`` in eval mode:
-  - RMS-style T5LayerNorm (no mean, no bias; statistics in float32), pre-norm blocks.
+  - RMS-style T5LayerNorm (layers.RMSNorm: no mean, no bias; statistics in float32), pre-norm
+    blocks.
   - No bias anywhere, and no 1/sqrt(d) on the attention scores (T5 folds it into the q init).
   - Relative position buckets: bidirectional in the encoder, causal in the decoder; one bias table
     per stack, stored in the first block of the checkpoint and shared by every layer.
@@ -38,9 +39,9 @@ from jax.sharding import Mesh
 
 from lqae_vlap.models.hf_weights import (Linear, NameMap, Source, convert_checkpoint,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
-from lqae_vlap.models.layers import (ACTIVATIONS, constrain_kv_cache, dense, embedding_lookup,
-                                     heads_dense, heads_out_dense, kv_cache_zeros, logical_init,
-                                     padding_bias, write_kv_cache)
+from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, constrain_kv_cache, dense,
+                                     embedding_lookup, heads_dense, heads_out_dense,
+                                     kv_cache_zeros, logical_init, padding_bias, write_kv_cache)
 
 _INIT = nn.initializers.normal(0.05)  # default kernel / table init of this file (fresh models only)
 # Cache pytree: one {'key', 'value'} per decoder layer, each [batch, max_len, heads, head_dim].
@@ -135,23 +136,6 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
     return (buckets + jnp.where(is_small, relative_position, large)).astype(jnp.int32)
 
 
-class T5LayerNorm(nn.Module):
-    """x / rms(x) * scale; no mean subtraction, no bias. Statistics in float32."""
-
-    epsilon: float = 1e-6
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., D] -> [..., D]."""
-        scale = self.param("scale", logical_init(("norm",), nn.initializers.ones), (x.shape[-1],),
-                           self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
-
-
 class Attention(nn.Module):
     """Multi-head attention without biases or score scaling; ``bias`` carries positions and masks."""
 
@@ -206,7 +190,7 @@ class Block(nn.Module):
 
     def setup(self) -> None:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda: T5LayerNorm(cfg.layer_norm_epsilon, **kw)  # noqa: E731
+        norm = lambda: RMSNorm(cfg.layer_norm_epsilon, **kw)  # noqa: E731
         self.self_attn_norm, self.self_attn = norm(), Attention(cfg, **kw)
         if self.is_decoder:
             self.cross_attn_norm, self.cross_attn = norm(), Attention(cfg, **kw)
@@ -250,8 +234,8 @@ class T5(nn.Module):
         self.encoder_blocks = [Block(cfg, False, name=f"encoder_block_{i}", **kw) for i in range(cfg.num_layers)]
         self.decoder_blocks = [Block(cfg, True, name=f"decoder_block_{i}", **kw)
                                for i in range(cfg.num_decoder_layers)]
-        self.encoder_final_norm = T5LayerNorm(cfg.layer_norm_epsilon, **kw)
-        self.decoder_final_norm = T5LayerNorm(cfg.layer_norm_epsilon, **kw)
+        self.encoder_final_norm = RMSNorm(cfg.layer_norm_epsilon, **kw)
+        self.decoder_final_norm = RMSNorm(cfg.layer_norm_epsilon, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
                                  kernel_init=_INIT, **kw)
