@@ -17,7 +17,6 @@ Each evaluation named in ``config.eval.evals`` runs on the current params and re
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import ml_collections
@@ -30,15 +29,10 @@ from lqae_vlap.evals import reconstruction as recon_lib
 from lqae_vlap.models import roberta
 from lqae_vlap.ops import quantize as quantize_lib
 from lqae_vlap.train import files
+from lqae_vlap.train import metrics as metrics_lib
 from lqae_vlap.train import sharding as sharding_lib
 
 EVALS = ("reconstruction", "fewshot", "fewshot_llm", "linear_probe")
-
-
-def _write_json(workdir: str, name: str, step: int, result: dict) -> None:
-    if jax.process_index() == 0:
-        files.write_text(files.join(workdir, f"eval_{name}_{step:06d}.json"),
-                         json.dumps({"step": step, **result}, indent=1))
 
 
 def encode_words(params, frozen, images, *, model, cfg) -> jax.Array:
@@ -95,7 +89,7 @@ class Evaluator:
         words: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name in self.cfg.eval.evals:
             result = getattr(self, f"_{name}")(params, frozen, step, workdir, words)
-            _write_json(workdir, name, step, result)
+            metrics_lib.write_eval_json(workdir, name, step, result)
             if jax.process_index() == 0:
                 for line in _summary(name, result):
                     print(f"  {line}", flush=True)

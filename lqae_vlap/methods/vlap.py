@@ -183,12 +183,6 @@ def assignment_prediction_loss(
                                    "assign_agreement": agreement}
 
 
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """x: [B, L, D], mask: [B, L] -> mean over real tokens [B, D] (float32)."""
-    m = mask.astype(jnp.float32)[..., None]
-    return jnp.sum(x.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-
-
 # ----------------------------------------------------------------------------------------------
 # The demo's stand-in vision encoder
 
@@ -249,8 +243,7 @@ def forward(params, frozen, batch, *, visual_map: VisualMap, llm: FrozenLLM,
     ids, mask = batch["caption_ids"], batch["caption_mask"]
     # The text side is frozen and a constant target: no gradient through it at all
     # (decoder-only: the LM's last hidden states; T5: the encoder's).
-    text_hidden = llm.text_hidden(frozen["llm"], ids, mask)
-    text_repr = jax.lax.stop_gradient(masked_mean(text_hidden, mask))
+    text_repr = jax.lax.stop_gradient(llm.text_repr(frozen["llm"], ids, mask))
     return {"prefix": prefix, "visual_repr": jnp.mean(prefix.astype(jnp.float32), axis=1),
             "text_repr": text_repr}
 
@@ -506,17 +499,15 @@ def _cache_features(config, sources: dict[str, Any], vision_fn, frozen_vision, h
     encode = jax.jit(lambda images: vision_fn(frozen_vision, images),
                      out_shardings=sharding_lib.replicated(mesh))
     cache = fc.FeatureCache(c.dir)
-    out, done = {}, {}
+    wrapped: dict[int, Any] = {}  # one source under two names (digits: validation = images)
     for name, src in sources.items():
-        if src is None or id(src) in done:
-            out[name] = done.get(id(src)) if src is not None else None
-            continue
-        key = fc.cache_key(vision=vision, preprocess=preprocess, dataset=dataset, split=name,
-                           num_examples=len(src), dtype=c.dtype)
-        feats = cache.get_or_compute(key, src, encode, batch_size=int(c.batch_size),
-                                     preprocess=host_image, num_workers=int(d.num_workers))
-        out[name] = done[id(src)] = fc.CachedFeatures(src, feats)
-    return out
+        if src is not None and id(src) not in wrapped:
+            key = fc.cache_key(vision=vision, preprocess=preprocess, dataset=dataset, split=name,
+                               num_examples=len(src), dtype=c.dtype)
+            feats = cache.get_or_compute(key, src, encode, batch_size=int(c.batch_size),
+                                         preprocess=host_image, num_workers=int(d.num_workers))
+            wrapped[id(src)] = fc.CachedFeatures(src, feats)
+    return {name: None if src is None else wrapped[id(src)] for name, src in sources.items()}
 
 
 def _word_marginal(config, tokenizer, vocab: int, train_src) -> tuple[np.ndarray, str]:

@@ -39,7 +39,6 @@ image per digit. Recall is averaged over galleries and chance is computed for th
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -56,6 +55,7 @@ from lqae_vlap.evals import captioning as captioning_lib
 from lqae_vlap.evals import retrieval as retrieval_lib
 from lqae_vlap.evals import vqa as vqa_lib
 from lqae_vlap.train import files
+from lqae_vlap.train import metrics as metrics_lib
 from lqae_vlap.train import sharding as sharding_lib
 
 EVALS = ("loss", "captioning", "retrieval", "vqa", "arithmetic")
@@ -179,12 +179,6 @@ def contains_word(text: str, word: str) -> bool:
 # The evaluator
 
 
-def _write_json(workdir: str, name: str, step: int, result: dict) -> None:
-    if jax.process_index() == 0:
-        files.write_text(files.join(workdir, f"eval_{name}_{step:06d}.json"),
-                         json.dumps({"step": step, **result}, indent=1))
-
-
 class Evaluator:
     """Runs ``config.eval.evals``; ``run(params, frozen, step, workdir) -> scalars``.
 
@@ -229,12 +223,8 @@ class Evaluator:
         self._encode = {f: jax.jit(functools.partial(encode, from_features=f), out_shardings=rep)
                         for f in (False, True)}
 
-        def text_repr(frozen, ids, mask):
-            hidden = llm.text_hidden(frozen["llm"], ids, mask)
-            m = mask.astype(jnp.float32)[..., None]
-            return jnp.sum(hidden.astype(jnp.float32) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
-
-        self._text = jax.jit(text_repr, out_shardings=rep)
+        self._text = jax.jit(lambda frozen, ids, mask: llm.text_repr(frozen["llm"], ids, mask),
+                             out_shardings=rep)
 
         def caption_nll(frozen, prefix, ids, mask):
             """Per-row mean NLL of each caption after its own prefix: [B]."""
@@ -266,39 +256,38 @@ class Evaluator:
             idx = list(range(start, min(start + bs, n)))
             examples = [source[i] for i in idx]
             x, from_features = self._inputs(examples)
-            pad = bs - len(idx)  # one compiled shape: pad the last batch with its last row
-            if pad:
-                x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
-            yield idx, examples, self._encode[from_features](self._params, self._frozen, x)
+            yield idx, examples, self._encode[from_features](self._params, self._frozen,
+                                                             _pad_rows(x, bs))
 
     def _visual_reprs(self, source, n: int, *, keep_prefix: bool = False
                       ) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
         """Image representations [n, D] (mean of projected tokens), the examples, and (with
         keep_prefix) the prefixes [n, T, D]; computed once per ``run`` and shared."""
-        key = (id(source), n, keep_prefix)
-        if key not in self._run_cache:
+        key = (id(source), n)
+        cached = self._run_cache.get(key)
+        if cached is None or (keep_prefix and cached[2] is None):
             reprs, examples, prefixes = [], [], []
             for idx, ex, prefix in self._batches(source, n):
                 reprs.append(np.asarray(jnp.mean(prefix.astype(jnp.float32), 1))[:len(idx)])
                 if keep_prefix:
                     prefixes.append(np.asarray(prefix)[:len(idx)])
                 examples.extend(ex)
-            self._run_cache[key] = (np.concatenate(reprs), examples,
-                                    np.concatenate(prefixes) if keep_prefix else None)
-        return self._run_cache[key]
+            cached = self._run_cache[key] = (np.concatenate(reprs), examples,
+                                             np.concatenate(prefixes) if keep_prefix else None)
+        return cached
 
     def _likelihood_sim(self, prefixes: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """[n_img, n_txt] mean log-likelihood of each caption after each image's prefix."""
         bs, max_len = int(self.cfg.eval.batch_size), int(self.cfg.model.max_caption_len)
         ids, mask = captions_lib.tokenize_captions(self.llm.tokenizer, list(texts), max_len)
-        pairs = [(i, j) for i in range(len(prefixes)) for j in range(len(texts))]
-        out = np.empty(len(pairs), np.float64)
-        for start in range(0, len(pairs), bs):
-            chunk = pairs[start:start + bs]
-            rows = chunk + [chunk[-1]] * (bs - len(chunk))  # one compiled shape
-            ii, jj = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-            nll = self._caption_nll(self._frozen, prefixes[ii], ids[jj], mask[jj])
-            out[start:start + len(chunk)] = -np.asarray(nll)[:len(chunk)]
+        # Every (image, caption) pair, image-major: [n_img * n_txt].
+        img = np.repeat(np.arange(len(prefixes)), len(texts))
+        txt = np.tile(np.arange(len(texts)), len(prefixes))
+        out = np.empty(len(img), np.float64)
+        for start in range(0, len(img), bs):
+            ii, jj = _pad_rows(img[start:start + bs], bs), _pad_rows(txt[start:start + bs], bs)
+            nll = np.asarray(self._caption_nll(self._frozen, prefixes[ii], ids[jj], mask[jj]))
+            out[start:start + bs] = -nll[:len(out[start:start + bs])]
         return out.reshape(len(prefixes), len(texts))
 
     def _text_reprs(self, texts: Sequence[str]) -> np.ndarray:
@@ -308,11 +297,8 @@ class Evaluator:
         for start in range(0, len(texts), bs):
             chunk = list(texts[start:start + bs])
             ids, mask = captions_lib.tokenize_captions(self.llm.tokenizer, chunk, max_len)
-            pad = bs - len(chunk)
-            if pad:
-                ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
-                mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
-            out.append(np.asarray(self._text(self._frozen, ids, mask))[:len(chunk)])
+            out.append(np.asarray(self._text(self._frozen, _pad_rows(ids, bs),
+                                             _pad_rows(mask, bs)))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def _generate(self, prefix, prompts: list[list[int]], *, max_new_tokens: int,
@@ -341,7 +327,7 @@ class Evaluator:
                 print(f"  {banner}", flush=True)
             for name in self.cfg.eval.evals:
                 result, lines = getattr(self, f"_{name}")(step, workdir)
-                _write_json(workdir, name, step, result)
+                metrics_lib.write_eval_json(workdir, name, step, result)
                 if jax.process_index() == 0:
                     for line in lines:
                         print(f"  {line}", flush=True)
@@ -556,6 +542,12 @@ class Evaluator:
                 f"; controls: the image alone {100 * acc['image_only']:.1f}%, word(b) alone "
                 f"{100 * acc['word_only']:.1f}%, chance {100 * float(np.mean(chance)):.1f}%")
         return result, lines
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Pads [n, ...] to [rows, ...] by repeating the last row: one compiled shape per batch size
+    (the padded rows' results are dropped)."""
+    return x if len(x) >= rows else np.concatenate([x, np.repeat(x[-1:], rows - len(x), 0)])
 
 
 def _decoding(beams: int) -> str:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from lqae_vlap.train import files
@@ -61,6 +62,13 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def write_eval_json(workdir: str, name: str, step: int, result: Mapping[str, Any]) -> None:
+    """``workdir/eval_<name>_<step>.json`` = {"step": step, **result}; process 0 only."""
+    if jax.process_index() == 0:
+        files.write_text(files.join(workdir, f"eval_{name}_{step:06d}.json"),
+                         json.dumps({"step": step, **result}, indent=1))
 
 
 def read_jsonl(path: str) -> list[dict[str, float]]:
