@@ -65,3 +65,4 @@ def test_missing_language_model_folder(tmp_path):
     proc = run_cli("--config=configs/lqae_tiny.py", f"--workdir={tmp_path / 'w'}",
                    f"--config.model.lm_path={missing}")
     assert_one_line_error(proc, str(missing))
+    assert not (tmp_path / "w").exists(), "a run that fails to build must not create the workdir"

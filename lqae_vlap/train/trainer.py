@@ -153,7 +153,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains (or resumes) the method described by ``config``; returns the final state."""
     init_from = (ckpt_lib.find_checkpoint_dir(config.train.init_from)  # fail before any work
                  if config.train.get("init_from", "") else None)
-    files.makedirs(workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
          f"device(s), {jax.process_count()} process(es)")
@@ -164,6 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     tx, schedule = make_optimizer(config.optim, total, config.data.batch_size)
     init_state, abstract_state, state_shardings = build_state(method, tx, mesh, config.seed)
 
+    files.makedirs(workdir)  # only now: a run that fails to build leaves no workdir behind
     checkpointer = ckpt_lib.Checkpointer(
         files.join(workdir, "checkpoints"), save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, async_save=config.train.get("async_checkpoint", True))
