@@ -1,8 +1,8 @@
-"""Image preprocessing shared by every image source: uint8 <-> float, resizes and crops.
+"""Image preprocessing shared by every image source: resizes and crops.
 
 Images travel through the data pipeline as uint8 ``[H, W, 3]`` (4x smaller than float32 in the
 prefetch queue and on the host-to-device copy) and become float only at the model's door through
-:func:`to_float`. The geometry follows torchvision's conventions on PIL images, which is what the
+``ops/pixels.py``'s ``to_float``. The geometry follows torchvision's conventions on PIL images, which is what the
 LQAE release used (``lqae/data/data.py``): ``RandomResizedCrop`` + ``RandomHorizontalFlip`` for
 training and ``Resize(shorter side) + CenterCrop`` for evaluation, bicubic, on PIL.
 
@@ -13,7 +13,6 @@ iterator (``data/batches.py``) can make augmentation a pure function of (seed, e
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,31 +23,6 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-
-
-def to_float(images: Any) -> Any:
-    """uint8 pixels -> float32 in [-1, 1]: 0 -> -1.0, 255 -> +1.0 exactly.
-
-    Works on NumPy and JAX arrays alike (only ``astype`` and arithmetic), so it can run on the host
-    or inside a jitted step. images: [..., H, W, C] uint8 -> [..., H, W, C] float32.
-    """
-    dtype = getattr(images, "dtype", None)
-    if dtype is None or np.dtype(dtype) != np.uint8:
-        raise TypeError(
-            f"to_float expects uint8 pixels in [0, 255], got dtype {dtype}; images are kept as uint8 "
-            "through the data pipeline, so convert at the source (e.g. np.asarray(img, np.uint8))."
-        )
-    # 127.5 is exact in float32, so 255 / 127.5 - 1 is exactly 1.
-    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def to_uint8(images: Any) -> np.ndarray:
-    """Inverse of :func:`to_float` for viewing reconstructions: float in [-1, 1] -> uint8.
-
-    Values outside [-1, 1] (a decoder's overshoot) are clipped. images: [..., H, W, C].
-    """
-    x = np.asarray(images, dtype=np.float64)
-    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def _check_image(image: np.ndarray, where: str) -> np.ndarray:

@@ -1,7 +1,7 @@
 """VQAv2 questions as a random-access source, and a digit stand-in for the offline demo.
 
 ``VqaV2Source``: the official VQAv2 files (``v2_OpenEnded_mscoco_<subtype>_questions.json``,
-``v2_mscoco_<subtype>_annotations.json``, read by ``evals/vqa.load_vqa_v2``) and the COCO image
+``v2_mscoco_<subtype>_annotations.json``, read by ``load_vqa_v2``) and the COCO image
 folder, one example per question in the questions file's order::
 
   {'image': uint8 [H, W, 3], 'question': str, 'question_id': int64, 'image_id': int64,
@@ -20,6 +20,7 @@ them: "seven" scores 1, "7" scores 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import operator
 import os
@@ -31,14 +32,15 @@ import numpy as np
 
 from lqae_vlap.data import demo_images
 from lqae_vlap.data.imagenet import decode_image
-from lqae_vlap.evals.vqa import N_HUMAN_ANSWERS, VQAv2Split, load_vqa_v2
 
+N_HUMAN_ANSWERS = 10  # human answers per annotated VQAv2 question
 DEFAULT_IMAGE_PATTERN = "COCO_{subtype}_{image_id:012d}.jpg"
 # Questions of these subtypes are asked about another subtype's images.
 _IMAGE_SUBTYPE = {"test-dev2015": "test2015"}
 DIGIT_QUESTION = "What digit is this?"
 
-__all__ = ["VqaV2Source", "DigitQuestions", "DEFAULT_IMAGE_PATTERN", "DIGIT_QUESTION"]
+__all__ = ["VQAv2Split", "load_vqa_v2", "VqaV2Source", "DigitQuestions", "DEFAULT_IMAGE_PATTERN",
+           "DIGIT_QUESTION"]
 
 
 def _read(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -50,6 +52,66 @@ def _read(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
                                 "zips from https://visualqa.org/download.html and unzip them.")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQAv2Split:
+    """One VQAv2 split, keyed by question_id.
+
+    questions: qid -> question text; image_ids: qid -> COCO image id; answers: qid -> the 10 human
+    answers (empty dict for test splits, which ship no annotations); answer_types / question_types:
+    qid -> type strings; multiple_choice_answer: qid -> the most common human answer.
+    """
+
+    questions: dict[int, str]
+    image_ids: dict[int, int]
+    answers: dict[int, list[str]]
+    answer_types: dict[int, str]
+    question_types: dict[int, str]
+    multiple_choice_answer: dict[int, str]
+
+
+def load_vqa_v2(questions_json: str | os.PathLike | Mapping[str, Any],
+                annotations_json: str | os.PathLike | Mapping[str, Any] | None = None
+                ) -> VQAv2Split:
+    """Read the official VQAv2 files (v2_OpenEnded_mscoco_<split>_questions.json and
+    v2_mscoco_<split>_annotations.json), given as paths or already-parsed dicts.
+
+    The questions file holds {"questions": [{"question_id", "image_id", "question"}, ...]}; the
+    annotations file {"annotations": [{"question_id", "image_id", "question_type", "answer_type",
+    "multiple_choice_answer", "answers": [{"answer", "answer_confidence", "answer_id"} x 10]}]}.
+    """
+    qdata = _read(questions_json)
+    if "questions" not in qdata:
+        raise ValueError("questions_json has no 'questions' list; pass the official "
+                         "v2_OpenEnded_mscoco_<split>_questions.json")
+    questions, image_ids = {}, {}
+    for q in qdata["questions"]:
+        qid = int(q["question_id"])
+        questions[qid] = q["question"]
+        image_ids[qid] = int(q["image_id"])
+    answers: dict[int, list[str]] = {}
+    answer_types: dict[int, str] = {}
+    question_types: dict[int, str] = {}
+    mc: dict[int, str] = {}
+    if annotations_json is not None:
+        adata = _read(annotations_json)
+        if "annotations" not in adata:
+            raise ValueError("annotations_json has no 'annotations' list; pass the official "
+                             "v2_mscoco_<split>_annotations.json")
+        for a in adata["annotations"]:
+            qid = int(a["question_id"])
+            if qid not in questions:
+                raise ValueError(f"annotation for question {qid} has no question in "
+                                 "questions_json; the two files must be of the same split")
+            if int(a["image_id"]) != image_ids[qid]:
+                raise ValueError(f"question {qid}: image_id {a['image_id']} in the annotations "
+                                 f"but {image_ids[qid]} in the questions; different splits?")
+            answers[qid] = [d["answer"] for d in a["answers"]]
+            answer_types[qid] = a["answer_type"]
+            question_types[qid] = a["question_type"]
+            mc[qid] = a.get("multiple_choice_answer", "")
+    return VQAv2Split(questions, image_ids, answers, answer_types, question_types, mc)
 
 
 class _Questions:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqae_vlap.train import files
+from lqae_vlap.core import files
 import optax
 
 

@@ -21,11 +21,10 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-
-from lqae_vlap.train import files
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lqae_vlap.data.preprocess import to_uint8
+from lqae_vlap.core import files
+from lqae_vlap.ops.pixels import to_uint8
 from lqae_vlap.ops.quantize import codebook_usage, perplexity
 
 K1, K2 = 0.01, 0.03
@@ -153,5 +152,5 @@ def png_grid(rows: Sequence[np.ndarray], path: str | os.PathLike, pad: int = 2) 
     files.makedirs(os.path.dirname(files.normalize(path)))
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
-    files.write_bytes(path, buffer.getvalue())  # local or gs:// (train/files.py)
+    files.write_bytes(path, buffer.getvalue())  # local or gs:// (core/files.py)
     return grid

@@ -19,9 +19,6 @@ decimals); multiply by 100 for the papers' tables.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -70,7 +67,6 @@ PUNCT = (";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
 _OFFICIAL_SUB_COUNT = int(re.UNICODE)  # the script's sub("", text, re.UNICODE): count = 32
-N_HUMAN_ANSWERS = 10
 
 
 def process_punctuation(text: str) -> str:
@@ -145,7 +141,7 @@ def vqa_accuracy(predictions: Mapping[Any, str], annotations: Mapping[Any, Seque
       'per_question_type' ({type: mean acc}) when the types are given. Fractions in [0, 1].
     """
     if not annotations:
-        raise ValueError("annotations is empty; load them with load_vqa_v2(...)")
+        raise ValueError("annotations is empty; load them with data/vqa_source.load_vqa_v2(...)")
     missing = [q for q in annotations if q not in predictions]
     if missing:
         raise ValueError(f"{len(missing)} annotated questions have no prediction (e.g. "
@@ -163,70 +159,3 @@ def vqa_accuracy(predictions: Mapping[Any, str], annotations: Mapping[Any, Seque
             groups.setdefault(types[q], []).append(acc)
         out[key] = {t: sum(v) / len(v) for t, v in groups.items()}
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class VQAv2Split:
-    """One VQAv2 split, keyed by question_id.
-
-    questions: qid -> question text; image_ids: qid -> COCO image id; answers: qid -> the 10 human
-    answers (empty dict for test splits, which ship no annotations); answer_types / question_types:
-    qid -> type strings; multiple_choice_answer: qid -> the most common human answer.
-    """
-
-    questions: dict[int, str]
-    image_ids: dict[int, int]
-    answers: dict[int, list[str]]
-    answer_types: dict[int, str]
-    question_types: dict[int, str]
-    multiple_choice_answer: dict[int, str]
-
-
-def _read_json(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(src, Mapping):
-        return src
-    with open(src) as f:
-        return json.load(f)
-
-
-def load_vqa_v2(questions_json: str | os.PathLike | Mapping[str, Any],
-                annotations_json: str | os.PathLike | Mapping[str, Any] | None = None
-                ) -> VQAv2Split:
-    """Read the official VQAv2 files (v2_OpenEnded_mscoco_<split>_questions.json and
-    v2_mscoco_<split>_annotations.json), given as paths or already-parsed dicts.
-
-    The questions file holds {"questions": [{"question_id", "image_id", "question"}, ...]}; the
-    annotations file {"annotations": [{"question_id", "image_id", "question_type", "answer_type",
-    "multiple_choice_answer", "answers": [{"answer", "answer_confidence", "answer_id"} x 10]}]}.
-    """
-    qdata = _read_json(questions_json)
-    if "questions" not in qdata:
-        raise ValueError("questions_json has no 'questions' list; pass the official "
-                         "v2_OpenEnded_mscoco_<split>_questions.json")
-    questions, image_ids = {}, {}
-    for q in qdata["questions"]:
-        qid = int(q["question_id"])
-        questions[qid] = q["question"]
-        image_ids[qid] = int(q["image_id"])
-    answers: dict[int, list[str]] = {}
-    answer_types: dict[int, str] = {}
-    question_types: dict[int, str] = {}
-    mc: dict[int, str] = {}
-    if annotations_json is not None:
-        adata = _read_json(annotations_json)
-        if "annotations" not in adata:
-            raise ValueError("annotations_json has no 'annotations' list; pass the official "
-                             "v2_mscoco_<split>_annotations.json")
-        for a in adata["annotations"]:
-            qid = int(a["question_id"])
-            if qid not in questions:
-                raise ValueError(f"annotation for question {qid} has no question in "
-                                 "questions_json; the two files must be of the same split")
-            if int(a["image_id"]) != image_ids[qid]:
-                raise ValueError(f"question {qid}: image_id {a['image_id']} in the annotations "
-                                 f"but {image_ids[qid]} in the questions; different splits?")
-            answers[qid] = [d["answer"] for d in a["answers"]]
-            answer_types[qid] = a["answer_type"]
-            question_types[qid] = a["question_type"]
-            mc[qid] = a.get("multiple_choice_answer", "")
-    return VQAv2Split(questions, image_ids, answers, answer_types, question_types, mc)

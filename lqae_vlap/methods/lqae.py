@@ -24,15 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import batches as batches_lib
-from lqae_vlap.data import preprocess as preprocess_lib
+from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.methods import lqae_evals
-from lqae_vlap.models import hf_weights
-from lqae_vlap.models import roberta
-from lqae_vlap.models import vit
+from lqae_vlap.methods.method import Method
+from lqae_vlap.models import hf_weights, roberta, vit
+from lqae_vlap.ops import pixels
 from lqae_vlap.ops import quantize as quantize_lib
-from lqae_vlap.train import sharding as sharding_lib
-from lqae_vlap.train.trainer import Method
 
 
 class LQAEModel(nn.Module):
@@ -94,7 +93,7 @@ def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.Masked
     images: [B, H, W, C] uint8 (converted here, on the device) or float in [-1, 1].
     """
     if images.dtype == jnp.uint8:
-        images = preprocess_lib.to_float(images)
+        images = pixels.to_float(images)
     z = model.apply({"params": params}, images, method=LQAEModel.encode)
     b, n, _ = z.shape
     codebook = roberta.word_embedding_matrix(frozen["lm"])
@@ -120,7 +119,7 @@ def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
     out = forward(params, frozen, batch["image"], rng, model=model, lm=lm, cfg=cfg,
                   with_mlm=with_mlm)
     x = batch["image"]
-    x = preprocess_lib.to_float(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+    x = pixels.to_float(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
     rec_q = jnp.mean(jnp.square(out["recon_q"].astype(jnp.float32) - x))
     rec_lm = jnp.mean(jnp.square(out["recon_lm"].astype(jnp.float32) - x))
     q = out["q"]
@@ -223,9 +222,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
         frozen = {"lm": lm_params,
                   "mask_token_id": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
         image = (config.data.batch_size, m.image_size, m.image_size, m.channels)
-        return Method(init_params=init_params, frozen=frozen,
-                      frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen), loss_fn=loss,
-                      train_batches=None, batch_spec={"image": jax.ShapeDtypeStruct(image, jnp.uint8)},
+        return Method(init_params=init_params, frozen=frozen, loss_fn=loss,
+                      batch_spec={"image": jax.ShapeDtypeStruct(image, jnp.uint8)},
                       describe=describe)
 
     tokenizer = hf_weights.load_tokenizer(m.lm_path)
@@ -233,8 +231,6 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
         raise ValueError(f"the tokenizer of {m.lm_path} has no mask token; LQAE needs one")
     mask_token_id = np.asarray(tokenizer.mask_token_id, np.int32)
     frozen = {"lm": lm_params, "mask_token_id": jax.device_put(mask_token_id, replicated)}
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-
     train_src, train_pre, val_src, _, eval_sources = _sources(config)
     pid, pcount = jax.process_index(), jax.process_count()
     train_batches = batches_lib.IndexedBatches(
@@ -243,8 +239,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
         preprocess=_image_only(train_pre), num_workers=config.data.num_workers)
     describe += (f"; data {config.data.name}: {len(train_src)} train / {len(val_src)} "
                  "validation images")
-    return Method(init_params=init_params, frozen=frozen, frozen_shardings=frozen_shardings,
-                  loss_fn=loss, train_batches=train_batches,
+    return Method(init_params=init_params, frozen=frozen, loss_fn=loss,
+                  train_batches=train_batches, eval_every=eval_runner.cadence(config),
                   evaluate=lqae_evals.Evaluator(
                       config, model, lm, tokenizer, eval_sources, mesh,
                       functools.partial(forward, model=model, lm=lm, cfg=config,

@@ -22,22 +22,22 @@ import jax
 import ml_collections
 import numpy as np
 
-from lqae_vlap.data import preprocess as preprocess_lib
+from lqae_vlap.core import files
+from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.evals import fewshot as fewshot_lib
 from lqae_vlap.evals import linear_probe as probe_lib
 from lqae_vlap.evals import reconstruction as recon_lib
+from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.models import roberta
+from lqae_vlap.ops import pixels
 from lqae_vlap.ops import quantize as quantize_lib
-from lqae_vlap.train import files
-from lqae_vlap.train import metrics as metrics_lib
-from lqae_vlap.train import sharding as sharding_lib
 
 EVALS = ("reconstruction", "fewshot", "fewshot_llm", "linear_probe")
 
 
 def encode_words(params, frozen, images, *, model, cfg) -> jax.Array:
     """images: [B, H, W, C] uint8 -> the words they become: token ids [B, N]."""
-    z = model.apply({"params": params}, preprocess_lib.to_float(images), method="encode")
+    z = model.apply({"params": params}, pixels.to_float(images), method="encode")
     codebook = roberta.word_embedding_matrix(frozen["lm"])
     return quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
                                  chunk_size=cfg.quantizer.chunk_size).indices
@@ -84,12 +84,12 @@ class Evaluator:
                               out_shardings=replicated)
         self._llm = None
 
-    def run(self, params, frozen, step: int, workdir: str) -> dict[str, float]:
+    def run(self, params, frozen, step: int, workdir: str, names=None) -> dict[str, float]:
         scalars: dict[str, float] = {}
         words: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for name in self.cfg.eval.evals:
+        for name in (self.cfg.eval.evals if names is None else names):
             result = getattr(self, f"_{name}")(params, frozen, step, workdir, words)
-            metrics_lib.write_eval_json(workdir, name, step, result)
+            eval_runner.write_eval_json(workdir, name, step, result)
             if jax.process_index() == 0:
                 for line in _summary(name, result):
                     print(f"  {line}", flush=True)
@@ -131,7 +131,7 @@ class Evaluator:
             idx = [(b * bs + i) % len(source) for i in range(bs)]
             images = np.stack([source[i]["image"] for i in idx])
             out = jax.device_get(self._forward(params, frozen, images, jax.random.fold_in(rng, b)))
-            x = preprocess_lib.to_float(images)
+            x = pixels.to_float(images)
             for tag, rec in (("quantized", out["recon_q"]), ("lm_filled", out["recon_lm"])):
                 rec = np.clip(rec, -1, 1)
                 metrics = {f"mse_{tag}": float(np.mean((rec - x) ** 2)),

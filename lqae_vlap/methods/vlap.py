@@ -57,15 +57,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import batches as batches_lib
 from lqae_vlap.data import captions as captions_lib
-from lqae_vlap.data import preprocess as preprocess_lib
+from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.methods import vlap_evals, vlap_llm
-from lqae_vlap.methods.vlap_llm import (  # noqa: F401  (re-exported: VLAP's loss pieces)
-    FrozenLLM, caption_targets, captioning_loss, make_llm)
+from lqae_vlap.methods.method import Method
+from lqae_vlap.methods.vlap_llm import (FrozenLLM,  # noqa: F401  (re-exported: VLAP's loss pieces)
+                                        caption_targets, captioning_loss, make_llm)
+from lqae_vlap.ops import pixels
 from lqae_vlap.ops import sinkhorn as sinkhorn_lib
-from lqae_vlap.train import sharding as sharding_lib
-from lqae_vlap.train.trainer import Method
 
 SINKHORN_MODES = ("paper", "released_code")
 
@@ -206,7 +207,7 @@ def standin_features(frozen_vision: dict[str, jax.Array], images: jax.Array, *,
                      patch_size: int) -> jax.Array:
     """A STAND-IN for a pretrained vision encoder (demos only): uint8 images [B, H, W, C] ->
     pixels in [-1, 1] -> patches -> a fixed random projection -> tokens [B, N, vision_width]."""
-    x = preprocess_lib.to_float(images) if images.dtype == jnp.uint8 else images
+    x = pixels.to_float(images) if images.dtype == jnp.uint8 else images
     return patchify(x, patch_size) @ frozen_vision["projection"]
 
 
@@ -623,7 +624,6 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
 
     loss = functools.partial(loss_fn, visual_map=visual_map, llm=llm, vision_fn=vision_fn,
                              cfg=config, mesh=mesh)
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     prompt_len = frozen["prompt_ids"].shape[0]
     if abstract:
         cap, size = int(m.max_caption_len), parts["image_size"]
@@ -636,8 +636,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
                     f"frozen {m.llm_family} {m.llm_path}{arch} (vocab {vocab}, width "
                     f"{llm_width}, {jnp.dtype(m.get('llm_dtype', 'float32')).name}); "
                     f"prompt {prompt_len} tokens, captions {cap} tokens")
-        return Method(init_params=init_params, frozen=frozen, frozen_shardings=frozen_shardings,
-                      loss_fn=loss, train_batches=None, batch_spec=batch_spec, describe=describe)
+        return Method(init_params=init_params, frozen=frozen, loss_fn=loss, batch_spec=batch_spec,
+                      describe=describe)
 
     train_src, val_src = parts["train_src"], parts["val_src"]
     pre = _make_preprocess(llm.tokenizer, int(m.max_caption_len), parts["host_image"])
@@ -657,8 +657,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
                 f"marginal {parts['marginal_from']}; loss {config.loss.map} * map + "
                 f"{config.loss.cap} * cap; data {d.name}: {len(train_src)} train / "
                 f"{len(val_src)} validation pairs")
-    return Method(init_params=init_params, frozen=frozen, frozen_shardings=frozen_shardings,
-                  loss_fn=loss, train_batches=train_batches, eval_batches=eval_batches,
+    return Method(init_params=init_params, frozen=frozen, loss_fn=loss,
+                  train_batches=train_batches, eval_every=eval_runner.cadence(config),
                   evaluate=vlap_evals.Evaluator(
                       config, llm=llm, visual_map=visual_map, vision_fn=vision_fn,
                       host_image=parts["host_image"], sources=parts["sources"],

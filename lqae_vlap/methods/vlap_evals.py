@@ -49,14 +49,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lqae_vlap.core import files
+from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import captions as captions_lib
 from lqae_vlap.evals import arithmetic as arithmetic_lib
 from lqae_vlap.evals import captioning as captioning_lib
 from lqae_vlap.evals import retrieval as retrieval_lib
+from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.evals import vqa as vqa_lib
-from lqae_vlap.train import files
-from lqae_vlap.train import metrics as metrics_lib
-from lqae_vlap.train import sharding as sharding_lib
 
 EVALS = ("loss", "captioning", "retrieval", "vqa", "arithmetic")
 SIMILARITIES = ("word_scores", "embedding", "caption_likelihood")
@@ -318,16 +318,16 @@ class Evaluator:
 
     # -- entry point ----------------------------------------------------------------------------
 
-    def run(self, params, frozen, step: int, workdir: str) -> dict[str, float]:
+    def run(self, params, frozen, step: int, workdir: str, names=None) -> dict[str, float]:
         self._params, self._frozen, self._run_cache = params, frozen, {}
         try:
             scalars: dict[str, float] = {}
             banner = self._banner()
             if banner and jax.process_index() == 0:
                 print(f"  {banner}", flush=True)
-            for name in self.cfg.eval.evals:
+            for name in (self.cfg.eval.evals if names is None else names):
                 result, lines = getattr(self, f"_{name}")(step, workdir)
-                metrics_lib.write_eval_json(workdir, name, step, result)
+                eval_runner.write_eval_json(workdir, name, step, result)
                 if jax.process_index() == 0:
                     for line in lines:
                         print(f"  {line}", flush=True)

@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from lqae_vlap.train.sharding import boxed_shardings, fit_sharding_to_shape
+from lqae_vlap.core.sharding import boxed_shardings, fit_sharding_to_shape
 
 # --------------------------------------------------------------------------------------------
 # 1. Finding and reading a checkpoint folder

@@ -1,6 +1,6 @@
 """Small building blocks shared by the model files (roberta, clip, opt, llama, t5, vit).
 
-Each helper only fixes the logical axis names (see ``train/sharding.py``) and the usual defaults;
+Each helper only fixes the logical axis names (see ``core/sharding.py``) and the usual defaults;
 the module types, parameter names and shapes are exactly those of the plain flax layers, so the
 param trees (and the checkpoint name maps that address them) do not depend on this file.
 """
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lqae_vlap.train.sharding import fit_sharding_to_shape, logical_to_sharding
+from lqae_vlap.core.sharding import fit_sharding_to_shape, logical_to_sharding
 
 Initializer = Callable[..., jax.Array]
 # BERT / GPT style N(0, 0.02^2) kernels; a file with another default passes its own.

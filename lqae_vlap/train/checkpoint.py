@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from lqae_vlap.train import files
+from lqae_vlap.core import files
 
 
 class CheckpointError(RuntimeError):

@@ -11,10 +11,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
-from lqae_vlap.train import files
+from lqae_vlap.core import files
 
 
 def _scalar(v: Any) -> float | None:
@@ -27,7 +26,7 @@ def _scalar(v: Any) -> float | None:
 class MetricWriter:
     """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tensorboard``.
 
-    The workdir may be a bucket (gs://...): see train/files.py (tensorboardX writes gs:// itself).
+    The workdir may be a bucket (gs://...): see core/files.py (tensorboardX writes gs:// itself).
     """
 
     def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True):
@@ -62,13 +61,6 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def write_eval_json(workdir: str, name: str, step: int, result: Mapping[str, Any]) -> None:
-    """``workdir/eval_<name>_<step>.json`` = {"step": step, **result}; process 0 only."""
-    if jax.process_index() == 0:
-        files.write_text(files.join(workdir, f"eval_{name}_{step:06d}.json"),
-                         json.dumps({"step": step, **result}, indent=1))
 
 
 def read_jsonl(path: str) -> list[dict[str, float]]:

@@ -18,7 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from lqae_vlap.train import sharding as sharding_lib
+from lqae_vlap.core import sharding as sharding_lib
+from lqae_vlap.methods.method import Method
 from lqae_vlap.train import trainer
 
 GIB = 2 ** 30
@@ -61,7 +62,7 @@ def _flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def plan(config: ml_collections.ConfigDict, build_method: Callable[..., trainer.Method],
+def plan(config: ml_collections.ConfigDict, build_method: Callable[..., Method],
          mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
     """Compiles the train step abstractly and returns (and prints) the plan's figures.
 

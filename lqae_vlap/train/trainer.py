@@ -1,8 +1,8 @@
 """The training loop shared by every method.
 
-The trainer knows a method only through its ``Method`` record: how to initialise trainable params,
-the frozen tree, the loss, the data, and an evaluation hook. It owns the mesh, shardings, optimizer,
-checkpoints, metrics and the loop.
+The trainer knows a method only through the ``Method`` record it is handed (methods/method.py):
+how to initialise trainable params, the frozen tree, the loss, the data, and the evaluations with
+their cadence. It owns the mesh, shardings, optimizer, checkpoints, metrics and the loop.
 
 Determinism: batch ``s`` is a pure function of (data seed, s) and the step's rng is
 ``fold_in(PRNGKey(seed), s)``, so a run that is killed and resumed from a checkpoint ends with the
@@ -11,7 +11,6 @@ same parameters as one that never stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -22,40 +21,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from lqae_vlap.data.batches import IndexedBatches
+from lqae_vlap.core import files
+from lqae_vlap.core import sharding as sharding_lib
+from lqae_vlap.methods.method import Method
 from lqae_vlap.train import checkpoint as ckpt_lib
-from lqae_vlap.train import files
 from lqae_vlap.train import metrics as metrics_lib
-from lqae_vlap.train import sharding as sharding_lib
 
 PyTree = Any
-
-
-@dataclasses.dataclass
-class Method:
-    """What a method hands the trainer.
-
-    Attributes:
-      init_params: rng -> trainable params, boxed with logical axis names.
-      frozen: frozen weights and constants (plain arrays, already placed on the mesh).
-      frozen_shardings: NamedShardings matching ``frozen``.
-      loss_fn: (params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics). ``batch``
-        holds global arrays sharded over data x fsdp on the leading axis.
-      train_batches / eval_batches: deterministic batch sources (``batch_at(step)``).
-      evaluate: optional (params, frozen, step, workdir) -> dict of scalars; runs on every process
-        (it may use collectives) and writes files from process 0 only.
-      batch_spec: the global batch's shapes and dtypes, for building without data (plan mode).
-    """
-
-    init_params: Callable[[jax.Array], PyTree]
-    frozen: PyTree
-    frozen_shardings: PyTree
-    loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-    train_batches: IndexedBatches | None
-    eval_batches: IndexedBatches | None = None
-    evaluate: Callable[..., dict[str, float]] | None = None
-    batch_spec: dict[str, jax.ShapeDtypeStruct] | None = None
-    describe: str = ""
 
 
 def decay_mask(params: PyTree) -> PyTree:
@@ -121,6 +93,11 @@ def build_state(method: Method, tx: optax.GradientTransformation, mesh,
     return (lambda: init_fn(rng)), abstract, shardings
 
 
+def frozen_shardings(frozen: PyTree) -> PyTree:
+    """The shardings the frozen tree was placed with (arrays or ShapeDtypeStructs alike)."""
+    return jax.tree.map(lambda x: x.sharding, frozen)
+
+
 def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, seed: int,
                     state_shardings: PyTree, batch_shardings: PyTree, mesh) -> Callable:
     base_rng = jax.random.PRNGKey(seed + 1)
@@ -137,7 +114,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
 
     return jax.jit(
         train_step,
-        in_shardings=(state_shardings, method.frozen_shardings, batch_shardings),
+        in_shardings=(state_shardings, frozen_shardings(method.frozen), batch_shardings),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -192,12 +169,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer = metrics_lib.MetricWriter(workdir, active=jax.process_index() == 0)
     progress = metrics_lib.Progress(total, start)
     log_every = max(int(config.train.log_every), 1)
-    eval_every = int(config.train.get("eval_every", 0))
 
-    def run_eval(step: int) -> None:
-        if method.evaluate is None:
+    def run_eval(step: int, names) -> None:
+        if method.evaluate is None or not names:
             return
-        scalars = method.evaluate(state["params"], method.frozen, step, workdir)
+        scalars = method.evaluate(state["params"], method.frozen, step, workdir, names)
         scalars = writer.write(step, {f"eval/{k}": v for k, v in scalars.items()})
         _log(f"eval step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
@@ -215,8 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                              "config.optim.lr or check the data")
                 _log(progress.line(done, scalars))
             checkpointer.maybe_save(done, state)
-            if eval_every and done % eval_every == 0 and done != total:
-                run_eval(done)
+            if done != total:
+                run_eval(done, method.evals_due(done))
             if (ckpt_lib.process_allgather_flag(preemption.requested)
                     or checkpointer.reached_preemption(done)):
                 preempted = True
@@ -228,8 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _log(f"preempted: saved step {done} to {checkpointer.directory}; "
              "run the same command again to resume")
     else:
-        if method.evaluate is not None and done > 0:
-            run_eval(done)
+        if done > 0:
+            run_eval(done, list(method.eval_every))
         if jax.process_index() == 0:
             files.write_text(files.join(workdir, "done.json"), json.dumps({"step": done}))
     writer.close()

@@ -1,15 +1,13 @@
-"""Demo image sources (sklearn digits and sample photos) and the shared uint8 <-> float mapping."""
+"""Demo image sources (sklearn digits and sample photos)."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits, load_sample_images
 
 from lqae_vlap.data.batches import IndexedBatches
 from lqae_vlap.data.demo_images import DemoImages, DemoPhotos
-from lqae_vlap.data.preprocess import to_float, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +93,6 @@ def test_sources_batch_with_indexed_batches():
     b = batches.batch_at(0)
     assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.uint8
     assert b["label"].shape == (8,) and b["label"].dtype == np.int32
-
-
-def test_to_float_maps_uint8_to_unit_interval():
-    x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
-    y = to_float(x)
-    assert y.dtype == np.float32
-    want = x.astype(np.float64) / 127.5 - 1.0
-    # Two float32 roundings (divide, subtract); one float32 ulp near 1 is 1.19e-7.
-    np.testing.assert_allclose(y, want, rtol=0, atol=2.4e-7)
-    assert y.min() == -1.0 and y.max() == 1.0
-    np.testing.assert_array_equal(to_uint8(y), x)  # exact round trip
-    np.testing.assert_allclose(np.asarray(to_float(jnp.asarray(x))), want, rtol=0, atol=2.4e-7)
-    np.testing.assert_array_equal(to_uint8(np.array([-3.0, 3.0])), [0, 255])
-    with pytest.raises(TypeError, match="uint8"):
-        to_float(x.astype(np.float32))
 
 
 def test_bad_arguments_are_named():

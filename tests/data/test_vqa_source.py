@@ -11,7 +11,7 @@ from PIL import Image
 
 from lqae_vlap.data.batches import IndexedBatches
 from lqae_vlap.data.demo_images import DIGIT_NAMES, DemoImages
-from lqae_vlap.data.vqa_source import DIGIT_QUESTION, DigitQuestions, VqaV2Source
+from lqae_vlap.data.vqa_source import DIGIT_QUESTION, DigitQuestions, VqaV2Source, load_vqa_v2
 from lqae_vlap.evals.vqa import question_accuracy, vqa_accuracy
 
 IMAGES = (42, 1234567)
@@ -125,3 +125,31 @@ def test_digit_questions_stand_in():
     assert src.data.answers[5] == src[5]["answers"]
     with pytest.raises(IndexError, match="out of range"):
         src[297]
+
+
+def test_load_vqa_v2(tmp_path):
+    questions = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+                 "questions": [{"image_id": 42, "question": "How many dogs?", "question_id": 420},
+                               {"image_id": 7, "question": "Is it red?", "question_id": 70}]}
+    answers = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+               for i, a in enumerate(["2"] * 9 + ["two"])]
+    annotations = {"annotations": [{"question_id": 420, "image_id": 42, "question_type": "how many",
+                                    "answer_type": "number", "multiple_choice_answer": "2",
+                                    "answers": answers}]}
+    qp, ap = tmp_path / "q.json", tmp_path / "a.json"
+    qp.write_text(json.dumps(questions))
+    ap.write_text(json.dumps(annotations))
+    split = load_vqa_v2(qp, ap)
+    assert split.questions == {420: "How many dogs?", 70: "Is it red?"}
+    assert split.image_ids == {420: 42, 70: 7}
+    assert split.answers == {420: ["2"] * 9 + ["two"]}
+    assert split.answer_types == {420: "number"} and split.question_types == {420: "how many"}
+    assert split.multiple_choice_answer == {420: "2"}
+    # "two" normalises to "2" here because the humans disagree: all 10 match -> 1.0.
+    assert vqa_accuracy({420: "two"}, split.answers)["overall"] == 1.0
+    assert load_vqa_v2(questions).answers == {}  # test splits ship no annotations
+    bad = {"annotations": [dict(annotations["annotations"][0], image_id=1)]}
+    with pytest.raises(ValueError, match="different splits"):
+        load_vqa_v2(questions, bad)
+    with pytest.raises(ValueError, match="questions"):
+        load_vqa_v2({"foo": []})

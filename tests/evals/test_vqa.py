@@ -1,13 +1,12 @@
-"""VQAv2 soft accuracy: hand-computed leave-one-out values, official normalisation, the loader."""
+"""VQAv2 soft accuracy: hand-computed leave-one-out values, official normalisation."""
 
-import json
 import random
 from fractions import Fraction
 
 import pytest
 
-from lqae_vlap.evals.vqa import (load_vqa_v2, normalize_answer, process_punctuation,
-                                 question_accuracy, vqa_accuracy)
+from lqae_vlap.evals.vqa import (normalize_answer, process_punctuation, question_accuracy,
+                                 vqa_accuracy)
 
 
 def _expected(n_agree: int) -> Fraction:
@@ -106,31 +105,3 @@ def test_vqa_accuracy_overall_and_per_type():
         vqa_accuracy({1: "yes"}, ann)
     with pytest.raises(ValueError, match="non-empty list"):
         question_accuracy("yes", "yes")
-
-
-def test_load_vqa_v2(tmp_path):
-    questions = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
-                 "questions": [{"image_id": 42, "question": "How many dogs?", "question_id": 420},
-                               {"image_id": 7, "question": "Is it red?", "question_id": 70}]}
-    answers = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-               for i, a in enumerate(["2"] * 9 + ["two"])]
-    annotations = {"annotations": [{"question_id": 420, "image_id": 42, "question_type": "how many",
-                                    "answer_type": "number", "multiple_choice_answer": "2",
-                                    "answers": answers}]}
-    qp, ap = tmp_path / "q.json", tmp_path / "a.json"
-    qp.write_text(json.dumps(questions))
-    ap.write_text(json.dumps(annotations))
-    split = load_vqa_v2(qp, ap)
-    assert split.questions == {420: "How many dogs?", 70: "Is it red?"}
-    assert split.image_ids == {420: 42, 70: 7}
-    assert split.answers == {420: ["2"] * 9 + ["two"]}
-    assert split.answer_types == {420: "number"} and split.question_types == {420: "how many"}
-    assert split.multiple_choice_answer == {420: "2"}
-    # "two" normalises to "2" here because the humans disagree: all 10 match -> 1.0.
-    assert vqa_accuracy({420: "two"}, split.answers)["overall"] == 1.0
-    assert load_vqa_v2(questions).answers == {}  # test splits ship no annotations
-    bad = {"annotations": [dict(annotations["annotations"][0], image_id=1)]}
-    with pytest.raises(ValueError, match="different splits"):
-        load_vqa_v2(questions, bad)
-    with pytest.raises(ValueError, match="questions"):
-        load_vqa_v2({"foo": []})

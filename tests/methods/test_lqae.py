@@ -9,7 +9,7 @@ import pytest
 
 from lqae_vlap.methods import lqae
 from lqae_vlap.models import roberta
-from lqae_vlap.train import sharding
+from lqae_vlap.core import sharding
 from tests.train.test_trainer import tiny_config
 
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from lqae_vlap.methods import lqae, lqae_evals
-from lqae_vlap.train import sharding
+from lqae_vlap.core import sharding
 from tests.train.test_trainer import tiny_config
 
 

@@ -21,7 +21,7 @@ import torch
 
 from lqae_vlap.data import captions as captions_lib
 from lqae_vlap.methods import vlap
-from lqae_vlap.train import sharding
+from lqae_vlap.core import sharding
 from tests.train.test_trainer import assert_sharded_step_matches_one_device, load_config, run_steps
 
 ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}

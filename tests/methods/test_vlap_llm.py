@@ -26,7 +26,7 @@ import torch
 
 from lqae_vlap.methods import vlap, vlap_llm
 from lqae_vlap.models import hf_weights, llama, opt, t5
-from lqae_vlap.train import sharding
+from lqae_vlap.core import sharding
 from tests.models.test_llama import tiny_torch_model as tiny_llama
 from tests.models.test_opt import tiny_torch_model as tiny_opt
 from tests.models.test_t5 import build as build_t5

@@ -22,7 +22,7 @@ from transformers import (BertConfig, CLIPConfig, CLIPModel, CLIPVisionConfig as
                           CLIPVisionModel, CLIPVisionModelWithProjection)
 
 from lqae_vlap.models.clip import CLIPVision, CLIPVisionConfig, load
-from lqae_vlap.train.sharding import LOGICAL_RULES, make_mesh
+from lqae_vlap.core.sharding import LOGICAL_RULES, make_mesh
 
 ATOL = 1e-4  # float32 parity with PyTorch; observed differences are ~1e-6
 # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); through 2 blocks of width 32 the

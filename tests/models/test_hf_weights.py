@@ -18,7 +18,7 @@ from transformers import GPT2Config
 
 from lqae_vlap.models.hf_weights import (WEIGHT_FILES, load_masked_lm, read_state_dict,
                                          resolve_checkpoint)
-from lqae_vlap.train.sharding import make_mesh
+from lqae_vlap.core.sharding import make_mesh
 from tests.models.test_roberta import (assert_real_tokens_close, padded_batch, tiny_torch_model,
                                        torch_run)
 

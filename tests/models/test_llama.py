@@ -217,7 +217,7 @@ def test_every_weight_has_allowed_logical_axes(variants):
 
 
 def test_load_on_mesh_places_weights_by_logical_axes(variants):
-    from lqae_vlap.train.sharding import make_mesh  # noqa: PLC0415
+    from lqae_vlap.core.sharding import make_mesh  # noqa: PLC0415
 
     folder, _, _, reference, fwd = variants["untied_bias"]
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 4})

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from lqae_vlap.models import generate, llama, opt, t5
 from lqae_vlap.models.layers import kv_cache_sharding
-from lqae_vlap.train.sharding import make_mesh
+from lqae_vlap.core.sharding import make_mesh
 from tests.models import test_llama, test_t5
 from tests.models.test_generate import PAD, TINY, tiny_model
 

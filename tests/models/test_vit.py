@@ -8,7 +8,7 @@ import pytest
 from scipy.special import erf
 
 from lqae_vlap.models.vit import ViTDecoder, ViTEncoder, patchify, unpatchify
-from lqae_vlap.train import sharding
+from lqae_vlap.core import sharding
 
 ALLOWED_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm", None}
 

@@ -15,7 +15,7 @@ from lqae_vlap.ops.quantize import (
     perplexity,
     quantize,
 )
-from lqae_vlap.train.sharding import make_mesh
+from lqae_vlap.core.sharding import make_mesh
 
 
 def brute_force(x, cb, k, metric):

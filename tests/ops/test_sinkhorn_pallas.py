@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lqae_vlap.ops import sinkhorn as lax_sinkhorn
 from lqae_vlap.ops import sinkhorn_pallas
 from lqae_vlap.ops.sinkhorn_pallas import sinkhorn_fused
-from lqae_vlap.train import sharding
+from lqae_vlap.core import sharding
 
 BLOCKS = dict(block_rows=8, block_cols=32)
 ATOL, RTOL = 1e-5, 1e-4

@@ -5,7 +5,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lqae_vlap.ops.sinkhorn import sinkhorn
-from lqae_vlap.train import sharding
+from lqae_vlap.core import sharding
 
 
 def test_batch_sharded_equals_unsharded():

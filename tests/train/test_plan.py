@@ -5,8 +5,9 @@ import os
 import jax
 import pytest
 
+from lqae_vlap.core import sharding
 from lqae_vlap.methods import lqae
-from lqae_vlap.train import plan, sharding
+from lqae_vlap.train import plan
 from tests.train.test_trainer import tiny_config
 
 

@@ -10,8 +10,9 @@ import jax
 import pytest
 
 from lqae_vlap import config_files
+from lqae_vlap.core import sharding
 from lqae_vlap.methods import vlap
-from lqae_vlap.train import plan, sharding
+from lqae_vlap.train import plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from lqae_vlap.core import sharding
 from lqae_vlap.methods import lqae
-from lqae_vlap.train import sharding, trainer
 from lqae_vlap.train import metrics as metrics_lib
+from lqae_vlap.train import trainer
 from lqae_vlap.train.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lqae_vlap.core import files
 from lqae_vlap.evals import linear_probe, reconstruction
-from lqae_vlap.train import checkpoint, files, metrics
+from lqae_vlap.train import checkpoint, metrics
 
 
 @pytest.fixture
