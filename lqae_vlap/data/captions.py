@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ from PIL import Image
 
 from lqae_vlap.data import demo_images
 
-__all__ = ["digit_caption", "DigitCaptions", "JsonlCaptions", "tokenize_captions", "pad_id"]
+__all__ = ["digit_caption", "DigitCaptions", "JsonlCaptions", "tokenize_captions", "pad_id",
+           "caption_example_fn"]
 
 
 def digit_caption(label: int) -> str:
@@ -49,6 +50,7 @@ class DigitCaptions:
 
     def __init__(self, split: str = "train", image_size: int = 16, resample: str = "bilinear") -> None:
         self.images = demo_images.DemoImages(split, image_size=image_size, resample=resample)
+        self.class_names = self.images.class_names  # labelled too: LQAE's evaluations use them
 
     def __len__(self) -> int:
         return len(self.images)
@@ -207,3 +209,23 @@ def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_len: int, *,
         ids[i, :len(seq)] = seq
         mask[i, :len(seq)] = 1
     return ids, mask
+
+
+def caption_example_fn(tokenizer: Any, max_len: int, host_image: Callable[[Any], Any] | None
+                       ) -> Callable[[dict[str, Any], Any], dict[str, np.ndarray]]:
+    """The per-example ``preprocess(example, rng)`` of VLAP's batches: the caption tokenised to
+    ``caption_ids`` / ``caption_mask`` [max_len] (``tokenize_captions``) and the image through
+    ``host_image`` as uint8, or the cached 'vision_features' [T, Dv] float32 as they are."""
+
+    def fn(example: dict[str, Any], rng: Any) -> dict[str, np.ndarray]:
+        del rng
+        ids, mask = tokenize_captions(tokenizer, [example["caption"]], max_len)
+        out = {"caption_ids": ids[0], "caption_mask": mask[0]}
+        if "vision_features" in example:  # from the feature cache
+            out["vision_features"] = np.asarray(example["vision_features"], np.float32)
+        else:
+            image = example["image"] if host_image is None else host_image(example["image"])
+            out["image"] = np.asarray(image, np.uint8)
+        return out
+
+    return fn

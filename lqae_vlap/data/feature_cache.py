@@ -43,7 +43,7 @@ _MIB = 1 << 20
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 __all__ = ["cache_key", "CacheKey", "vision_identity", "weights_fingerprint", "FeatureCache",
-           "CachedFeatures", "REQUIRED_PARTS"]
+           "CachedFeatures", "cache_sources", "REQUIRED_PARTS"]
 
 
 class CacheKey(str):
@@ -318,3 +318,34 @@ class CachedFeatures:
         if name in ("source", "features"):  # not set yet (e.g. while unpickling)
             raise AttributeError(name)
         return getattr(self.source, name)
+
+
+def cache_sources(sources: Mapping[str, Any], cache_dir: str | os.PathLike, *,
+                  parts: Mapping[str, Any], encode: Callable[[np.ndarray], Any],
+                  dtype: str = "float32", batch_size: int = 256,
+                  preprocess: Callable[[Any], np.ndarray] | None = None,
+                  num_workers: int = 0) -> dict[str, Any]:
+    """Every source's images replaced by ``encode``'s features (``CachedFeatures``), each split
+    computed once and stored in ``cache_dir`` under a key of ``parts`` (vision, preprocess,
+    dataset) + split + length + dtype; later runs find and reuse them.
+
+    One source listed under two names (e.g. digits' validation = images) is computed and stored
+    once; None entries stay None. ``preprocess``: the host-side image preprocessing (e.g. CLIP's
+    resize and crop) ``encode`` expects.
+    """
+    if not cache_dir:
+        raise ValueError("config.data.feature_cache.enabled needs config.data.feature_cache.dir "
+                         "(a folder for the .npy features)")
+    if "://" in str(cache_dir):
+        raise ValueError(f"config.data.feature_cache.dir={cache_dir!r}: the features are "
+                         "memory-mapped, so the cache must be on a local disk (each host keeps "
+                         "its own copy)")
+    cache = FeatureCache(cache_dir)
+    wrapped: dict[int, Any] = {}
+    for name, src in sources.items():
+        if src is not None and id(src) not in wrapped:
+            key = cache_key(**parts, split=name, num_examples=len(src), dtype=dtype)
+            feats = cache.get_or_compute(key, src, encode, batch_size=int(batch_size),
+                                         preprocess=preprocess, num_workers=int(num_workers))
+            wrapped[id(src)] = CachedFeatures(src, feats)
+    return {name: None if src is None else wrapped[id(src)] for name, src in sources.items()}

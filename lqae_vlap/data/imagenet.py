@@ -82,8 +82,8 @@ class ImageNetSource:
 
     Deterministic work only: decode, and for evaluation (``train=False``) the resize + center crop
     to ``[S, S, 3]``. Training examples come back at full resolution ``[H, W, 3]``; the random crop
-    and flip are the batch iterator's ``preprocess`` (:func:`imagenet_preprocess`), which draws from
-    a generator seeded per example position.
+    and flip are ``augment`` (:func:`imagenet_preprocess`), the batch iterator's ``preprocess``,
+    which draws from a generator seeded per example position.
     """
 
     def __init__(self, data_source: Any, *, image_size: int, train: bool, class_names: list[str]) -> None:
@@ -92,6 +92,9 @@ class ImageNetSource:
         self.train = train
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names)
+        # A training split crops and flips its full-size images per step (the batch iterator
+        # calls augment with a generator seeded by the example's position).
+        self.augment = imagenet_preprocess(image_size, train=True) if train else None
 
     def __len__(self) -> int:
         return len(self.data_source)

@@ -24,13 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lqae_vlap import models
 from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import batches as batches_lib
+from lqae_vlap.data import mini_imagenet
+from lqae_vlap.data import sources as sources_lib
 from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.methods import lqae_evals
 from lqae_vlap.methods.method import Method
-from lqae_vlap.models import hf_weights, roberta, vit
-from lqae_vlap.ops import pixels
+from lqae_vlap.models import roberta, vit
+from lqae_vlap.ops import losses, pixels
 from lqae_vlap.ops import quantize as quantize_lib
 
 
@@ -78,14 +81,6 @@ def random_mask(rng: jax.Array, batch: int, tokens: int, min_ratio: float,
     return ranks < count
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean CE over positions where mask is True (0 when none). logits [B, N, V] float32 inside."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    m = mask.astype(jnp.float32)
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
 def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.MaskedLM,
             cfg: ml_collections.ConfigDict, with_mlm: bool):
     """The whole LQAE forward pass; returns a dict of intermediates (used by loss and evals).
@@ -100,7 +95,7 @@ def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.Masked
     if cfg.quantizer.l2_normalize:
         # As the released run: the encoder output is unit-normalised before the straight-through
         # and commitment terms, so its scale cannot drift while the search is scale-blind.
-        z = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(z), -1, keepdims=True), 1e-12))
+        z = losses.l2_normalize(z).astype(z.dtype)
     q = quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
                               chunk_size=cfg.quantizer.chunk_size)
     mask = random_mask(rng, b, n, cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max)
@@ -123,7 +118,7 @@ def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
     rec_q = jnp.mean(jnp.square(out["recon_q"].astype(jnp.float32) - x))
     rec_lm = jnp.mean(jnp.square(out["recon_lm"].astype(jnp.float32) - x))
     q = out["q"]
-    mlm = (masked_cross_entropy(out["lm_out"]["logits"], q.indices, out["mask"])
+    mlm = (losses.masked_cross_entropy(out["lm_out"]["logits"], q.indices, out["mask"])
            if with_mlm else jnp.zeros(()))
     loss = (w.recon_quantized * rec_q + w.recon_lm * rec_lm + w.commitment * q.commitment
             + w.mlm * mlm)
@@ -141,41 +136,9 @@ def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# Assembly
 
-
-def _sources(cfg: ml_collections.ConfigDict):
-    """(train source, its augmentation, validation source, its preprocessing, eval sources).
-
-    Eval sources ({'train', 'validation', ...}) give deterministic, labelled images for the
-    evaluations (centre crops, no augmentation).
-    """
-    d = cfg.data
-    if d.name == "digits":
-        from lqae_vlap.data import demo_images
-
-        train = demo_images.DemoImages("train", image_size=cfg.model.image_size)
-        val = demo_images.DemoImages("validation", image_size=cfg.model.image_size)
-        evals = {"train": train, "validation": val}
-        train_pre = val_pre = None
-    elif d.name == "imagenet":
-        from lqae_vlap.data import imagenet
-
-        kw = dict(data_dir=d.data_dir or None, manual_dir=d.manual_dir or None,
-                  image_size=cfg.model.image_size)
-        train = imagenet.imagenet_source("train", train=True, **kw)
-        val = imagenet.imagenet_source("validation", train=False, **kw)
-        train_pre = imagenet.imagenet_preprocess(cfg.model.image_size, train=True)
-        val_pre = imagenet.imagenet_preprocess(cfg.model.image_size, train=False)
-        evals = {"train": imagenet.imagenet_source("train", train=False, **kw), "validation": val}
-    else:
-        raise ValueError(f"config.data.name={d.name!r} is not known; use 'digits' or 'imagenet'")
-    if cfg.eval.get("mini_imagenet_root", ""):
-        from lqae_vlap.data import mini_imagenet
-
-        evals["mini_imagenet"] = mini_imagenet.MiniImageNet(
-            cfg.eval.mini_imagenet_root, split="test", image_size=cfg.model.image_size)
-    return train, train_pre, val, val_pre, evals
+DATA = ("digits", "imagenet")  # the labelled image data of data/sources.py
 
 
 def _image_only(preprocess):
@@ -187,9 +150,6 @@ def _image_only(preprocess):
     return fn
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) -> Method:
     """Loads the frozen LM, builds the trainable model, data and loss for the trainer.
 
@@ -198,8 +158,15 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
     """
     m = config.model
     dtype = jnp.dtype(m.get("dtype", "float32"))
-    lm, lm_variables, hf_config = hf_weights.load_masked_lm(
-        m.lm_path, dtype=jnp.dtype(m.get("lm_dtype", "float32")), mesh=mesh, abstract=abstract)
+    # A local folder is checked before any weight is read, a hub name once it is loaded.
+    held = models.checkpoint_family(m.lm_path)
+    if held in (None, "roberta"):
+        lm, lm_variables, hf_config = models.load_pretrained(
+            m.lm_path, dtype=jnp.dtype(m.get("lm_dtype", "float32")), mesh=mesh, abstract=abstract)
+        held = models.family(hf_config)
+    if held != "roberta":
+        raise ValueError(f"config.model.lm_path {m.lm_path} holds a {held!r}-family model; "
+                         "LQAE's codebook is the word-embedding table of a BERT / RoBERTa masked LM")
     lm_params = lm_variables["params"]
     if config.loss.mlm > 0 and not lm.config.has_lm_head:
         raise ValueError(
@@ -226,17 +193,23 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
                       batch_spec={"image": jax.ShapeDtypeStruct(image, jnp.uint8)},
                       describe=describe)
 
-    tokenizer = hf_weights.load_tokenizer(m.lm_path)
+    tokenizer = models.load_tokenizer(m.lm_path)
     if tokenizer.mask_token_id is None:
         raise ValueError(f"the tokenizer of {m.lm_path} has no mask token; LQAE needs one")
     mask_token_id = np.asarray(tokenizer.mask_token_id, np.int32)
     frozen = {"lm": lm_params, "mask_token_id": jax.device_put(mask_token_id, replicated)}
-    train_src, train_pre, val_src, _, eval_sources = _sources(config)
-    pid, pcount = jax.process_index(), jax.process_count()
+    splits = sources_lib.open_sources(config.data, m.image_size, supported=DATA)
+    train_src, val_src = splits["train"], splits["validation"]
+    # Evaluations read deterministic, labelled images (centre crops, no augmentation).
+    eval_sources = {"train": splits["train_eval"], "validation": val_src}
+    if config.eval.get("mini_imagenet_root", ""):
+        eval_sources["mini_imagenet"] = mini_imagenet.MiniImageNet(
+            config.eval.mini_imagenet_root, split="test", image_size=m.image_size)
     train_batches = batches_lib.IndexedBatches(
         train_src, global_batch_size=config.data.batch_size, seed=config.data.seed,
-        shuffle=True, process_index=pid, process_count=pcount,
-        preprocess=_image_only(train_pre), num_workers=config.data.num_workers)
+        shuffle=True, process_index=jax.process_index(), process_count=jax.process_count(),
+        preprocess=_image_only(getattr(train_src, "augment", None)),
+        num_workers=config.data.num_workers)
     describe += (f"; data {config.data.name}: {len(train_src)} train / {len(val_src)} "
                  "validation images")
     return Method(init_params=init_params, frozen=frozen, loss_fn=loss,

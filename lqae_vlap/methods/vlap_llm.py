@@ -27,38 +27,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from lqae_vlap import models
+from lqae_vlap.models import generate as gen
+from lqae_vlap.models import t5
+from lqae_vlap.ops import losses
 
 FAMILIES = ("opt", "llama", "t5")
 PROMPT_MULTIPLE = 8  # prompt lengths are padded up to a multiple of this: fewer recompiles
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses shared by the families
-
-
-def captioning_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over positions where loss_mask is 1 (0 when none).
-
-    logits: [B, N, V] (position i predicts targets[:, i]; the caller shifts), targets: [B, N]
-    int, loss_mask: [B, N] (1 on caption tokens only: prefix, prompt and padding are 0).
-    Computed in float32 whatever the logits' dtype.
-    """
-    if logits.shape[:2] != targets.shape or targets.shape != loss_mask.shape:
-        raise ValueError(f"captioning_loss: logits [B, N, V], targets [B, N] and loss_mask [B, N] "
-                         f"must agree, got {logits.shape}, {targets.shape}, {loss_mask.shape}")
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    m = loss_mask.astype(jnp.float32)
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+# Pieces shared by the families
 
 
 def caption_targets(num_before: int, caption_ids: jax.Array, caption_mask: jax.Array
@@ -249,11 +239,11 @@ class DecoderOnlyLLM(FrozenLLM):
     def __init__(self, family: str, module: nn.Module, tokenizer: Any, **ids: int | None) -> None:
         self.family = family
         super().__init__(module, tokenizer, **ids)
-        models = importlib.import_module(f"lqae_vlap.models.{family}")
+        decoder = models.family_module(family)
         # Static arguments of generate.py's jits: built once so every call hits the same cache.
         self._apply = module.apply
-        self._embed_fn = models.embed_tokens
-        self._cache_fn = functools.partial(models.init_cache, module.config, dtype=module.dtype,
+        self._embed_fn = decoder.embed_tokens
+        self._cache_fn = functools.partial(decoder.init_cache, module.config, dtype=module.dtype,
                                            mesh=self.mesh)
 
     @property
@@ -285,7 +275,7 @@ class DecoderOnlyLLM(FrozenLLM):
         logits = self.module.apply({"params": params}, inputs_embeds=inputs, attention_mask=attn,
                                    positions=positions)["logits"]
         targets, loss_mask = caption_targets(before, ids, mask)
-        return captioning_loss(logits, targets, loss_mask)
+        return losses.masked_cross_entropy(logits, targets, loss_mask)
 
     def generate(self, llm_params, prefix, prompts, **kw) -> np.ndarray:
         # Left padding puts each row's last real token in the last slot, where generation
@@ -296,8 +286,6 @@ class DecoderOnlyLLM(FrozenLLM):
         return super().generate(llm_params, prefix, prompts, **kw)
 
     def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
-        from lqae_vlap.models import generate as gen  # noqa: PLC0415
-
         kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                   eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                   prefix_embeds=prefix, embed_fn=self._embed_fn, init_cache_fn=self._cache_fn,
@@ -332,9 +320,7 @@ class EncoderDecoderLLM(FrozenLLM):
         return _tree(llm_params)["shared"]["embedding"]
 
     def text_hidden(self, llm_params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        from lqae_vlap.models.t5 import T5  # noqa: PLC0415
-
-        return self.module.apply({"params": _tree(llm_params)}, ids, mask, method=T5.encode)
+        return self.module.apply({"params": _tree(llm_params)}, ids, mask, method=t5.T5.encode)
 
     def caption_loss(self, llm_params: Any, prefix: jax.Array, prompt_ids: jax.Array,
                      ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -352,11 +338,9 @@ class EncoderDecoderLLM(FrozenLLM):
         dec_in = jnp.concatenate([start, ids[:, :-1].astype(jnp.int32)], axis=1)
         logits = self.module.apply({"params": params}, None, dec_in, attention_mask=enc_mask,
                                    inputs_embeds=enc_in)["logits"]
-        return captioning_loss(logits, ids, mask)
+        return losses.masked_cross_entropy(logits, ids, mask)
 
     def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
-        from lqae_vlap.models import t5  # noqa: PLC0415
-
         variables = {"params": params}
         if num_beams == 1:
             out = t5.greedy_generate(self._gen_module, variables, ids, mask,
@@ -383,3 +367,40 @@ def make_llm(family: str, module: nn.Module, tokenizer: Any, *, eos_token_id: in
     if family == "t5":
         return EncoderDecoderLLM(module, tokenizer, **ids)
     raise ValueError(f"make_llm: family {family!r} is not known; use one of {FAMILIES}")
+
+
+def load_llm(m: ml_collections.ConfigDict, mesh: Any = None, abstract: bool = False
+             ) -> tuple[FrozenLLM, Any]:
+    """(FrozenLLM, params) for ``config.model``'s LLM, through ``models.load_pretrained``.
+
+    Weights are cast to ``llm_dtype``. abstract=True (plan mode) reads no tensor and no tokenizer
+    (``llm.tokenizer`` is None): from the checkpoint's config.json or GGUF metadata when
+    ``llm_path`` is local, else from the architecture ``config.model.llm_arch``.
+    """
+    family, path = m.llm_family, str(m.llm_path)
+    if family not in FAMILIES:
+        raise ValueError(f"config.model.llm_family={family!r} is not known; use 'opt', 'llama' "
+                         "(HF folder or .gguf file) or 't5'")
+    held = models.checkpoint_family(path)  # before any weight is read or downloaded
+    if held is not None and held != family:
+        gguf = path.endswith(".gguf")
+        hint = " (GGUF files hold decoder-only Llama-family models)" if gguf else ""
+        raise ValueError(f"config.model.llm_family={family!r} but config.model.llm_path {path} "
+                         f"holds a {held!r}-family model{hint}; set the family it holds")
+    arch = None
+    if abstract and not os.path.exists(os.path.expanduser(path)):  # plan from the preset
+        arch = m.get("llm_arch")
+        arch = arch.to_dict() if isinstance(arch, ml_collections.ConfigDict) else dict(arch or {})
+        if "model_type" not in arch:
+            raise ValueError(f"plan mode: {path!r} is not a local checkpoint folder and "
+                             "config.model.llm_arch gives no architecture to plan from; pass the "
+                             "local folder, or set config.model.llm_arch to the HF config fields "
+                             "incl. model_type (see configs/vlap_opt.py)")
+    module, variables, hf_config = models.load_pretrained(
+        None if arch else path, dtype=jnp.dtype(m.get("llm_dtype", "float32")), mesh=mesh,
+        abstract=abstract, hf_config=arch)
+    if models.family(hf_config) != family:
+        raise ValueError(f"config.model.llm_family={family!r} but {path} holds a "
+                         f"{models.family(hf_config)!r} model; set the family it holds")
+    tokenizer = None if abstract else models.load_tokenizer(m.get("tokenizer_path") or path)
+    return make_llm(family, module, tokenizer, mesh=None if abstract else mesh), variables["params"]

@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, convert_checkpoint,
-                                         dense_sources, detect_prefix, layer_norm_sources,
-                                         open_state_dict, read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, dense_sources,
+                                         detect_prefix, layer_norm_sources, load_params,
+                                         open_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
                                      heads_dense, heads_out_dense, layer_norm, logical_init)
 from lqae_vlap.models.vit import patchify
@@ -300,9 +300,9 @@ def clip_vision_ignored(with_projection: bool) -> tuple[str, ...]:
     return tuple(ignored)
 
 
-def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
-         mesh: Mesh | None = None, with_projection: bool | None = None, abstract: bool = False,
-         hf_config: Any = None) -> tuple[CLIPVision, dict[str, Any], Any]:
+def load(path_or_name: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
+         mesh: Mesh | None = None, abstract: bool = False, hf_config: Any = None,
+         with_projection: bool | None = None) -> tuple[CLIPVision, dict[str, Any], Any]:
     """Loads a CLIPVisionModel(/WithProjection) or full CLIPModel checkpoint as a frozen CLIPVision.
 
     Args:
@@ -310,39 +310,30 @@ def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
         where there is network).
       dtype: param and compute dtype (e.g. jnp.bfloat16).
       mesh: place every weight on this mesh by its logical axis names while loading.
-      with_projection: build ``visual_projection`` (image_embeds). None: exactly when the
-        checkpoint holds ``visual_projection.weight`` (abstract without weight files: when the
-        config has a ``projection_dim``). True on a checkpoint without one raises a ValueError
-        naming the missing key.
       abstract: read no tensor: return ``jax.ShapeDtypeStruct`` leaves (with their shardings when
         ``mesh`` is given) for planning and compiling without the weights.
       hf_config: abstract only: a transformers ``CLIPVisionConfig`` / ``CLIPConfig`` to plan from
         instead of the folder's config.json (``path_or_name`` may be None).
+      with_projection: build ``visual_projection`` (image_embeds). None: exactly when the
+        checkpoint holds ``visual_projection.weight`` (abstract without weight files: when the
+        config has a ``projection_dim``). True on a checkpoint without one raises a ValueError
+        naming the missing key.
 
     Returns:
       (module, {'params': params}, hf_config); ``module.apply(variables, images)`` runs it.
     """
-    from lqae_vlap.models.hf_weights import WEIGHT_FILES, abstract_on_mesh  # noqa: PLC0415
-
-    if hf_config is not None and not abstract:
-        raise ValueError("clip.load: hf_config= builds the architecture only; pass abstract=True, "
-                         "or a checkpoint folder to load real weights")
-    folder = None if hf_config is not None else resolve_checkpoint(path_or_name)
-    hf_config = hf_config if folder is None else read_hf_config(folder)
-    has_weights = folder is not None and any((folder / f).exists() for f in WEIGHT_FILES)
-    state = open_state_dict(folder) if not abstract or has_weights else None
+    ckpt = open_checkpoint(path_or_name, abstract=abstract, hf_config=hf_config, who="clip.load")
     if with_projection is None:
-        with_projection = ("visual_projection.weight" in state if state is not None else
-                           getattr(hf_config, "projection_dim", None) is not None)
-    cfg = CLIPVisionConfig.from_hf(hf_config, with_projection=with_projection)
+        with_projection = ("visual_projection.weight" in ckpt.state if ckpt.state is not None else
+                           getattr(ckpt.hf_config, "projection_dim", None) is not None)
+    cfg = CLIPVisionConfig.from_hf(ckpt.hf_config, with_projection=with_projection)
     module = CLIPVision(cfg, dtype=dtype, param_dtype=dtype)
     shape = (1, cfg.image_size, cfg.image_size, cfg.num_channels)
-    abstract_params = jax.eval_shape(module.init, jax.random.key(0),
-                                     jnp.zeros(shape, dtype))["params"]
-    if abstract:
-        return module, {"params": abstract_on_mesh(abstract_params, mesh)}, hf_config
-    prefix = detect_prefix(state, "embeddings.patch_embedding.weight", ("vision_model.", ""))
-    params = convert_checkpoint(state, clip_vision_name_map(cfg, prefix), abstract_params,
-                                dtype=dtype, mesh=mesh,
-                                ignored=clip_vision_ignored(with_projection))
-    return module, {"params": params}, hf_config
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape, dtype))["params"]
+
+    def name_map(state):
+        prefix = detect_prefix(state, "embeddings.patch_embedding.weight", ("vision_model.", ""))
+        return clip_vision_name_map(cfg, prefix), clip_vision_ignored(with_projection)
+
+    variables = load_params(ckpt, shapes, name_map, dtype=dtype, mesh=mesh, abstract=abstract)
+    return module, variables, ckpt.hf_config

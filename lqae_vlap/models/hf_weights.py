@@ -1,16 +1,21 @@
 """The project's one loader of Hugging Face checkpoint folders into Flax param trees.
 
-Three layers, so new families (OPT, T5, Llama, CLIP) only add a name map:
+Four layers, so new families (OPT, T5, Llama, CLIP) only add a config reader and a name map:
   1. reading:    ``open_state_dict(folder)`` -> a lazy ``{pytorch_name: np.ndarray}`` over
-                 safetensors, pytorch_model.bin or HF's flax_model.msgpack, each single or sharded
-                 (flax renamed to PyTorch naming). Shapes come from headers (msgpack: a walk of its
-                 structure); each tensor is read when asked for. bfloat16 reads via ml_dtypes.
+                 safetensors, pytorch_model.bin or HF's flax_model.msgpack (flax_msgpack.py), each
+                 single or sharded (flax renamed to PyTorch naming). Shapes come from headers
+                 (msgpack: a walk of its structure); each tensor is read when asked for. bfloat16
+                 reads via ml_dtypes.
   2. name map:   per family, ``{flax_param_path: Source(hf_keys, transform)}``; the first present
                  key of ``hf_keys`` wins, so tied or legacy names are simply alternatives.
   3. conversion: ``convert_checkpoint`` checks the map against ``jax.eval_shape(module.init)``
                  (missing, unexpected and mis-shaped keys all reported by name, before any tensor
                  is read), then converts leaf by leaf, casting and, given a mesh, placing each leaf
                  on its sharding at once so a big model never sits whole on the host twice.
+  4. one load:   every family's ``load(path_or_name, *, dtype, mesh, abstract, hf_config)`` is
+                 ``open_checkpoint`` -> its config and module -> ``load_params``; ``abstract=True``
+                 reads no tensor (shapes and shardings only, for plan mode), from the folder's
+                 config.json or from ``hf_config`` alone.
 """
 
 from __future__ import annotations
@@ -35,13 +40,13 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from lqae_vlap.core.sharding import boxed_shardings, fit_sharding_to_shape
+from lqae_vlap.models.flax_msgpack import (FLAX_INDEX_NAME, flax_msgpack_entries, listing,
+                                           sharded_flax_msgpack_entries)
 
 # --------------------------------------------------------------------------------------------
 # 1. Finding and reading a checkpoint folder
 # --------------------------------------------------------------------------------------------
 
-# transformers 4's FLAX_WEIGHTS_INDEX_NAME (Flax save_pretrained with max_shard_size); v5 has no Flax.
-FLAX_INDEX_NAME = "flax_model.msgpack.index.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "flax_model.msgpack", FLAX_INDEX_NAME)
 # owner/name or a bare name such as "roberta-base"; anything else is treated as a path.
@@ -105,6 +110,10 @@ class StateDict(Mapping):
     def __getitem__(self, key: str) -> np.ndarray:
         return self._entries[key][1]()
 
+    def __contains__(self, key: object) -> bool:
+        # Mapping's default would read the tensor (``self[key]``) just to test for the key.
+        return key in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -165,202 +174,6 @@ def _torch_bin_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[
     return {k: (tuple(v.shape), functools.partial(_torch_to_numpy, v)) for k, v in state.items()}
 
 
-def _flax_leaf_layout(path: Sequence[str], ndim: int) -> tuple[str, tuple[int, ...] | None]:
-    """(PyTorch name, axis permutation or None) of one HF-flax leaf ('bert', ..., 'kernel')."""
-    *parents, leaf = path
-    perm = None
-    if leaf == "kernel":
-        leaf = "weight"
-        if ndim == 2:  # Dense [in, out] -> Linear [out, in]
-            perm = (1, 0)
-        elif ndim == 4:  # Conv [h, w, in, out] -> [out, in, h, w]
-            perm = (3, 2, 0, 1)
-    elif leaf in ("embedding", "scale"):
-        leaf = "weight"
-    return ".".join([*parents, leaf]), perm
-
-
-def flax_to_pytorch_name(path: Sequence[str], value: np.ndarray) -> tuple[str, np.ndarray]:
-    """One HF-flax leaf ('bert','encoder','layer','0',...,'kernel') in PyTorch naming and layout."""
-    name, perm = _flax_leaf_layout(path, value.ndim)
-    return name, (value if perm is None else value.transpose(perm))
-
-
-# HF's flax checkpoints are flax.serialization.msgpack_serialize of the nested params dict: maps of
-# str keys whose leaves are msgpack ext type 1 = packb((shape, dtype name, raw C-order bytes)), and
-# arrays over 1 GiB split into {'__msgpack_chunked_array__': True, 'shape': {...}, 'chunks': {...}}.
-# The walker below reads only the structure and records where each array's bytes lie, so shapes
-# are known without reading a tensor and each tensor is read (seek + read) only when asked for.
-_FLAX_NDARRAY_EXT, _FLAX_NPSCALAR_EXT = 1, 3
-
-
-@dataclasses.dataclass(frozen=True)
-class _Blob:
-    """A msgpack bin payload left on disk: ``length`` bytes at ``offset``."""
-
-    offset: int
-    length: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _FlaxArray:
-    shape: tuple[int, ...]
-    dtype: Any
-    blobs: tuple[_Blob, ...]  # one per chunk, concatenated in order (flattened, C order)
-
-
-class _MsgpackWalker:
-    """Just enough of msgpack (https://github.com/msgpack/msgpack/blob/master/spec.md) to walk a
-    flax checkpoint: values are parsed except bin payloads, which become ``_Blob``s."""
-
-    def __init__(self, f: Any, path: Path):
-        self.f, self.path, self.size = f, path, os.fstat(f.fileno()).st_size
-
-    def _read(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise ValueError(f"{self.path}: truncated msgpack file (wanted {n} bytes at offset "
-                             f"{self.f.tell() - len(b)}); re-download the checkpoint")
-        return b
-
-    def _uint(self, n: int) -> int:
-        return int.from_bytes(self._read(n), "big")
-
-    def _blob(self, n: int) -> _Blob:
-        blob = _Blob(self.f.tell(), n)
-        if blob.offset + n > self.size:  # a seek past the end would not notice a cut-off file
-            raise ValueError(f"{self.path}: truncated msgpack file ({n} bytes of data at offset "
-                             f"{blob.offset}, file size {self.size}); re-download the checkpoint")
-        self.f.seek(n, os.SEEK_CUR)
-        return blob
-
-    def value(self) -> Any:
-        t = self._read(1)[0]
-        if t <= 0x7F:
-            return t
-        if t >= 0xE0:
-            return t - 0x100
-        if 0x80 <= t <= 0x8F:
-            return self._map(t & 0x0F)
-        if 0x90 <= t <= 0x9F:
-            return [self.value() for _ in range(t & 0x0F)]
-        if 0xA0 <= t <= 0xBF:
-            return self._read(t & 0x1F).decode()
-        fixed = {0xC0: None, 0xC2: False, 0xC3: True}
-        if t in fixed:
-            return fixed[t]
-        sizes = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
-        if t in sizes:
-            return self._uint(sizes[t])
-        sizes = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
-        if t in sizes:
-            return int.from_bytes(self._read(sizes[t]), "big", signed=True)
-        if t in (0xCA, 0xCB):
-            return struct.unpack(">f" if t == 0xCA else ">d", self._read(4 if t == 0xCA else 8))[0]
-        sizes = {0xC4: 1, 0xC5: 2, 0xC6: 4}
-        if t in sizes:
-            return self._blob(self._uint(sizes[t]))
-        sizes = {0xD9: 1, 0xDA: 2, 0xDB: 4}
-        if t in sizes:
-            return self._read(self._uint(sizes[t])).decode()
-        if t in (0xDC, 0xDD):
-            return [self.value() for _ in range(self._uint(2 if t == 0xDC else 4))]
-        if t in (0xDE, 0xDF):
-            return self._map(self._uint(2 if t == 0xDE else 4))
-        sizes = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
-        if t in sizes:
-            return self._ext(sizes[t])
-        sizes = {0xC7: 1, 0xC8: 2, 0xC9: 4}
-        if t in sizes:
-            return self._ext(self._uint(sizes[t]))
-        raise ValueError(f"{self.path}: byte 0x{t:02x} at offset {self.f.tell() - 1} is not "
-                         "msgpack; the file is not a flax checkpoint (or is corrupt)")
-
-    def _map(self, n: int) -> dict[str, Any]:
-        return {str(self.value()): self.value() for _ in range(n)}
-
-    def _ext(self, length: int) -> _FlaxArray:
-        code, start = self._read(1)[0], self.f.tell()
-        if code not in (_FLAX_NDARRAY_EXT, _FLAX_NPSCALAR_EXT):
-            raise ValueError(f"{self.path}: msgpack extension type {code} at offset {start} is not "
-                             "an array; only flax array leaves are supported in weight files")
-        shape, dtype, blob = self.value()  # flax's _ndarray_to_bytes: (shape, dtype name, bytes)
-        if self.f.tell() != start + length or not isinstance(blob, _Blob):
-            raise ValueError(f"{self.path}: malformed flax array at offset {start}")
-        dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-        return _FlaxArray(tuple(int(d) for d in shape), dtype, (blob,))
-
-
-def _unchunk(node: Any) -> Any:
-    """flax's chunked-array dicts -> one _FlaxArray (the walk's counterpart of msgpack_restore)."""
-    if not isinstance(node, dict):
-        return node
-    if "__msgpack_chunked_array__" in node:
-        shape = tuple(int(node["shape"][str(i)]) for i in range(len(node["shape"])))
-        chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
-        return _FlaxArray(shape, chunks[0].dtype, tuple(b for c in chunks for b in c.blobs))
-    return {k: _unchunk(v) for k, v in node.items()}
-
-
-def _read_flax_array(path: Path, array: _FlaxArray) -> np.ndarray:
-    parts = []
-    with open(path, "rb") as f:
-        for blob in array.blobs:
-            f.seek(blob.offset)
-            parts.append(f.read(blob.length))
-    data = b"".join(parts) if len(parts) > 1 else parts[0]
-    return np.frombuffer(data, dtype=np.dtype(array.dtype).newbyteorder("<")).reshape(array.shape)
-
-
-def _flax_msgpack_tree(path: Path) -> dict[tuple[str, ...], _FlaxArray]:
-    """The flattened {flax path: _FlaxArray} of one flax msgpack file; no tensor is read."""
-    with open(path, "rb") as f:
-        tree = _unchunk(_MsgpackWalker(f, path).value())
-    flat = traverse_util.flatten_dict(tree) if isinstance(tree, dict) else {}
-    bad = sorted("/".join(k) for k, v in flat.items() if not isinstance(v, _FlaxArray))
-    if not flat or bad:
-        raise ValueError(f"{path}: not a flax params checkpoint (expected a nested dict of arrays"
-                         + (f"; non-array leaves: {', '.join(bad[:5])}" if bad else "") + ")")
-    return flat
-
-
-def _flax_msgpack_entries(path: Path, tree: dict[tuple[str, ...], _FlaxArray] | None = None
-                          ) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
-    entries = {}
-    for flax_path, array in (_flax_msgpack_tree(path) if tree is None else tree).items():
-        key, perm = _flax_leaf_layout(flax_path, len(array.shape))
-        shape = array.shape if perm is None else tuple(array.shape[i] for i in perm)
-
-        def read(array: _FlaxArray = array, perm: tuple[int, ...] | None = perm) -> np.ndarray:
-            value = _read_flax_array(path, array)
-            return value if perm is None else value.transpose(perm)
-
-        entries[key] = (shape, read)
-    return entries
-
-
-def _sharded_flax_msgpack_entries(folder: Path) -> dict:
-    """HF flax ``save_pretrained`` with shards: the index maps '/'-joined flax paths to shard files."""
-    index = folder / FLAX_INDEX_NAME
-    weight_map = json.loads(index.read_text())["weight_map"]
-    entries: dict = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (folder / shard).is_file():
-            raise FileNotFoundError(f"{index} lists shard {shard!r}, which is not in {folder}; "
-                                    "download every shard of the checkpoint")
-        tree = _flax_msgpack_tree(folder / shard)
-        listed = {k for k, v in weight_map.items() if v == shard}
-        absent = sorted(listed - {"/".join(p) for p in tree})
-        if absent:  # a stale index or a partial shard: fail before loading anything
-            raise ValueError(f"{index} says {shard} holds {_listing('tensors', absent)}, but that "
-                             "file does not; re-download the checkpoint")
-        for key, value in _flax_msgpack_entries(folder / shard, tree).items():
-            if key in entries:
-                raise ValueError(f"{folder}: tensor {key!r} is stored in more than one shard")
-            entries[key] = value
-    return entries
-
-
 def _sharded(folder: Path, index_name: str, reader: Callable) -> dict:
     weight_map = json.loads((folder / index_name).read_text())["weight_map"]
     entries = {}
@@ -379,8 +192,8 @@ def open_state_dict(folder: str | os.PathLike) -> StateDict:
         "pytorch_model.bin": lambda: _torch_bin_entries(folder / "pytorch_model.bin"),
         "pytorch_model.bin.index.json":
             lambda: _sharded(folder, "pytorch_model.bin.index.json", _torch_bin_entries),
-        "flax_model.msgpack": lambda: _flax_msgpack_entries(folder / "flax_model.msgpack"),
-        FLAX_INDEX_NAME: lambda: _sharded_flax_msgpack_entries(folder),
+        "flax_model.msgpack": lambda: flax_msgpack_entries(folder / "flax_model.msgpack"),
+        FLAX_INDEX_NAME: lambda: sharded_flax_msgpack_entries(folder),
     }
     for name in WEIGHT_FILES:
         if (folder / name).exists():
@@ -478,11 +291,6 @@ def dense_sources(flax_path: tuple[str, ...], hf: str, kernel: Transform = Linea
 # --------------------------------------------------------------------------------------------
 
 
-def _listing(title: str, items: Sequence[str], limit: int = 20) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"{title} ({len(items)}): {', '.join(items[:limit])}{more}"
-
-
 def convert_checkpoint(state: StateDict, name_map: NameMap, abstract_params: Any, *,
                        dtype: Any = None, mesh: Mesh | None = None,
                        ignored: Sequence[str] = ()) -> dict[str, Any]:
@@ -504,8 +312,8 @@ def convert_checkpoint(state: StateDict, name_map: NameMap, abstract_params: Any
     stale = sorted("/".join(k) for k in set(name_map) - set(targets))
     if uncovered or stale:  # a bug in a family's name map, not in the checkpoint
         raise ValueError("name map and model disagree: "
-                         + "; ".join(filter(None, [uncovered and _listing("params with no source", uncovered),
-                                                   stale and _listing("sources for no param", stale)])))
+                         + "; ".join(filter(None, [uncovered and listing("params with no source", uncovered),
+                                                   stale and listing("sources for no param", stale)])))
 
     available, chosen, missing, mismatched = set(state), {}, [], []
     consumed: set[str] = set()
@@ -523,9 +331,9 @@ def convert_checkpoint(state: StateDict, name_map: NameMap, abstract_params: Any
     patterns = [re.compile(r) for r in ignored]
     unexpected = sorted(k for k in available - consumed if not any(r.search(k) for r in patterns))
     if missing or unexpected or mismatched:
-        problems = [missing and _listing("missing keys", sorted(missing)),
-                    unexpected and _listing("unexpected keys", unexpected),
-                    mismatched and _listing("shape mismatches", mismatched)]
+        problems = [missing and listing("missing keys", sorted(missing)),
+                    unexpected and listing("unexpected keys", unexpected),
+                    mismatched and listing("shape mismatches", mismatched)]
         raise ValueError(f"checkpoint {state.source} does not fit the model: "
                          + "; ".join(p for p in problems if p)
                          + ". Check that config.json matches the weights and the model family.")
@@ -548,7 +356,7 @@ def convert_checkpoint(state: StateDict, name_map: NameMap, abstract_params: Any
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry points
+# 4. The one load of every family
 # --------------------------------------------------------------------------------------------
 
 
@@ -564,17 +372,68 @@ def abstract_on_mesh(abstract_params: Any, mesh: Mesh | None) -> Any:
         plain, shardings, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
-def load_masked_lm(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32,
-                   mesh: Mesh | None = None, abstract: bool = False) -> tuple[Any, dict[str, Any], Any]:
-    """Loads a BERT / RoBERTa / XLM-R checkpoint as a frozen MaskedLM: ``roberta.load`` (kept here
-    because callers reach it through this module; the family's name map lives in roberta.py)."""
-    from lqae_vlap.models import roberta  # noqa: PLC0415  (roberta imports this module)
+def as_hf_config(hf_config: Any) -> Any:
+    """A transformers config object from itself or from a dict of its fields with 'model_type'
+    (e.g. an experiment config's architecture preset)."""
+    if hasattr(hf_config, "to_dict") and hasattr(hf_config, "model_type"):
+        return hf_config
+    fields = dict(hf_config.items() if hasattr(hf_config, "items") else hf_config)
+    if "model_type" not in fields:
+        raise ValueError(f"an architecture needs 'model_type' beside its Hugging Face config "
+                         f"fields; got keys {sorted(fields)}")
+    from transformers import AutoConfig  # noqa: PLC0415  (heavy import, only when loading)
 
-    return roberta.load(path_or_name, dtype=dtype, mesh=mesh, abstract=abstract)
+    return AutoConfig.for_model(**fields)
 
 
-def load_tokenizer(path_or_name: str | os.PathLike) -> Any:
-    """The checkpoint's transformers tokenizer (AutoTokenizer, local files only)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What a family's ``load`` starts from (``open_checkpoint``).
 
-    return AutoTokenizer.from_pretrained(str(resolve_checkpoint(path_or_name)), local_files_only=True)
+    hf_config: the architecture (a transformers config; a dict for GGUF files).
+    state: the lazy weights, or None when planning without them (config.json alone, hf_config=).
+    source: the folder or file, for error messages (None for an architecture alone).
+    """
+
+    hf_config: Any
+    state: StateDict | None
+    source: str | None
+
+
+def open_checkpoint(path_or_name: str | os.PathLike | None, *, abstract: bool = False,
+                    hf_config: Any = None, who: str = "load") -> Checkpoint:
+    """A checkpoint folder's (or hub name's) config and lazy weights, or an architecture alone.
+
+    abstract=True reads no tensor and accepts a folder with config.json and no weight files;
+    hf_config (abstract only: a transformers config or a dict of its fields) replaces the folder.
+    """
+    if hf_config is not None:
+        if not abstract:
+            raise ValueError(f"{who}: hf_config= builds the architecture only; pass abstract=True, "
+                             "or a checkpoint folder to load real weights")
+        return Checkpoint(as_hf_config(hf_config), None, None)
+    folder = resolve_checkpoint(path_or_name)
+    has_weights = any((folder / f).exists() for f in WEIGHT_FILES)
+    state = open_state_dict(folder) if not abstract or has_weights else None
+    return Checkpoint(read_hf_config(folder), state, str(folder))
+
+
+def load_params(checkpoint: Checkpoint, abstract_params: Any,
+                name_map: Callable[[StateDict], tuple[NameMap, Sequence[str]]], *,
+                dtype: Any = None, mesh: Mesh | None = None, abstract: bool = False
+                ) -> dict[str, Any]:
+    """``{'params': ...}`` of a family's module, the last step of every ``load``.
+
+    Args:
+      checkpoint: from ``open_checkpoint`` (or a GGUF file's config and state).
+      abstract_params: ``jax.eval_shape(module.init, ...)['params']``, boxed with logical names.
+      name_map: state -> (the family's name map, regexes of keys it knowingly ignores); called
+        only when tensors are read (the map may depend on the checkpoint's key prefix).
+      dtype, mesh: cast floating leaves to ``dtype``; place each on its sharding on ``mesh``.
+      abstract: return ``jax.ShapeDtypeStruct`` leaves (with their shardings) and read nothing.
+    """
+    if abstract:
+        return {"params": abstract_on_mesh(abstract_params, mesh)}
+    names, ignored = name_map(checkpoint.state)
+    return {"params": convert_checkpoint(checkpoint.state, names, abstract_params, dtype=dtype,
+                                         mesh=mesh, ignored=ignored)}

@@ -18,7 +18,7 @@ every slot <= its own whose ``attention_mask`` [B, T] is 1.
 
 Loading: ``load(folder)`` for a Hugging Face checkpoint folder, ``load_gguf(file)`` for a
 llama.cpp GGUF file (dequantised by ``models/gguf.py``); both go through
-``hf_weights.convert_checkpoint`` with ``llama_name_map``.
+``hf_weights.load_params`` with ``llama_name_map``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lqae_vlap.models.hf_weights import (Copy, Linear, NameMap, Reshape, Source, convert_checkpoint,
-                                         open_state_dict, read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.hf_weights import (Checkpoint, Copy, Linear, NameMap, Reshape, Source,
+                                         load_params, open_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, causal_visibility, check_activation,
                                      check_decoder_call, decoder_attention_mask, dense,
                                      embedding_lookup, heads_dense, heads_out_dense, kv_cache_zeros,
@@ -363,16 +363,17 @@ def llama_ignored(cfg: LlamaConfig) -> tuple[str, ...]:
     return tuple(ignored)
 
 
-def _build(cfg: LlamaConfig, state: Any, dtype: Any, mesh: Mesh | None
-           ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+def _load(ckpt: Checkpoint, dtype: Any, mesh: Mesh | None, abstract: bool
+          ) -> tuple[LlamaForCausalLM, dict[str, Any], Any]:
+    cfg = LlamaConfig.from_hf(ckpt.hf_config)
     module = LlamaForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    params = convert_checkpoint(state, llama_name_map(cfg), abstract, dtype=dtype, mesh=mesh,
-                                ignored=llama_ignored(cfg))
-    return module, {"params": params}
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    variables = load_params(ckpt, shapes, lambda state: (llama_name_map(cfg), llama_ignored(cfg)),
+                            dtype=dtype, mesh=mesh, abstract=abstract)
+    return module, variables, ckpt.hf_config
 
 
-def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
+def load(path_or_name: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
          mesh: Mesh | None = None, abstract: bool = False, hf_config: Any = None
          ) -> tuple[LlamaForCausalLM, dict[str, Any], Any]:
     """Loads a Hugging Face Llama checkpoint folder as a frozen LlamaForCausalLM.
@@ -384,27 +385,16 @@ def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
     Returns:
       (module, {'params': params}, hf_config); ``module.apply(variables, ids, ...)`` runs it.
     """
-    if hf_config is not None and not abstract:
-        raise ValueError("llama.load: hf_config= builds the architecture only; pass "
-                         "abstract=True, or a checkpoint folder to load real weights")
-    if hf_config is None:
-        folder = resolve_checkpoint(path_or_name)
-        hf_config = read_hf_config(folder)
-    cfg = LlamaConfig.from_hf(hf_config)
-    if abstract:
-        from lqae_vlap.models.hf_weights import abstract_on_mesh  # noqa: PLC0415
-
-        module = LlamaForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
-        params = jax.eval_shape(module.init, jax.random.key(0),
-                                jnp.zeros((1, 1), jnp.int32))["params"]
-        return module, {"params": abstract_on_mesh(params, mesh)}, hf_config
-    module, variables = _build(cfg, open_state_dict(folder), dtype, mesh)
-    return module, variables, hf_config
+    ckpt = open_checkpoint(path_or_name, abstract=abstract, hf_config=hf_config,
+                           who="llama.load")
+    return _load(ckpt, dtype, mesh, abstract)
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None
-              ) -> tuple[LlamaForCausalLM, dict[str, Any], dict[str, Any]]:
+def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None,
+              abstract: bool = False) -> tuple[LlamaForCausalLM, dict[str, Any], dict[str, Any]]:
     """Loads a llama.cpp GGUF file (any quantisation gguf can dequantise) as a LlamaForCausalLM.
+
+    abstract=True reads the metadata only (shapes and shardings, for planning).
 
     Returns:
       (module, {'params': params}, hf_config dict read from the GGUF metadata).
@@ -412,5 +402,4 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh |
     from lqae_vlap.models.gguf import open_gguf  # noqa: PLC0415  (needs the optional gguf package)
 
     hf_config, state = open_gguf(path)
-    module, variables = _build(LlamaConfig.from_hf(hf_config), state, dtype, mesh)
-    return module, variables, hf_config
+    return _load(Checkpoint(hf_config, state, str(path)), dtype, mesh, abstract)

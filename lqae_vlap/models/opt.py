@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, convert_checkpoint,
-                                         dense_sources, detect_prefix, layer_norm_sources,
-                                         open_state_dict, read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, dense_sources,
+                                         detect_prefix, layer_norm_sources, load_params,
+                                         open_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activation,
                                      check_decoder_call, check_heads_divide,
                                      decoder_attention_mask, dense, embedding_lookup, heads_dense,
@@ -345,7 +345,7 @@ def opt_ignored(cfg: OPTConfig) -> tuple[str, ...]:
     return ("^" + re.escape("lm_head.weight") + "$",) if cfg.tie_word_embeddings else ()
 
 
-def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
+def load(path_or_name: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
          mesh: Mesh | None = None, abstract: bool = False, hf_config: Any = None
          ) -> tuple[OPTForCausalLM, dict[str, Any], Any]:
     """Loads an OPT checkpoint (OPTForCausalLM or OPTModel, any size) as a frozen causal LM.
@@ -362,31 +362,24 @@ def load(path_or_name: str | os.PathLike | None, *, dtype: Any = jnp.float32,
     Returns:
       (module, {'params': params}, hf_config). A tied head (lm_head.weight absent or duplicated)
       reuses embed_tokens; an OPTModel checkpoint (no head) gets the tied head, as HF does.
+      Planning from config.json alone assumes a tied head.
     """
-    from lqae_vlap.models.hf_weights import WEIGHT_FILES, abstract_on_mesh  # noqa: PLC0415
-
-    if hf_config is not None and not abstract:
-        raise ValueError("opt.load: hf_config= builds the architecture only; pass abstract=True, "
-                         "or a checkpoint folder to load real weights")
-    folder = None if hf_config is not None else resolve_checkpoint(path_or_name)
-    hf_config = hf_config if folder is None else read_hf_config(folder)
-    cfg = OPTConfig.from_hf(hf_config)
-    # Planning may start from config.json alone (no weight files): it then assumes a tied head.
-    has_weights = folder is not None and any((folder / f).exists() for f in WEIGHT_FILES)
-    state = open_state_dict(folder) if not abstract or has_weights else None
-    if state is not None and not cfg.tie_word_embeddings and "lm_head.weight" not in state:
-        raise ValueError(f"{folder}: config.json says tie_word_embeddings=False but the checkpoint "
-                         "has no lm_head.weight; set tie_word_embeddings=true or use a full "
-                         "OPTForCausalLM checkpoint")
+    ckpt = open_checkpoint(path_or_name, abstract=abstract, hf_config=hf_config, who="opt.load")
+    cfg = OPTConfig.from_hf(ckpt.hf_config)
+    if ckpt.state is not None and not cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.state:
+        raise ValueError(f"{ckpt.source}: config.json says tie_word_embeddings=False but the "
+                         "checkpoint has no lm_head.weight; set tie_word_embeddings=true or use a "
+                         "full OPTForCausalLM checkpoint")
     module = OPTForCausalLM(cfg, dtype=dtype, param_dtype=dtype)
-    abstract_params = jax.eval_shape(module.init, jax.random.key(0),
-                                     jnp.zeros((1, 1), jnp.int32))["params"]
-    if abstract:
-        return module, {"params": abstract_on_mesh(abstract_params, mesh)}, hf_config
-    prefix = detect_prefix(state, "embed_tokens.weight", PREFIXES)
-    params = convert_checkpoint(state, opt_name_map(cfg, prefix), abstract_params, dtype=dtype,
-                                mesh=mesh, ignored=opt_ignored(cfg))
-    return module, {"params": params}, hf_config
+    shapes = jax.eval_shape(module.init, jax.random.key(0),
+                            jnp.zeros((1, 1), jnp.int32))["params"]
+
+    def name_map(state):
+        return opt_name_map(cfg, detect_prefix(state, "embed_tokens.weight", PREFIXES)), \
+            opt_ignored(cfg)
+
+    variables = load_params(ckpt, shapes, name_map, dtype=dtype, mesh=mesh, abstract=abstract)
+    return module, variables, ckpt.hf_config
 
 
 def cache_fn(config: OPTConfig, dtype: Any = jnp.float32, mesh: Mesh | None = None

@@ -11,8 +11,8 @@ Param tree (``{'params': ...}``), every leaf with logical axis names:
   layer_{i}/attention_norm, layer_{i}/mlp/{wi,wo}, layer_{i}/mlp_norm
   lm_head/{dense,layer_norm,bias} (+ lm_head/decoder/kernel only when the head is untied)
 
-Checkpoint loading: ``load(folder)`` (also reachable as ``hf_weights.load_masked_lm``) with
-``encoder_lm_name_map`` through ``hf_weights.convert_checkpoint``.
+Checkpoint loading: ``load(folder)`` (``models.load_pretrained`` picks it for bert / roberta /
+xlm-roberta) with ``encoder_lm_name_map`` through ``hf_weights.load_params``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lqae_vlap.models.hf_weights import (WEIGHT_FILES, Linear, NameMap, Reshape, Source,
-                                         abstract_on_mesh, convert_checkpoint, dense_sources,
-                                         detect_prefix, layer_norm_sources, open_state_dict,
-                                         read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, dense_sources,
+                                         detect_prefix, layer_norm_sources, load_params,
+                                         open_checkpoint)
 
 from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
                                      heads_dense, heads_out_dense, layer_norm, logical_init,
@@ -314,7 +313,7 @@ def word_embedding_matrix(params: Mapping[str, Any]) -> jax.Array:
         table = tree["embeddings"]["word_embeddings"]["embedding"]
     except (KeyError, TypeError) as e:
         raise ValueError("word_embedding_matrix: params lack embeddings/word_embeddings/embedding; "
-                         "pass the tree returned by load_masked_lm or MaskedLM.init") from e
+                         "pass the tree returned by roberta.load or MaskedLM.init") from e
     return nn.meta.unbox(table)
 
 
@@ -383,8 +382,9 @@ def encoder_lm_ignored(cfg: EncoderLMConfig) -> tuple[str, ...]:
     return tuple(ignored)
 
 
-def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None,
-         abstract: bool = False) -> tuple[MaskedLM, dict[str, Any], Any]:
+def load(path_or_name: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
+         mesh: Mesh | None = None, abstract: bool = False, hf_config: Any = None
+         ) -> tuple[MaskedLM, dict[str, Any], Any]:
     """Loads a BERT / RoBERTa / XLM-R checkpoint (with or without its MLM head) as a frozen MaskedLM.
 
     Args:
@@ -393,27 +393,26 @@ def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mes
       mesh: place every weight on this mesh by its logical axis names while loading.
       abstract: read no tensor: return ``jax.ShapeDtypeStruct`` leaves (with their shardings when
         ``mesh`` is given) for planning and compiling without the weights.
+      hf_config: abstract only: a transformers config to plan from instead of a folder.
 
     Returns:
       (module, variables, hf_config): ``module.apply(variables, input_ids, ...)`` runs it;
       ``variables = {'params': ...}`` holds plain jax arrays. Checkpoints without a head
-      (e.g. a plain BertModel) load with ``config.has_lm_head=False``.
+      (e.g. a plain BertModel) load with ``config.has_lm_head=False``; planning from a config
+      alone assumes the full masked LM.
     """
-    folder = resolve_checkpoint(path_or_name)
-    hf_config = read_hf_config(folder)
-    cfg = EncoderLMConfig.from_hf(hf_config)  # raises for other families
-    # Planning may start from config.json alone; it then assumes the full masked LM.
-    state = (open_state_dict(folder)
-             if not abstract or any((folder / f).exists() for f in WEIGHT_FILES) else None)
-    if state is not None:
-        cfg = dataclasses.replace(cfg, has_lm_head=encoder_lm_has_head(state, cfg.model_type))
+    ckpt = open_checkpoint(path_or_name, abstract=abstract, hf_config=hf_config,
+                           who="roberta.load")
+    cfg = EncoderLMConfig.from_hf(ckpt.hf_config)  # raises for other families
+    if ckpt.state is not None:
+        cfg = dataclasses.replace(cfg, has_lm_head=encoder_lm_has_head(ckpt.state, cfg.model_type))
     module = MaskedLM(cfg, dtype=dtype, param_dtype=dtype)
-    abstract_params = jax.eval_shape(
-        functools.partial(module.init, with_lm_head=cfg.has_lm_head),
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    if abstract:
-        return module, {"params": abstract_on_mesh(abstract_params, mesh)}, hf_config
-    prefix = detect_prefix(state, "embeddings.word_embeddings.weight", ("bert.", "roberta.", ""))
-    params = convert_checkpoint(state, encoder_lm_name_map(cfg, prefix), abstract_params,
-                                dtype=dtype, mesh=mesh, ignored=encoder_lm_ignored(cfg))
-    return module, {"params": params}, hf_config
+    shapes = jax.eval_shape(functools.partial(module.init, with_lm_head=cfg.has_lm_head),
+                            jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+    def name_map(state):
+        prefix = detect_prefix(state, "embeddings.word_embeddings.weight", ("bert.", "roberta.", ""))
+        return encoder_lm_name_map(cfg, prefix), encoder_lm_ignored(cfg)
+
+    variables = load_params(ckpt, shapes, name_map, dtype=dtype, mesh=mesh, abstract=abstract)
+    return module, variables, ckpt.hf_config

@@ -37,8 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lqae_vlap.models.hf_weights import (Linear, NameMap, Source, convert_checkpoint,
-                                         open_state_dict, read_hf_config, resolve_checkpoint)
+from lqae_vlap.models.hf_weights import Linear, NameMap, Source, load_params, open_checkpoint
 from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, constrain_kv_cache, dense,
                                      embedding_lookup, heads_dense, heads_out_dense,
                                      kv_cache_zeros, logical_init, padding_bias, write_kv_cache)
@@ -616,20 +615,27 @@ def abstract_params(module: T5) -> Any:
     return jax.eval_shape(init, jax.random.key(0))["params"]
 
 
-def load(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32,
-         mesh: Mesh | None = None) -> tuple[T5, dict[str, Any], Any]:
+def load(path_or_name: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
+         mesh: Mesh | None = None, abstract: bool = False, hf_config: Any = None
+         ) -> tuple[T5, dict[str, Any], Any]:
     """Loads a T5 / T5 v1.1 / Flan-T5 checkpoint folder as a frozen T5.
 
-    The lm head is tied to the shared embedding unless the checkpoint stores ``lm_head.weight``.
+    The lm head is tied to the shared embedding unless the checkpoint stores ``lm_head.weight``;
+    planning without weights (config.json alone, or ``hf_config`` with ``abstract=True``) unties
+    it when the config says ``tie_word_embeddings=False`` (v1.1 / Flan-T5). abstract=True reads
+    no tensor: the params are ``jax.ShapeDtypeStruct``s with their shardings on ``mesh``.
 
     Returns:
       (module, {'params': params}, hf_config).
     """
-    folder = resolve_checkpoint(path_or_name)
-    hf_config = read_hf_config(folder)
-    state = open_state_dict(folder)
-    cfg = T5Config.from_hf(hf_config, tie_word_embeddings="lm_head.weight" not in state)
+    ckpt = open_checkpoint(path_or_name, abstract=abstract, hf_config=hf_config, who="t5.load")
+    if ckpt.state is not None:
+        tied = "lm_head.weight" not in ckpt.state
+    else:
+        tied = getattr(ckpt.hf_config, "tie_word_embeddings", True) is not False
+    cfg = T5Config.from_hf(ckpt.hf_config, tie_word_embeddings=tied)
     module = T5(cfg, dtype=dtype, param_dtype=dtype)
-    params = convert_checkpoint(state, t5_name_map(cfg), abstract_params(module), dtype=dtype, mesh=mesh,
-                                ignored=t5_ignored(cfg))
-    return module, {"params": params}, hf_config
+    variables = load_params(ckpt, abstract_params(module), lambda state: (t5_name_map(cfg),
+                                                                          t5_ignored(cfg)),
+                            dtype=dtype, mesh=mesh, abstract=abstract)
+    return module, variables, ckpt.hf_config

@@ -374,3 +374,27 @@ def sinkhorn_released_code(
     if prior is None:
         raise ValueError(f"{fn}: prior is required; use released_code_word_prior(frequencies).")
     return _released(scores, epsilon, prior, num_iters)
+
+
+MODES = ("paper", "released_code")
+
+
+def assignments(scores: jax.Array, *, mode: str = "paper", col_marginal: jax.Array | None,
+                epsilon: float, num_iters: int, prior_temperature: float = 0.25,
+                impl: str = "lax", mesh: Any = None) -> jax.Array:
+    """VLAP's word assignments Q [B, V] (rows sum to 1) from scores [B, V], by ``mode``.
+
+    'paper': optimal transport (``sinkhorn``) with word marginal ``col_marginal`` (uniform if
+    None), ``impl`` and ``mesh`` as there. 'released_code': the authors' released computation
+    (``sinkhorn_released_code``), a per-sample softmax weighted by the prior
+    softmax(col_marginal / prior_temperature) (uniform if None); no word marginal is enforced.
+    """
+    if mode == "paper":
+        return sinkhorn(scores, epsilon=epsilon, num_iters=num_iters, col_marginal=col_marginal,
+                        impl=impl, mesh=mesh)
+    if mode == "released_code":
+        prior = (jnp.ones((scores.shape[1],), jnp.float32) if col_marginal is None
+                 else released_code_word_prior(col_marginal, prior_temperature))
+        return sinkhorn_released_code(scores, epsilon=epsilon, prior=prior, num_iters=num_iters)
+    raise ValueError(f"sinkhorn_mode={mode!r} is not known; use one of {MODES} "
+                     "(config.sinkhorn.mode)")

@@ -23,6 +23,7 @@ __all__ = [
     "smooth_frequencies",
     "save_marginal",
     "load_marginal",
+    "word_marginal",
     "REQUIRED_META_KEYS",
 ]
 
@@ -230,3 +231,26 @@ def load_marginal(
             f"vocab_size={int(vocab_size)})."
         )
     return probs.astype(np.float64), meta
+
+
+def word_marginal(source: str, vocab_size: int, *, tokenizer: Any = None,
+                  captions: Iterable[str] | None = None, alpha: float = 1.0,
+                  power: float = 1.0) -> tuple[np.ndarray, str]:
+    """The Sinkhorn word marginal [V] float32 of ``config.word_marginal`` and where it came from.
+
+    source: 'uniform'; 'count' (count ``captions`` now with ``tokenizer``, each with its leading
+    space as it follows the prompt, then ``smooth_frequencies(alpha, power)``); or the path of a
+    marginal saved by ``save_marginal``.
+    """
+    if source == "uniform":
+        return np.full((vocab_size,), 1.0 / vocab_size, np.float32), "uniform"
+    if source == "count":
+        if captions is None:
+            raise ValueError("config.word_marginal.source='count' needs a source that lists its "
+                             "captions; save one with ops/word_frequency.py and pass its path")
+        texts = [" " + c for c in captions]
+        counts = count_token_frequencies(texts, tokenizer, vocab_size)
+        probs = smooth_frequencies(counts, alpha=alpha, power=power)
+        return probs.astype(np.float32), f"counted over {len(texts)} training captions"
+    probs, meta = load_marginal(source, vocab_size=vocab_size)
+    return probs.astype(np.float32), f"{source} ({meta.get('dataset')})"

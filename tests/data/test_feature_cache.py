@@ -221,3 +221,25 @@ def test_weights_fingerprint_sees_head_tail_and_size(tmp_path):
     assert vision_identity(tmp_path) != ident
     with pytest.raises(ValueError, match="exactly one"):
         vision_identity()
+
+
+def test_cache_sources_wraps_each_source_once_and_refuses_object_stores(tmp_path):
+    from lqae_vlap.data.feature_cache import cache_sources
+
+    train, val = Images(), Images(5)
+    fn = Counting()
+    parts = dict(vision=vision_identity(config={"kind": "patch_dense", "seed": 1, "width": DV}),
+                 preprocess={"name": "clip_resize_crop", "size": S}, dataset="images")
+    out = cache_sources({"train": train, "validation": val, "images": val, "vqa": None}, tmp_path,
+                        parts=parts, encode=fn, batch_size=4, preprocess=PRE)
+    assert out["vqa"] is None and out["images"] is out["validation"]  # one source, stored once
+    assert fn.calls == 3 + 2 and len(list(tmp_path.glob("*.npy"))) == 2
+    np.testing.assert_allclose(out["train"][4]["vision_features"], reference(train)[4],
+                               rtol=1e-5, atol=1e-5)
+    assert out["validation"][1]["caption"] == "picture 1"
+    cache_sources({"train": train}, tmp_path, parts=parts, encode=fn, batch_size=4, preprocess=PRE)
+    assert fn.calls == 5  # reused
+    with pytest.raises(ValueError, match="local disk"):
+        cache_sources({"train": train}, "gs://bucket/fc", parts=parts, encode=fn)
+    with pytest.raises(ValueError, match="feature_cache.dir"):
+        cache_sources({"train": train}, "", parts=parts, encode=fn)

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from lqae_vlap.data import captions as captions_lib
-from lqae_vlap.methods import vlap
+from lqae_vlap.methods import vlap, vlap_llm
+from lqae_vlap.ops import losses
 from lqae_vlap.core import sharding
 from tests.train.test_trainer import assert_sharded_step_matches_one_device, load_config, run_steps
 
@@ -151,8 +152,8 @@ def test_captioning_loss_counts_only_caption_tokens():
     mask = np.ones((b, length), np.int32)
     mask[1, 3:] = 0  # padding
     mask[2, 1:] = 0
-    targets, loss_mask = map(np.asarray, vlap.caption_targets(before, jnp.asarray(ids),
-                                                              jnp.asarray(mask)))
+    targets, loss_mask = map(np.asarray, vlap_llm.caption_targets(before, jnp.asarray(ids),
+                                                                  jnp.asarray(mask)))
     n = before + length
     assert targets.shape == loss_mask.shape == (b, n)
     # Position before - 1 + j predicts caption token j; nothing else is a target.
@@ -164,15 +165,15 @@ def test_captioning_loss_counts_only_caption_tokens():
     logp = np_log_softmax(logits)
     nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
     want = np.sum(nll * loss_mask) / loss_mask.sum()
-    got = float(vlap.captioning_loss(jnp.float32(logits), jnp.asarray(targets),
-                                     jnp.asarray(loss_mask)))
+    got = float(losses.masked_cross_entropy(jnp.float32(logits), jnp.asarray(targets),
+                                            jnp.asarray(loss_mask)))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # Scrambling logits and targets at prefix, prompt and padding positions changes nothing.
     off = loss_mask == 0
     logits2 = np.where(off[..., None], 50 * rng.standard_normal(logits.shape), logits)
     targets2 = np.where(off, rng.integers(0, v, targets.shape), targets)
-    got2 = float(vlap.captioning_loss(jnp.float32(logits2), jnp.asarray(targets2),
-                                      jnp.asarray(loss_mask)))
+    got2 = float(losses.masked_cross_entropy(jnp.float32(logits2), jnp.asarray(targets2),
+                                             jnp.asarray(loss_mask)))
     np.testing.assert_allclose(got2, got, rtol=1e-6)
 
 

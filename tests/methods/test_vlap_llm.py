@@ -380,7 +380,7 @@ def test_t5_presets_match_transformers_parameter_counts(name):
         ref = transformers.T5ForConditionalGeneration(hf_config)
     want = sum(p.numel() for p in ref.parameters())  # tied tensors are counted once
     one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
-    llm, params = vlap._load_llm(config.model, one, abstract=True)
+    llm, params = vlap_llm.load_llm(config.model, one, abstract=True)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == want
     assert llm.embed_dim == 768 and llm.family == "t5"
     assert config.optim.lr == 1e-2

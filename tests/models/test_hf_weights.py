@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
-from lqae_vlap.models.hf_weights import (WEIGHT_FILES, load_masked_lm, read_state_dict,
-                                         resolve_checkpoint)
+from lqae_vlap.models import roberta
+from lqae_vlap.models.hf_weights import WEIGHT_FILES, read_state_dict, resolve_checkpoint
 from lqae_vlap.core.sharding import make_mesh
 from tests.models.test_roberta import (assert_real_tokens_close, padded_batch, tiny_torch_model,
                                        torch_run)
@@ -111,7 +111,7 @@ def reference(request, tmp_path_factory):
     """(kind, torch model, safetensors folder, its params) shared by the format tests."""
     model = tiny_torch_model(request.param)
     folder = write_checkpoint(model, tmp_path_factory.mktemp(request.param) / "st", "safetensors")
-    return request.param, model, folder, flat(load_masked_lm(folder)[1])
+    return request.param, model, folder, flat(roberta.load(folder)[1])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -122,7 +122,7 @@ def test_every_format_gives_identical_params(reference, tmp_path, fmt):
     torch_state = model.state_dict()
     for key, value in state.items():
         np.testing.assert_array_equal(value, torch_state[key].numpy(), err_msg=key)
-    module, variables, _ = load_masked_lm(folder)
+    module, variables, _ = roberta.load(folder)
     assert module.config.has_lm_head and module.config.model_type == kind
     got = flat(variables)
     assert set(got) == set(expected)
@@ -131,15 +131,15 @@ def test_every_format_gives_identical_params(reference, tmp_path, fmt):
 
 
 def test_sharded_flax_msgpack_is_lazy_and_checked(tmp_path, monkeypatch):
-    from lqae_vlap.models import hf_weights  # noqa: PLC0415
+    from lqae_vlap.models import flax_msgpack, hf_weights  # noqa: PLC0415
 
     model = tiny_torch_model("roberta")
     folder = write_checkpoint(model, tmp_path / "flax", "sharded_flax_msgpack")
     raw = (folder / "flax_model-00001-of-00002.msgpack").read_bytes()
     assert b"__msgpack_chunked_array__" in raw  # the chunked layout really is exercised
     reads = []
-    read = hf_weights._read_flax_array
-    monkeypatch.setattr(hf_weights, "_read_flax_array", lambda *a: reads.append(a) or read(*a))
+    read = flax_msgpack._read_flax_array
+    monkeypatch.setattr(flax_msgpack, "_read_flax_array", lambda *a: reads.append(a) or read(*a))
     state = hf_weights.open_state_dict(folder)
     key = "roberta.encoder.layer.1.intermediate.dense.weight"
     assert state.shape(key) == (64, 32) and reads == []  # shapes without reading any tensor
@@ -172,7 +172,7 @@ def test_bfloat16_checkpoints_read(tmp_path):
         assert state[key].dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(state[key].astype(np.float32),
                                       model.state_dict()[key].float().numpy())
-        _, variables, _ = load_masked_lm(folder, dtype=jnp.bfloat16)
+        _, variables, _ = roberta.load(folder, dtype=jnp.bfloat16)
         kernel = variables["params"]["layer_0"]["attention"]["query"]["kernel"]
         assert kernel.dtype == jnp.bfloat16 and kernel.shape == (32, 4, 8)
         np.testing.assert_array_equal(np.asarray(kernel, np.float32),
@@ -181,7 +181,7 @@ def test_bfloat16_checkpoints_read(tmp_path):
 
 def test_bfloat16_load_equals_float32_cast(reference):
     _, _, folder, expected = reference
-    _, variables, _ = load_masked_lm(folder, dtype=jnp.bfloat16)
+    _, variables, _ = roberta.load(folder, dtype=jnp.bfloat16)
     got = flat(variables)
     for path, value in expected.items():
         assert got[path].dtype == jnp.bfloat16, path
@@ -204,21 +204,21 @@ def test_missing_key_is_named(tmp_path):
     key = "roberta.encoder.layer.1.output.dense.bias"
     folder = _edited_checkpoint(tmp_path, lambda s: s.pop(key))
     with pytest.raises(ValueError, match=r"missing keys \(1\): " + re.escape(key)):
-        load_masked_lm(folder)
+        roberta.load(folder)
 
 
 def test_unexpected_key_is_named(tmp_path):
     key = "roberta.encoder.layer.1.surprise.weight"
     folder = _edited_checkpoint(tmp_path, lambda s: s.update({key: torch.zeros(3)}))
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): " + re.escape(key)):
-        load_masked_lm(folder)
+        roberta.load(folder)
 
 
 def test_shape_mismatch_is_named(tmp_path):
     key = "roberta.encoder.layer.0.intermediate.dense.weight"
     folder = _edited_checkpoint(tmp_path, lambda s: s.update({key: torch.zeros(48, 32)}))
     with pytest.raises(ValueError, match=re.escape(f"{key} has shape (48, 32), expected (64, 32)")):
-        load_masked_lm(folder)
+        roberta.load(folder)
 
 
 def test_config_that_does_not_fit_the_weights(tmp_path):
@@ -227,13 +227,13 @@ def test_config_that_does_not_fit_the_weights(tmp_path):
     config["num_hidden_layers"] = 3
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=re.escape("bert.encoder.layer.2.")):
-        load_masked_lm(folder)
+        roberta.load(folder)
 
 
 def test_bad_locations_raise_clear_errors(tmp_path):
     missing = tmp_path / "no" / "such" / "folder"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        load_masked_lm(missing)
+        roberta.load(missing)
     # A hub-style name where the hub is unreachable (tests run with HF_HUB_OFFLINE=1).
     with pytest.raises(FileNotFoundError, match="'nobody-owns-this/tiny-model-xyz'.*local folder"):
         resolve_checkpoint("nobody-owns-this/tiny-model-xyz")
@@ -246,7 +246,7 @@ def test_bad_locations_raise_clear_errors(tmp_path):
         resolve_checkpoint(empty / "config.json")
     torch.save({}, empty / "pytorch_model.bin")
     with pytest.raises(ValueError, match="model_type 'gpt2'.*supported"):
-        load_masked_lm(empty)
+        roberta.load(empty)
 
 
 def _spec(sharding: NamedSharding) -> tuple:
@@ -259,9 +259,9 @@ def _spec(sharding: NamedSharding) -> tuple:
 def test_mesh_placement(tmp_path):
     model = tiny_torch_model("roberta")
     folder = write_checkpoint(model, tmp_path / "rb", "safetensors")
-    module, host_vars, config = load_masked_lm(folder)
+    module, host_vars, config = roberta.load(folder)
     mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    _, variables, _ = load_masked_lm(folder, mesh=mesh)
+    _, variables, _ = roberta.load(folder, mesh=mesh)
     got = flat(variables)
     for path, value in flat(host_vars).items():
         assert isinstance(got[path].sharding, NamedSharding) and got[path].sharding.mesh == mesh

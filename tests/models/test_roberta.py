@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import (BertConfig, BertForMaskedLM, BertModel, GPT2Config, RobertaConfig,
                           RobertaForMaskedLM)
 
-from lqae_vlap.models.hf_weights import load_masked_lm, load_tokenizer
+from lqae_vlap.models import load_tokenizer, roberta
 from lqae_vlap.models.roberta import EncoderLMConfig, MaskedLM, word_embedding_matrix
 
 ATOL = 1e-4  # float32 parity with PyTorch; observed differences are ~1e-6
@@ -80,7 +80,7 @@ def test_padded_batch_matches_pytorch(tmp_path, kind):
     # The head is tied: the saved file has no decoder weight, so the loader must reuse the embeddings.
     with safe_open(folder / "model.safetensors", "np") as f:
         assert not any("decoder.weight" in k for k in f.keys())
-    module, variables, hf_config = load_masked_lm(folder)
+    module, variables, hf_config = roberta.load(folder)
     assert module.config.has_lm_head and module.config.model_type == kind
     ids, mask, types = padded_batch(hf_config.pad_token_id)
     kw = dict(input_ids=ids, attention_mask=mask)
@@ -96,7 +96,7 @@ def test_padded_batch_matches_pytorch(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_every_hidden_state_matches_pytorch(tmp_path, kind):
     folder, model = save_tiny(tmp_path, kind)
-    module, variables, hf_config = load_masked_lm(folder)
+    module, variables, hf_config = roberta.load(folder)
     ids, mask, _ = padded_batch(hf_config.pad_token_id)
     with torch.no_grad():
         want = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
@@ -111,7 +111,7 @@ def test_every_hidden_state_matches_pytorch(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_inputs_embeds_matches_pytorch(tmp_path, kind):
     folder, model = save_tiny(tmp_path, kind)
-    module, variables, _ = load_masked_lm(folder)
+    module, variables, _ = roberta.load(folder)
     embeds = np.random.RandomState(2).normal(0, 0.5, size=(BATCH, LENGTH, 32)).astype(np.float32)
     _, mask, _ = padded_batch(0)
     hidden, logits = torch_run(model, inputs_embeds=embeds, attention_mask=mask)
@@ -125,7 +125,7 @@ def test_looked_up_embeds_equal_input_ids(tmp_path, kind):
     # Without padding both position schemes agree between the two paths, so feeding the looked-up
     # codebook rows (what LQAE does) must reproduce the input_ids path exactly.
     folder, _ = save_tiny(tmp_path, kind)
-    module, variables, _ = load_masked_lm(folder)
+    module, variables, _ = roberta.load(folder)
     ids = jnp.asarray(np.random.RandomState(3).randint(3, 100, size=(BATCH, LENGTH)))
     table = word_embedding_matrix(variables)
     assert table.shape == (100, 32)
@@ -136,7 +136,7 @@ def test_looked_up_embeds_equal_input_ids(tmp_path, kind):
 
 def test_untied_head_matches_pytorch(tmp_path):
     folder, model = save_tiny(tmp_path, "roberta", tie_word_embeddings=False)
-    module, variables, hf_config = load_masked_lm(folder)
+    module, variables, hf_config = roberta.load(folder)
     assert "decoder" in variables["params"]["lm_head"]
     ids, mask, _ = padded_batch(hf_config.pad_token_id)
     _, logits = torch_run(model, input_ids=ids, attention_mask=mask)
@@ -159,8 +159,8 @@ def test_every_weight_has_allowed_logical_axes():
 def test_bfloat16_forward_stays_close(tmp_path):
     folder, _ = save_tiny(tmp_path, "bert")
     ids, mask, _ = padded_batch(0)
-    f32_module, f32_vars, _ = load_masked_lm(folder)
-    bf_module, bf_vars, _ = load_masked_lm(folder, dtype=jnp.bfloat16)
+    f32_module, f32_vars, _ = roberta.load(folder)
+    bf_module, bf_vars, _ = roberta.load(folder, dtype=jnp.bfloat16)
     ref = f32_module.apply(f32_vars, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     # New dtype, so no cached eager ops: one jit compile is cheaper here.
     out = jax.jit(bf_module.apply)(bf_vars, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
@@ -200,7 +200,7 @@ def _minilm_folder() -> Path:
 
 def test_real_minilm_matches_bert_model():
     folder = _minilm_folder()
-    module, variables, _ = load_masked_lm(folder)
+    module, variables, _ = roberta.load(folder)
     assert not module.config.has_lm_head  # a plain BertModel checkpoint, keys without 'bert.'
     tok = load_tokenizer(folder)
     batch = tok(["A cat sits on the warm windowsill.", "Hello world"], padding=True, return_tensors="np")

@@ -284,3 +284,28 @@ def test_bad_inputs_raise_clear_errors():
         sinkhorn(s, epsilon=0.05, num_iters=3, col_marginal=jnp.zeros(K))
     with pytest.raises(ValueError, match="tol must be > 0"):
         sinkhorn_until_converged(s, epsilon=0.05, tol=0.0, max_iters=10)
+
+
+# --- VLAP's choice of the two ----------------------------------------------------------------
+
+
+def test_assignments_picks_the_mode():
+    """assignments('paper') is the optimal transport, 'released_code' the released loop with the
+    frequency prior (uniform without a marginal); anything else is named."""
+    from lqae_vlap.ops.sinkhorn import assignments
+
+    s, col = jnp.asarray(_scores(31)), jnp.asarray(_marginal(32, K))
+    kw = dict(epsilon=0.05, num_iters=3)
+    np.testing.assert_array_equal(
+        np.asarray(assignments(s, mode="paper", col_marginal=col, **kw)),
+        np.asarray(sinkhorn(s, col_marginal=col, **kw)))
+    np.testing.assert_allclose(
+        np.asarray(assignments(s, mode="released_code", col_marginal=col, prior_temperature=0.5,
+                               **kw)),
+        np.asarray(sinkhorn_released_code(s, prior=released_code_word_prior(col, 0.5), **kw)),
+        rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(assignments(s, mode="released_code", col_marginal=None, **kw)),
+        np.asarray(jax.nn.softmax(s / 0.05, axis=1)), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="sinkhorn_mode='swav'.*config.sinkhorn.mode"):
+        assignments(s, mode="swav", col_marginal=None, **kw)

@@ -155,3 +155,27 @@ def test_save_errors(tmp_path):
         save_marginal(tmp_path / "m.npz", probs, META)
     with pytest.raises(TypeError, match="JSON-serialisable"):
         save_marginal(tmp_path / "m", probs, {**META, "extra": object()})
+
+
+def test_word_marginal_of_each_source(tokenizer, tmp_path):
+    """config.word_marginal.source: 'uniform', 'count' (counted now, each caption after a space,
+    as it follows the prompt) and a saved file, each saying where it came from."""
+    from lqae_vlap.ops.word_frequency import word_marginal
+
+    vocab = tokenizer.vocab_size
+    probs, where = word_marginal("uniform", vocab)
+    assert where == "uniform" and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, 1.0 / vocab)
+    probs, where = word_marginal("count", vocab, tokenizer=tokenizer, captions=CORPUS[:3],
+                                 alpha=0.5, power=0.75)
+    want = smooth_frequencies(count_token_frequencies([" " + c for c in CORPUS[:3]], tokenizer,
+                                                      vocab), alpha=0.5, power=0.75)
+    np.testing.assert_allclose(probs, want, rtol=1e-6)
+    assert where == "counted over 3 training captions"
+    with pytest.raises(ValueError, match="lists its captions"):
+        word_marginal("count", vocab, tokenizer=tokenizer, captions=None)
+    path = save_marginal(tmp_path / "m", want, meta={"tokenizer": "minilm", "dataset": "corpus",
+                                                     "num_texts": 3, "smoothing": "test"})
+    probs, where = word_marginal(str(path), vocab)
+    np.testing.assert_allclose(probs, want, rtol=1e-6)
+    assert where == f"{path} (corpus)"

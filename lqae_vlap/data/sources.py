@@ -1,0 +1,128 @@
+"""Which data a run reads: ``config.data.name`` -> its opener, in one plain dict both methods use.
+
+An opener takes ``config.data`` and the model's image size and returns the run's splits, each a
+random-access source (``len(src)``, ``src[i] -> dict``):
+
+  'train'        what the loss reads (ImageNet's: full-size images with an ``augment(example,
+                 rng)`` that crops and flips them per step)
+  'validation'   held-out examples
+  'train_eval'   the training split without augmentation, for evaluations (default: 'train')
+  'images'       one example per held-out image with all its 'references', for captioning and
+                 retrieval (default: 'validation')
+
+Examples carry what their data has: 'image' (uint8) always, 'label' with ``src.class_names`` on
+labelled data, 'caption' on captioned data; the digits carry both, so both methods run on them.
+Each method says which names it can train on (a method needing captions refuses ImageNet).
+``eval_images`` and ``vqa_questions`` open the evaluation-only sources a VLAP config names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from lqae_vlap.data import captions as captions_lib
+
+Splits = dict[str, Any]
+
+
+def _digits(d: ml_collections.ConfigDict, image_size: int) -> Splits:
+    return {"train": captions_lib.DigitCaptions("train", image_size=image_size),
+            "validation": captions_lib.DigitCaptions("validation", image_size=image_size)}
+
+
+def _imagenet(d: ml_collections.ConfigDict, image_size: int) -> Splits:
+    from lqae_vlap.data import imagenet  # noqa: PLC0415  (tensorflow-datasets, optional)
+
+    kw = dict(data_dir=d.data_dir or None, manual_dir=d.manual_dir or None, image_size=image_size)
+    return {"train": imagenet.imagenet_source("train", train=True, **kw),
+            "validation": imagenet.imagenet_source("validation", train=False, **kw),
+            "train_eval": imagenet.imagenet_source("train", train=False, **kw)}
+
+
+def _jsonl(d: ml_collections.ConfigDict, image_size: int) -> Splits:
+    val = captions_lib.JsonlCaptions(d.eval_path)
+    return {"train": captions_lib.JsonlCaptions(d.train_path), "validation": val,
+            "images": captions_lib.ImagesWithReferences(val)}
+
+
+def _coco_captions(d: ml_collections.ConfigDict, image_size: int) -> Splits:
+    from lqae_vlap.data.coco_captions import CocoCaptions  # noqa: PLC0415  (tfds, optional)
+
+    kw = dict(data_dir=d.get("data_dir") or None, index_cache_dir=d.get("index_cache_dir") or None)
+    return {"train": CocoCaptions(d.train_split, mode="pairs", **kw),
+            "validation": CocoCaptions(d.eval_split, mode="pairs", **kw),
+            "images": CocoCaptions(d.eval_split, mode="images", **kw)}
+
+
+def _cc3m(d: ml_collections.ConfigDict, image_size: int) -> Splits:
+    from lqae_vlap.data.cc3m import Cc3m  # noqa: PLC0415
+
+    if not d.train_path or not d.eval_path:
+        raise ValueError("config.data.name='cc3m' needs config.data.train_path and "
+                         "config.data.eval_path: img2dataset output folders of CC3M's "
+                         "training and validation TSVs")
+    cache = d.get("index_cache_dir") or None
+    return {"train": Cc3m(d.train_path, cache_dir=cache),
+            "validation": Cc3m(d.eval_path, cache_dir=cache)}
+
+
+SOURCES: dict[str, Callable[[ml_collections.ConfigDict, int], Splits]] = {
+    "digits": _digits,
+    "imagenet": _imagenet,
+    "jsonl": _jsonl,
+    "coco_captions": _coco_captions,
+    "cc3m": _cc3m,
+}
+
+
+def open_sources(d: ml_collections.ConfigDict, image_size: int,
+                 supported: tuple[str, ...] = tuple(SOURCES)) -> Splits:
+    """The splits of ``config.data`` (module docstring); ``supported``: the names the calling
+    method can train on (others are refused by name)."""
+    if d.name not in SOURCES:
+        raise ValueError(f"config.data.name={d.name!r} is not known; use one of {supported}")
+    if d.name not in supported:
+        raise ValueError(f"config.data.name={d.name!r} lacks what this method trains on; use one "
+                         f"of {supported}")
+    splits = SOURCES[d.name](d, int(image_size))
+    splits.setdefault("train_eval", splits["train"])
+    splits.setdefault("images", splits["validation"])
+    return splits
+
+
+def eval_images(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> Any:
+    """``config.eval.source``'s held-out images with their references (e.g. COCO's Karpathy
+    test split while training on CC3M), or None for '' (the training data's own)."""
+    if source.name == "coco_captions":
+        from lqae_vlap.data.coco_captions import CocoCaptions  # noqa: PLC0415
+
+        return CocoCaptions(source.split, data_dir=d.get("data_dir") or None, mode="images",
+                            index_cache_dir=d.get("index_cache_dir") or None)
+    if source.name == "jsonl":
+        return captions_lib.ImagesWithReferences(captions_lib.JsonlCaptions(source.path))
+    if source.name:
+        raise ValueError(f"config.eval.source.name={source.name!r} is not known; use '' (the "
+                         "training data's held-out split), 'coco_captions' or 'jsonl'")
+    return None
+
+
+VQA_SOURCES = ("", "digits", "vqav2")
+
+
+def vqa_questions(vqa: ml_collections.ConfigDict, image_size: int) -> Any:
+    """``config.eval.vqa.source``'s questions, or None for '' (no VQA)."""
+    if vqa.source not in VQA_SOURCES:
+        raise ValueError(f"config.eval.vqa.source={vqa.source!r} is not known; use one of "
+                         f"{VQA_SOURCES} ('' = no VQA)")
+    if vqa.source == "digits":
+        from lqae_vlap.data.vqa_source import DigitQuestions  # noqa: PLC0415
+
+        return DigitQuestions("validation", image_size=int(image_size))
+    if vqa.source == "vqav2":
+        from lqae_vlap.data.vqa_source import VqaV2Source  # noqa: PLC0415
+
+        return VqaV2Source(vqa.questions, vqa.annotations or None, vqa.image_dir)
+    return None

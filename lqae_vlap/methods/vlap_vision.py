@@ -1,0 +1,116 @@
+"""VLAP's frozen vision encoders, one record each: ``config.model.vision.kind`` -> its tower.
+
+  'clip'     a CLIP vision tower (models.load_pretrained): images resized and centre-cropped on
+             the host, CLIP-normalised on the device; its last hidden states (CLS + patches, 50
+             tokens for ViT-B/32) are the tokens.
+  'standin'  the demo's STAND-IN (models/standin.py): a fixed random projection of pixel
+             patches, never trained; no model of vision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lqae_vlap import models
+from lqae_vlap.core import sharding as sharding_lib
+from lqae_vlap.data import clip_preprocess
+from lqae_vlap.data import feature_cache as fc
+from lqae_vlap.models import standin
+from lqae_vlap.ops import pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionTower:
+    """encode: (frozen['vision'], images [B, S, S, 3] uint8 after ``host_image``) -> tokens
+    [B, T, width]; frozen: its weights on the mesh (ShapeDtypeStructs when abstract);
+    host_image: host-side preprocessing of one image, or None; cache_parts: what the feature
+    cache keys on besides the data (the model and the preprocessing)."""
+
+    encode: Callable[[Any, jax.Array], jax.Array]
+    frozen: Any
+    width: int
+    image_size: int
+    host_image: Callable[[Any], Any] | None
+    cache_parts: dict[str, Any]
+
+
+def _clip_tokens(frozen: Any, images: jax.Array, *, module: Any) -> jax.Array:
+    x = clip_preprocess.clip_normalize(images) if images.dtype == jnp.uint8 else images
+    return module.apply({"params": frozen["params"]}, x)["last_hidden_state"]
+
+
+def _clip(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> VisionTower:
+    v = config.model.vision
+    local = bool(v.path) and os.path.exists(os.path.expanduser(str(v.path)))
+    arch = None
+    if abstract and not local:  # plan mode from the architecture preset
+        arch = v.get("arch")
+        if not arch or "model_type" not in arch:
+            raise ValueError(f"plan mode: {v.path!r} is not a local checkpoint folder and "
+                             "config.model.vision.arch gives no architecture to plan from; pass "
+                             "the local folder, or set config.model.vision.arch to the HF config "
+                             "fields incl. model_type (see configs/vlap_opt.py)")
+        arch = arch.to_dict() if isinstance(arch, ml_collections.ConfigDict) else dict(arch)
+    held = models.family(arch) if arch else models.checkpoint_family(v.path)
+    if held not in (None, "clip"):
+        raise ValueError(f"config.model.vision.kind='clip' but {v.path} holds a {held!r}-family "
+                         "model; point config.model.vision.path at a CLIP checkpoint")
+    module, variables, _ = models.load_pretrained(
+        None if arch else v.path, dtype=jnp.dtype(v.get("dtype", "float32")), mesh=mesh,
+        abstract=abstract, hf_config=arch, with_projection=False)
+    size = module.config.image_size
+    identity = {"dtype": v.dtype, "output": "last_hidden_state"}
+    identity = ({**fc.vision_identity(v.path), **identity} if local
+                else fc.vision_identity(config={"path": str(v.path), **identity}))
+    preprocess = {"name": "clip_resize_crop", "size": size, "crop": size, "resample": "bicubic",
+                  "mean": list(clip_preprocess.CLIP_MEAN), "std": list(clip_preprocess.CLIP_STD)}
+    return VisionTower(
+        encode=functools.partial(_clip_tokens, module=module),
+        frozen={"params": variables["params"]},
+        width=module.config.hidden_size, image_size=size,
+        host_image=functools.partial(clip_preprocess.clip_resize_crop, size=size, crop=size),
+        cache_parts={"vision": identity, "preprocess": preprocess})
+
+
+def _standin_tokens(frozen: Any, images: jax.Array, *, patch_size: int) -> jax.Array:
+    x = pixels.to_float(images) if images.dtype == jnp.uint8 else images
+    return standin.features(frozen["projection"], x, patch_size)
+
+
+def _standin(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> VisionTower:
+    v, size = config.model.vision, int(config.model.image_size)
+    patch, width = int(v.patch_size), int(v.width)
+    rep = sharding_lib.replicated(mesh)
+    shape = (patch * patch * 3, width)
+    proj = (jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rep) if abstract
+            else jax.device_put(standin.projection(int(v.seed), *shape), rep))
+    identity = fc.vision_identity(config={"kind": v.kind, "patch_size": patch, "width": width,
+                                          "seed": int(v.seed)})
+    return VisionTower(
+        encode=functools.partial(_standin_tokens, patch_size=patch), frozen={"projection": proj},
+        width=width, image_size=size, host_image=None,
+        cache_parts={"vision": identity, "preprocess": {"name": "demo_images", "size": size}})
+
+
+TOWERS: dict[str, Callable[[ml_collections.ConfigDict, Any, bool], VisionTower]] = {
+    "clip": _clip,
+    "standin": _standin,
+}
+
+
+def load_vision(config: ml_collections.ConfigDict, mesh: Any, abstract: bool = False
+                ) -> VisionTower:
+    """The frozen vision tower of ``config.model.vision`` on ``mesh`` (abstract: no weights)."""
+    kind = config.model.vision.kind
+    if kind not in TOWERS:
+        raise ValueError(f"config.model.vision.kind={kind!r} is not known; use 'standin' (demo "
+                         "only) or 'clip'")
+    return TOWERS[kind](config, mesh, abstract)

@@ -1,0 +1,52 @@
+"""data/sources.py: one dict of data openers both methods read, and the evaluation-only sources."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from lqae_vlap.data import sources
+from lqae_vlap.data.captions import DigitCaptions
+from lqae_vlap.data.vqa_source import DigitQuestions
+
+
+def data(name="digits"):
+    return ml_collections.ConfigDict(dict(name=name, train_path="", eval_path="", data_dir="",
+                                          manual_dir=""))
+
+
+def test_digits_serve_both_methods():
+    splits = sources.open_sources(data(), 16)
+    assert set(splits) == {"train", "validation", "train_eval", "images"}
+    train, val = splits["train"], splits["validation"]
+    assert isinstance(train, DigitCaptions) and (len(train), len(val)) == (1500, 297)
+    # Defaults: evaluations read the training split as it is, images are the held-out split.
+    assert splits["train_eval"] is train and splits["images"] is val
+    example = val[3]
+    assert example["image"].shape == (16, 16, 3) and example["image"].dtype == np.uint8
+    # Labelled (LQAE's evaluations) and captioned (VLAP) at once.
+    assert val.class_names[int(example["label"])] in example["caption"]
+
+
+def test_names_are_checked_against_the_dict_and_the_method():
+    with pytest.raises(ValueError, match="config.data.name='laion' is not known"):
+        sources.open_sources(data("laion"), 16)
+    with pytest.raises(ValueError, match="'imagenet' lacks what this method trains on"):
+        sources.open_sources(data("imagenet"), 16, supported=("digits", "jsonl"))
+    with pytest.raises(ValueError, match="needs config.data.train_path"):
+        sources.open_sources(data("cc3m"), 16)
+
+
+def test_evaluation_sources():
+    none = ml_collections.ConfigDict(dict(name="", split="", path=""))
+    assert sources.eval_images(none, data()) is None
+    with pytest.raises(ValueError, match="config.eval.source.name='flickr'"):
+        sources.eval_images(ml_collections.ConfigDict(dict(name="flickr")), data())
+    vqa = ml_collections.ConfigDict(dict(source="digits", questions="", annotations="",
+                                         image_dir=""))
+    questions = sources.vqa_questions(vqa, 16)
+    assert isinstance(questions, DigitQuestions) and len(questions) == 297
+    vqa.source = ""
+    assert sources.vqa_questions(vqa, 16) is None
+    vqa.source = "okvqa"
+    with pytest.raises(ValueError, match="config.eval.vqa.source='okvqa' is not known"):
+        sources.vqa_questions(vqa, 16)
