@@ -48,16 +48,20 @@ def get_config(arg=None):
                    end_lr_ratio=0.0)
     c.train = dict(steps=100 * steps_per_epoch, log_every=100, checkpoint_every=5000,
                    keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
-    # Evaluations (methods/lqae_evals.py), every train.eval_every steps, at the end, and alone with
-    # --config.mode=eval. Few-shot: mini-ImageNet's test classes (eval.mini_imagenet_root, with
-    # fewshot.split='mini_imagenet') as in the paper; fewshot_llm prompts eval.llm_path.
+    # Evaluations (methods/lqae_evals.py), each every eval.<name>.every steps, at the end, and
+    # alone with --config.mode=eval. Few-shot: mini-ImageNet's test classes
+    # (eval.mini_imagenet_root, with fewshot.split='mini_imagenet') as in the paper; fewshot_llm
+    # prompts eval.llm_path.
     c.eval = dict(
         evals=("reconstruction",), batch_size=64, num_batches=8, num_images=8, max_images=0,
         mini_imagenet_root="", llm_path="",
+        reconstruction=dict(every=-1),  # every: -1 = train.eval_every, 0 = only at the end
         # layer: the frozen LM's hidden state whose mean over the words is the feature
         # (transformers' indexing: 0 = embeddings, -1 = last).
-        fewshot=dict(split="validation", ways=(2, 5), shots=(1, 3, 5), queries=1, episodes=100,
-                     llm_episodes=20, seed=0, layer=-1),
+        fewshot=dict(every=-1, split="validation", ways=(2, 5), shots=(1, 3, 5), queries=1,
+                     episodes=100, llm_episodes=20, seed=0, layer=-1),
+        fewshot_llm=dict(every=-1),  # its episodes are eval.fewshot's (llm_episodes of them)
+        linear_probe=dict(every=-1),  # its knobs are eval.probe's
         probe=dict(epochs=100, lr=1e-2, weight_decay=1e-4, layer=-1),
     )
     # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),

@@ -48,8 +48,11 @@ def get_config(arg=None):
         evals=("loss", "captioning", "retrieval", "vqa", "arithmetic"),
         source=dict(name="", split="", path=""),  # the 297 held-out digits
         batch_size=32, num_batches=2, max_images=0,
-        captioning=dict(num_beams=(1, 3), max_new_tokens=8, length_penalty=1.0, max_images=64,
-                        metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"), num_show=6),
+        # every=-1: with train.eval_every=0 every evaluation runs once, at the end (not at
+        # vlap_opt's 25k steps).
+        captioning=dict(every=-1, num_beams=(1, 3), max_new_tokens=8, length_penalty=1.0,
+                        max_images=64, metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"),
+                        num_show=6),
         # Ten captions for 297 images: galleries of 10 hold one image per digit, so R@1 chance
         # is 10% (R@10 would be 100% by construction, hence ks 1 and 5).
         retrieval=dict(similarities=("word_scores", "caption_likelihood"), gallery_size=10,

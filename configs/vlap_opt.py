@@ -118,29 +118,33 @@ def get_config(arg=None):
                    warmup_steps=3 * steps_per_epoch, grad_clip=0.0, end_lr_ratio=0.0)
     c.train = dict(steps=32 * steps_per_epoch, log_every=100, checkpoint_every=5000,
                    keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
-    # Evaluations (methods/vlap_evals.py), every train.eval_every steps, at the end, or alone
-    # with --config.mode=eval on a checkpoint. Add "vqa" with eval.vqa.source="vqav2" and the
-    # official VQAv2 files (questions / annotations JSON, COCO image folder).
+    # Evaluations (methods/vlap_evals.py), each every eval.<name>.every steps, at the end, or
+    # alone with --config.mode=eval on a checkpoint. Add "vqa" with eval.vqa.source="vqav2" and
+    # the official VQAv2 files (questions / annotations JSON, COCO image folder).
     c.eval = dict(
         evals=("loss", "captioning", "retrieval", "arithmetic"),
         # Held-out images with their references: '' = the training data's held-out split;
         # 'coco_captions' (TFDS, split 'test' = Karpathy 5k test) or 'jsonl' (path).
         source=dict(name="coco_captions", split="test", path=""),
         batch_size=64, num_batches=8, max_images=0,  # 0 = every held-out image
-        captioning=dict(num_beams=(1, 5), max_new_tokens=30, length_penalty=1.0, max_images=0,
-                        metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"), num_show=8),
+        loss=dict(every=-1),  # every: -1 = train.eval_every, 0 = only at the end
+        # Greedy and beam-5 decoding of up to 30 tokens for each of the 5k test images costs far
+        # more than the 8-batch loss: every 25k steps (5 loss evaluations), and at the end.
+        captioning=dict(every=25_000, num_beams=(1, 5), max_new_tokens=30, length_penalty=1.0,
+                        max_images=0, metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"),
+                        num_show=8),
         # similarities (each reported): 'word_scores' (cosine of the two [V] word-score
         # profiles L_map aligns), 'embedding', 'caption_likelihood' (the LLM's log-likelihood
         # of the caption after the image: one pass per pair, galleries only, <= max_pairs per
         # gallery); gallery_size 0 = all images at once (COCO 5k protocol).
-        retrieval=dict(similarities=("word_scores",), gallery_size=0, ks=(1, 5, 10),
+        retrieval=dict(every=-1, similarities=("word_scores",), gallery_size=0, ks=(1, 5, 10),
                        max_pairs=100_000),
-        vqa=dict(source="", questions="", annotations="", image_dir="",
+        vqa=dict(every=-1, source="", questions="", annotations="", image_dir="",
                  prompt="Question: {question} Answer:", max_new_tokens=10, max_questions=0,
                  num_show=5),
         # image - word(a) + word(b) -> nearest image, scored when captions name a and b.
-        arithmetic=dict(pairs=("dog->cat", "man->woman", "grass->snow", "day->night"), top_k=5,
-                        num_show=5),
+        arithmetic=dict(every=-1, pairs=("dog->cat", "man->woman", "grass->snow", "day->night"),
+                        top_k=5, num_show=5),
     )
     # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
     # memory per device, and the peak that turns FLOPs into a step time (H100 bf16 dense).

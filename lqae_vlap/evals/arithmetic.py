@@ -11,18 +11,24 @@ Ties in the top-k are broken by the lower candidate index (stable sort).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
-_EPS = 1e-12
+from lqae_vlap.evals.arrays import EPS, unit_rows
+
+
+def contains_word(text: str, word: str) -> bool:
+    """Whether text holds word as a whole word, case-insensitively (does a caption name it?)."""
+    return re.search(rf"\b{re.escape(word.lower())}\b", text.lower()) is not None
 
 
 def _unit(x: np.ndarray, what: str) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    if np.any(norm < _EPS):
+    # An operand without direction would silently drop out of the sum: refuse it.
+    if np.any(np.linalg.norm(x, axis=-1) < EPS):
         raise ValueError(f"{what} contains a zero vector; cosine arithmetic needs non-zero vectors")
-    return x / norm
+    return unit_rows(x)
 
 
 def _as_rows(vectors: Sequence[np.ndarray] | np.ndarray, dim: int, what: str) -> np.ndarray:
@@ -80,8 +86,8 @@ def arithmetic(query: np.ndarray, plus: Sequence[np.ndarray] | np.ndarray,
     norms = np.linalg.norm(cand, axis=1)
     # A zero row has no direction (e.g. the padding word's embedding, zero in many checkpoints):
     # it is never an answer rather than an error.
-    scores = (cand / np.maximum(norms, _EPS)[:, None]) @ target
-    keep = norms >= _EPS
+    scores = unit_rows(cand) @ target
+    keep = norms >= EPS
     excl = np.asarray(list(exclude), dtype=np.int64)
     if excl.size and (excl.min() < 0 or excl.max() >= cand.shape[0]):
         raise ValueError(f"exclude holds indices outside [0, {cand.shape[0]})")

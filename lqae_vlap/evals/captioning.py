@@ -68,6 +68,17 @@ def spice_jars_missing() -> list[str]:
             if not os.path.exists(os.path.join(lib, j))]
 
 
+def references(example: Mapping[str, Any]) -> list[str]:
+    """The reference captions of an example: 'references' (COCO: ~5) or its one 'caption'."""
+    refs = example.get("references")
+    if refs is None:
+        if "caption" not in example:
+            raise ValueError("an evaluation example needs 'references' (list of captions) or "
+                             f"'caption'; got keys {sorted(example)}")
+        refs = [example["caption"]]
+    return [str(r) for r in refs]
+
+
 def simple_tokenize(caption: str) -> str:
     """Java-free stand-in for the PTB tokenizer: lowercase, punctuation -> space, single spaces."""
     return " ".join(caption.lower().translate(_PUNCT_TABLE).split())

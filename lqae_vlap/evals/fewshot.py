@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lqae_vlap.evals.arrays import pad_rows, unit_rows
 from lqae_vlap.evals.stats import chance_level, mean_confidence_interval
 
 LogprobFn = Callable[[np.ndarray, np.ndarray], Any]  # (ids [B, L], mask [B, L]) -> [B, L, V]
@@ -200,10 +201,6 @@ def make_lm_scorer(tokenizer: Any, logprob_fn: LogprobFn, class_prefix: str = " 
     return scorer
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def prototype_classify(support_features: np.ndarray, support_labels: Sequence[int] | np.ndarray,
                        query_features: np.ndarray) -> np.ndarray:
     """Nearest class mean by cosine similarity.
@@ -218,8 +215,8 @@ def prototype_classify(support_features: np.ndarray, support_labels: Sequence[in
         raise ValueError(f"prototype_classify expects support [S, D], labels [S], query [Q, D]; "
                          f"got {s.shape}, {y.shape}, {q.shape}")
     classes = np.unique(y)
-    protos = _unit(np.stack([_unit(s[y == c]).mean(axis=0) for c in classes]))
-    return classes[np.argmax(_unit(q) @ protos.T, axis=1)]
+    protos = unit_rows(np.stack([unit_rows(s[y == c]).mean(axis=0) for c in classes]))
+    return classes[np.argmax(unit_rows(q) @ protos.T, axis=1)]
 
 
 @functools.lru_cache(maxsize=8)
@@ -270,13 +267,10 @@ def encoder_features(lm_module: Any, lm_params: Any, token_ids: np.ndarray, laye
     bs = min(batch_size, n)
     out = []
     for start in range(0, n, bs):
-        i, m = ids[start:start + bs], mask[start:start + bs]
-        pad = bs - len(i)
-        if pad:
-            i = np.concatenate([i, np.repeat(i[-1:], pad, 0)])
-            m = np.concatenate([m, np.repeat(m[-1:], pad, 0)])
+        stop = min(start + bs, n)
+        i, m = pad_rows(ids[start:stop], bs), pad_rows(mask[start:stop], bs)
         h = pooled(lm_params, jnp.asarray(i, jnp.int32), jnp.asarray(m, jnp.int32))
-        out.append(np.asarray(h)[:bs - pad])
+        out.append(np.asarray(h)[:stop - start])
     return np.concatenate(out).astype(np.float32)
 
 

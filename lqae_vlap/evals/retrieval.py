@@ -12,13 +12,20 @@ instead of a lucky 100% (an optimistic or index-order tie-break would reward col
 a real failure mode of a mis-trained projection). Ties among correct candidates do not matter.
 
 Recalls are fractions in [0, 1]; multiply by 100 for the percentages of the papers' tables.
+
+Galleries: when several images share a caption text (e.g. the VLAP demo's "a handwritten digit
+seven"), ``galleries`` splits the images into galleries in which no caption text repeats, so each
+caption has one owner, and ``chance_recall`` is the recall of a random ranking of such a gallery.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from lqae_vlap.evals.arrays import unit_rows
 
 DEFAULT_KS = (1, 5, 10)
 _ROW_CHUNK = 1024  # rows of the [N_img, N_txt] masks built at once: bounds memory on COCO 5k x 25k
@@ -110,3 +117,92 @@ def recall_at_k(sim: np.ndarray, gt: Sequence[Iterable[int]],
     out = {f"i2t_R@{k}": float(np.mean(i2t < k)) for k in ks}
     out.update({f"t2i_R@{k}": float(np.mean(t2i < k)) for k in ks})
     return out
+
+
+def galleries(caption_lists: Sequence[Sequence[str]], size: int) -> list[list[int]]:
+    """Splits images into retrieval galleries in which no caption text repeats.
+
+    Args:
+      caption_lists: per image, its captions.
+      size: images per gallery; 0 = one gallery of every image (a caption text already used by
+        an earlier image is dropped from later ones; images left with none are skipped).
+
+    Returns:
+      galleries: lists of image indices; an image joins the first gallery holding none of its
+      captions, and with size > 0 only full galleries are returned.
+    """
+    if size < 0:
+        raise ValueError(f"eval.retrieval.gallery_size must be >= 0, got {size}")
+    if size == 0:
+        seen: set[str] = set()
+        keep = []
+        for i, caps in enumerate(caption_lists):
+            if any(c not in seen for c in caps):
+                keep.append(i)
+                seen.update(caps)
+        return [keep]
+    open_: list[tuple[list[int], set[str]]] = []
+    for i, caps in enumerate(caption_lists):
+        caps_set = set(caps)
+        for members, texts in open_:
+            if len(members) < size and not texts & caps_set:
+                members.append(i)
+                texts.update(caps_set)
+                break
+        else:
+            open_.append(([i], set(caps_set)))
+    return [members for members, _ in open_ if len(members) == size]
+
+
+def gallery_captions(caption_lists: Sequence[Sequence[str]], members: Sequence[int]
+                     ) -> tuple[list[str], list[list[int]]]:
+    """The captions of one gallery, and each member's columns among them.
+
+    Args:
+      caption_lists: per image, its captions.
+      members: the gallery's image indices (one list of ``galleries``).
+
+    Returns:
+      (texts: each caption text once, its first owner keeping it; gt: per member, the indices
+      of its captions in texts, as ``recall_at_k`` takes them).
+    """
+    texts: list[str] = []
+    owner: dict[str, int] = {}
+    gt: list[list[int]] = []
+    for i in members:
+        cols = []
+        for c in caption_lists[i]:
+            if c not in owner:
+                owner[c] = len(texts)
+                texts.append(c)
+                cols.append(owner[c])
+        gt.append(cols)
+    return texts, gt
+
+
+def chance_recall(gt: Sequence[Sequence[int]], n_txt: int, ks: Sequence[int]) -> dict[str, float]:
+    """Expected Recall@K of a random ranking (same keys as ``recall_at_k``).
+
+    gt: per image, the indices of its captions; n_txt: the number of captions. image->text:
+    1 - C(n_txt - c, K) / C(n_txt, K) for an image with c captions; text->image: K / n_img.
+    """
+    n_img = len(gt)
+    out = {}
+    for k in ks:
+        i2t = [1.0 - (math.comb(n_txt - len(c), k) / math.comb(n_txt, k) if k <= n_txt else 0.0)
+               for c in gt]
+        out[f"i2t_R@{k}"] = float(np.mean(i2t))
+        out[f"t2i_R@{k}"] = min(k, n_img) / n_img
+    return out
+
+
+def word_score_embedding(x: np.ndarray, word_embeddings: np.ndarray) -> np.ndarray:
+    """Maps representations so that their dot products equal those of their word-score profiles.
+
+    x: [N, D], word_embeddings: [V, D] -> [N, D] float64 rows f with <f_a, f_b> = <s_a, s_b>
+    where s = unit(W) @ unit(x) (the cosine scores L_map uses); unit-normalise f for cosines.
+    """
+    w, x = unit_rows(word_embeddings), unit_rows(x)
+    evals, evecs = np.linalg.eigh(w.T @ w)  # Gram = W^T W, symmetric PSD
+    root = (evecs * np.sqrt(np.clip(evals, 0.0, None))) @ evecs.T
+    return x @ root

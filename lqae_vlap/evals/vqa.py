@@ -124,6 +124,12 @@ def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     return sum(accs) / len(accs)
 
 
+def first_answer(text: str) -> str:
+    """The answer part of a generated continuation: its first line, before any new 'Question'."""
+    text = text.split("\n", 1)[0]
+    return re.split(r"\bQuestion\b", text, maxsplit=1)[0].strip()
+
+
 def vqa_accuracy(predictions: Mapping[Any, str], annotations: Mapping[Any, Sequence[str]],
                  answer_types: Mapping[Any, str] | None = None,
                  question_types: Mapping[Any, str] | None = None) -> dict[str, Any]:

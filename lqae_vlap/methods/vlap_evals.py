@@ -1,8 +1,11 @@
 """VLAP's evaluations on a checkpoint: the frozen LLM reads the projected images.
 
-Each evaluation named in ``config.eval.evals`` runs on the current params and returns scalars
-(written to the metrics files under ``eval/<name>/...``), a JSON file
-``eval_<name>_<step>.json`` in the workdir, and a line or two on stdout:
+The evaluations follow evals/runner.py: each is a function ``fn(ctx, step, workdir) -> (result,
+lines)`` over the ``Evaluator`` of the run (its jitted encoders, the frozen LLM, and the
+representations of the held-out images, computed once per run and shared by retrieval and
+arithmetic), listed in ``EVALS``; the named ones write ``eval_<name>_<step>.json``, print their
+lines and return scalars (written to the metrics files under ``eval/<name>/...``). Each runs
+every ``config.eval.<name>.every`` steps (``runner.cadence``):
   loss        held-out L_map, L_cap and the agreement of the two modalities' argmax words;
   captioning  zero-shot captions after [visual prefix ; prompt], greedy and beam search
               (``eval.captioning.num_beams``), scored with pycocoevalcap's COCO metrics (BLEU-4,
@@ -29,19 +32,17 @@ L_map aligns them only through their scores against the word embeddings.
 The paper's exact retrieval protocol is not in ../shared/reference/methods.md: verify before
 comparing numbers with its tables.
 
-Galleries (``eval.retrieval.gallery_size``): 0 ranks all evaluated images and captions together
-(the COCO 5k protocol). A positive size splits them into galleries in which no caption text
-repeats (an image joins the first gallery holding none of its captions), as needed when several
-images share a caption, e.g. the demo's "a handwritten digit seven": galleries of 10 hold one
-image per digit. Recall is averaged over galleries and chance is computed for the same galleries.
+Galleries (``eval.retrieval.gallery_size``; ``evals.retrieval.galleries``): 0 ranks all evaluated
+images and captions together (the COCO 5k protocol). A positive size splits them into galleries
+in which no caption text repeats, as needed when several images share a caption, e.g. the demo's
+"a handwritten digit seven": galleries of 10 hold one image per digit. Recall is averaged over
+galleries and chance is computed for the same galleries.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -57,130 +58,13 @@ from lqae_vlap.evals import captioning as captioning_lib
 from lqae_vlap.evals import retrieval as retrieval_lib
 from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.evals import vqa as vqa_lib
+from lqae_vlap.evals.arrays import pad_rows, unit_rows
 
-EVALS = ("loss", "captioning", "retrieval", "vqa", "arithmetic")
 SIMILARITIES = ("word_scores", "embedding", "caption_likelihood")
 
 
-# ----------------------------------------------------------------------------------------------
-# Pure helpers (tested alone)
-
-
-def references(example: dict[str, Any]) -> list[str]:
-    """The reference captions of an example: 'references' (COCO: ~5) or its one 'caption'."""
-    refs = example.get("references")
-    if refs is None:
-        if "caption" not in example:
-            raise ValueError("an evaluation example needs 'references' (list of captions) or "
-                             f"'caption'; got keys {sorted(example)}")
-        refs = [example["caption"]]
-    return [str(r) for r in refs]
-
-
-def galleries(caption_lists: Sequence[Sequence[str]], size: int) -> list[list[int]]:
-    """Splits images into retrieval galleries in which no caption text repeats.
-
-    Args:
-      caption_lists: per image, its captions.
-      size: images per gallery; 0 = one gallery of every image (a caption text already used by
-        an earlier image is dropped from later ones; images left with none are skipped).
-
-    Returns:
-      galleries: lists of image indices; with size > 0 only full galleries are returned.
-    """
-    if size < 0:
-        raise ValueError(f"eval.retrieval.gallery_size must be >= 0, got {size}")
-    if size == 0:
-        seen: set[str] = set()
-        keep = []
-        for i, caps in enumerate(caption_lists):
-            if any(c not in seen for c in caps):
-                keep.append(i)
-                seen.update(caps)
-        return [keep]
-    open_: list[tuple[list[int], set[str]]] = []
-    for i, caps in enumerate(caption_lists):
-        caps_set = set(caps)
-        for members, texts in open_:
-            if len(members) < size and not texts & caps_set:
-                members.append(i)
-                texts.update(caps_set)
-                break
-        else:
-            open_.append(([i], set(caps_set)))
-    return [members for members, _ in open_ if len(members) == size]
-
-
-def gallery_captions(caption_lists: Sequence[Sequence[str]], members: Sequence[int]
-                     ) -> tuple[list[str], list[list[int]]]:
-    """Captions of a gallery (each text once, first owner keeps it) and per-image column lists."""
-    texts: list[str] = []
-    owner: dict[str, int] = {}
-    gt: list[list[int]] = []
-    for i in members:
-        cols = []
-        for c in caption_lists[i]:
-            if c not in owner:
-                owner[c] = len(texts)
-                texts.append(c)
-                cols.append(owner[c])
-        gt.append(cols)
-    return texts, gt
-
-
-def chance_recall(gt: Sequence[Sequence[int]], n_txt: int, ks: Sequence[int]) -> dict[str, float]:
-    """Expected Recall@K of a random ranking (same keys as ``retrieval.recall_at_k``).
-
-    image->text: 1 - C(n_txt - c, K) / C(n_txt, K) for an image with c captions; text->image:
-    K / n_img.
-    """
-    n_img = len(gt)
-    out = {}
-    for k in ks:
-        i2t = [1.0 - (math.comb(n_txt - len(c), k) / math.comb(n_txt, k) if k <= n_txt else 0.0)
-               for c in gt]
-        out[f"i2t_R@{k}"] = float(np.mean(i2t))
-        out[f"t2i_R@{k}"] = min(k, n_img) / n_img
-    return out
-
-
-def word_score_embedding(x: np.ndarray, word_embeddings: np.ndarray) -> np.ndarray:
-    """Maps representations so that their dot products equal those of their word-score profiles.
-
-    x: [N, D], word_embeddings: [V, D] -> [N, D] float64 rows f with <f_a, f_b> = <s_a, s_b>
-    where s = unit(W) @ unit(x) (the cosine scores L_map uses); unit-normalise f for cosines.
-    """
-    w = np.asarray(word_embeddings, np.float64)
-    w = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-    x = np.asarray(x, np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    evals, evecs = np.linalg.eigh(w.T @ w)  # Gram = W^T W, symmetric PSD
-    root = (evecs * np.sqrt(np.clip(evals, 0.0, None))) @ evecs.T
-    return x @ root
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def first_answer(text: str) -> str:
-    """The answer part of a generated continuation: its first line, before any new 'Question'."""
-    text = text.split("\n", 1)[0]
-    return re.split(r"\bQuestion\b", text, maxsplit=1)[0].strip()
-
-
-def contains_word(text: str, word: str) -> bool:
-    """Whole-word, case-insensitive match."""
-    return re.search(rf"\b{re.escape(word.lower())}\b", text.lower()) is not None
-
-
-# ----------------------------------------------------------------------------------------------
-# The evaluator
-
-
 class Evaluator:
-    """Runs ``config.eval.evals``; ``run(params, frozen, step, workdir) -> scalars``.
+    """The context VLAP's evaluations share; ``run(params, frozen, step, workdir) -> scalars``.
 
     Args:
       cfg: the run's config (reads ``cfg.eval``, ``cfg.model``).
@@ -193,16 +77,16 @@ class Evaluator:
         'vqa': questions with 'image', 'question', 'question_id', 'answers' (optional)}.
       loss_batches / loss_fn: held-out batches and the training loss (for 'loss').
       mesh: the device mesh (results are gathered replicated).
+
+    During ``run``, ``params`` and ``frozen`` are the evaluated weights and ``cache`` holds what
+    several evaluations of that run share (``visual_reprs``); all three are None between runs.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, llm: Any, visual_map: Any,
                  vision_fn: Callable, host_image: Callable | None, sources: dict[str, Any],
                  loss_batches: Any, loss_fn: Callable, mesh: Any) -> None:
         e = cfg.eval
-        unknown = set(e.evals) - set(EVALS)
-        if unknown:
-            raise ValueError(f"config.eval.evals has unknown evaluations {sorted(unknown)}; "
-                             f"choose from {EVALS}")
+        eval_runner.check_names(e.evals, EVALS)
         if "retrieval" in e.evals:
             bad = [x for x in e.retrieval.similarities if x not in SIMILARITIES]
             if bad or not e.retrieval.similarities:
@@ -214,6 +98,7 @@ class Evaluator:
                              "'vqa' from config.eval.evals")
         self.cfg, self.llm, self.sources = cfg, llm, sources
         self.host_image, self.loss_batches = host_image, loss_batches
+        self.params = self.frozen = self.cache = None
         rep = sharding_lib.replicated(mesh)
 
         def encode(params, frozen, x, *, from_features: bool):
@@ -233,11 +118,35 @@ class Evaluator:
             return jax.vmap(one)(prefix, ids, mask)
 
         self._caption_nll = jax.jit(caption_nll, out_shardings=rep)
-        self._loss_step = jax.jit(loss_fn, out_shardings=rep)
+        self.loss_step = jax.jit(loss_fn, out_shardings=rep)
 
-    # -- shared pieces --------------------------------------------------------------------------
+    # -- entry point ----------------------------------------------------------------------------
 
-    def _limit(self, source) -> int:
+    def run(self, params, frozen, step: int, workdir: str,
+            names: Sequence[str] | None = None) -> dict[str, float]:
+        """Runs ``names`` (None: every one of ``config.eval.evals``) through ``runner.run``."""
+        self.params, self.frozen, self.cache = params, frozen, {}
+        try:
+            banner = self._banner()
+            if banner and jax.process_index() == 0:
+                print(f"  {banner}", flush=True)
+            names = self.cfg.eval.evals if names is None else names
+            return eval_runner.run(EVALS, names, self, step, workdir)
+        finally:
+            self.params = self.frozen = self.cache = None
+
+    def _banner(self) -> str | None:
+        v = self.cfg.model.vision
+        if v.kind == "standin":
+            return ("note: the vision encoder is a STAND-IN (a fixed random projection of "
+                    f"{v.patch_size}x{v.patch_size} pixel patches, never trained), not CLIP; the "
+                    f"LLM ({self.cfg.model.llm_path.split('/')[-1]}) and the images are real")
+        return None
+
+    # -- what the evaluations share -------------------------------------------------------------
+
+    def limit(self, source) -> int:
+        """How many of ``source``'s examples to evaluate (``eval.max_images``, 0 = all)."""
         n = int(self.cfg.eval.get("max_images", 0)) or len(source)
         return min(n, len(source))
 
@@ -249,35 +158,37 @@ class Evaluator:
             images = [self.host_image(im) for im in images]
         return np.stack([np.asarray(im, np.uint8) for im in images]), False
 
-    def _batches(self, source, n: int):
-        """Yields (indices, examples, prefix [b, T, D] device array) over source[:n]."""
+    def batches(self, source, n: int) -> Iterator[tuple[list[int], list[dict], jax.Array]]:
+        """Yields (indices, examples, prefix [bs, T, D] device array) over source[:n]; the last
+        batch is padded to ``eval.batch_size`` rows, so keep prefix[:len(indices)]."""
         bs = int(self.cfg.eval.batch_size)
         for start in range(0, n, bs):
             idx = list(range(start, min(start + bs, n)))
             examples = [source[i] for i in idx]
             x, from_features = self._inputs(examples)
-            yield idx, examples, self._encode[from_features](self._params, self._frozen,
-                                                             _pad_rows(x, bs))
+            yield idx, examples, self._encode[from_features](self.params, self.frozen,
+                                                             pad_rows(x, bs))
 
-    def _visual_reprs(self, source, n: int, *, keep_prefix: bool = False
-                      ) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
+    def visual_reprs(self, source, n: int, *, keep_prefix: bool = False
+                     ) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
         """Image representations [n, D] (mean of projected tokens), the examples, and (with
         keep_prefix) the prefixes [n, T, D]; computed once per ``run`` and shared."""
         key = (id(source), n)
-        cached = self._run_cache.get(key)
+        cached = self.cache.get(key)
         if cached is None or (keep_prefix and cached[2] is None):
             reprs, examples, prefixes = [], [], []
-            for idx, ex, prefix in self._batches(source, n):
+            for idx, ex, prefix in self.batches(source, n):
                 reprs.append(np.asarray(jnp.mean(prefix.astype(jnp.float32), 1))[:len(idx)])
                 if keep_prefix:
                     prefixes.append(np.asarray(prefix)[:len(idx)])
                 examples.extend(ex)
-            cached = self._run_cache[key] = (np.concatenate(reprs), examples,
-                                             np.concatenate(prefixes) if keep_prefix else None)
+            cached = self.cache[key] = (np.concatenate(reprs), examples,
+                                        np.concatenate(prefixes) if keep_prefix else None)
         return cached
 
-    def _likelihood_sim(self, prefixes: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        """[n_img, n_txt] mean log-likelihood of each caption after each image's prefix."""
+    def likelihood_sim(self, prefixes: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """prefixes [n_img, T, D] -> [n_img, n_txt] mean log-likelihood of each caption after
+        each image's prefix."""
         bs, max_len = int(self.cfg.eval.batch_size), int(self.cfg.model.max_caption_len)
         ids, mask = captions_lib.tokenize_captions(self.llm.tokenizer, list(texts), max_len)
         # Every (image, caption) pair, image-major: [n_img * n_txt].
@@ -285,284 +196,255 @@ class Evaluator:
         txt = np.tile(np.arange(len(texts)), len(prefixes))
         out = np.empty(len(img), np.float64)
         for start in range(0, len(img), bs):
-            ii, jj = _pad_rows(img[start:start + bs], bs), _pad_rows(txt[start:start + bs], bs)
-            nll = np.asarray(self._caption_nll(self._frozen, prefixes[ii], ids[jj], mask[jj]))
+            ii, jj = pad_rows(img[start:start + bs], bs), pad_rows(txt[start:start + bs], bs)
+            nll = np.asarray(self._caption_nll(self.frozen, prefixes[ii], ids[jj], mask[jj]))
             out[start:start + bs] = -nll[:len(out[start:start + bs])]
         return out.reshape(len(prefixes), len(texts))
 
-    def _text_reprs(self, texts: Sequence[str]) -> np.ndarray:
+    def text_reprs(self, texts: Sequence[str]) -> np.ndarray:
         """Text representations [len(texts), D] from the frozen LLM."""
         bs, max_len = int(self.cfg.eval.batch_size), int(self.cfg.model.max_caption_len)
         out = []
         for start in range(0, len(texts), bs):
             chunk = list(texts[start:start + bs])
             ids, mask = captions_lib.tokenize_captions(self.llm.tokenizer, chunk, max_len)
-            out.append(np.asarray(self._text(self._frozen, _pad_rows(ids, bs),
-                                             _pad_rows(mask, bs)))[:len(chunk)])
+            out.append(np.asarray(self._text(self.frozen, pad_rows(ids, bs),
+                                             pad_rows(mask, bs)))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
-    def _generate(self, prefix, prompts: list[list[int]], *, max_new_tokens: int,
-                  num_beams: int = 1) -> list[str]:
-        tokens = self.llm.generate(self._frozen["llm"], prefix, prompts,
+    def generate(self, prefix, prompts: list[list[int]], *, max_new_tokens: int,
+                 num_beams: int = 1) -> list[str]:
+        """Continuations of [prefix [B, T, D] ; prompts[b]] as B strings."""
+        tokens = self.llm.generate(self.frozen["llm"], prefix, prompts,
                                    max_new_tokens=max_new_tokens, num_beams=num_beams,
                                    length_penalty=float(self.cfg.eval.captioning.length_penalty))
         return self.llm.decode(tokens)
 
-    def _banner(self) -> str | None:
-        v = self.cfg.model.vision
-        if v.kind == "standin":
-            return ("note: the vision encoder is a STAND-IN (a fixed random projection of "
-                    f"{v.patch_size}x{v.patch_size} pixel patches, never trained), not CLIP; the "
-                    f"LLM ({self.cfg.model.llm_path.split('/')[-1]}) and the images are real")
-        return None
+    def word_embeddings(self, dtype=None) -> np.ndarray:
+        """The frozen LLM's input word embeddings [V, D] on the host (dtype None: the LLM's)."""
+        return np.asarray(jax.device_get(self.llm.word_embeddings(self.frozen["llm"])), dtype)
 
-    # -- entry point ----------------------------------------------------------------------------
 
-    def run(self, params, frozen, step: int, workdir: str, names=None) -> dict[str, float]:
-        self._params, self._frozen, self._run_cache = params, frozen, {}
-        try:
-            scalars: dict[str, float] = {}
-            banner = self._banner()
-            if banner and jax.process_index() == 0:
-                print(f"  {banner}", flush=True)
-            for name in (self.cfg.eval.evals if names is None else names):
-                result, lines = getattr(self, f"_{name}")(step, workdir)
-                eval_runner.write_eval_json(workdir, name, step, result)
-                if jax.process_index() == 0:
-                    for line in lines:
-                        print(f"  {line}", flush=True)
-                scalars.update(_flat_scalars(name, result))
-            return scalars
-        finally:
-            self._params = self._frozen = self._run_cache = None
+# ----------------------------------------------------------------------------------------------
+# The evaluations: fn(ctx, step, workdir) -> (result, lines), ctx an Evaluator inside ``run``.
 
-    # -- evaluations ----------------------------------------------------------------------------
 
-    def _loss(self, step, workdir):
-        n = int(self.cfg.eval.num_batches)
-        sums: dict[str, float] = {}
-        for i in range(n):
-            batch = self.loss_batches.batch_at(i)
-            _, aux = self._loss_step(self._params, self._frozen, batch, jax.random.PRNGKey(0))
-            for k, v in jax.device_get(aux).items():
-                sums[k] = sums.get(k, 0.0) + float(v) / n
-        line = (f"held-out loss: L_map {sums['map']:.4f}, L_cap {sums['cap']:.4f}, image/text "
-                f"argmax-word agreement {100 * sums['assign_agreement']:.1f}% ({n} batches)")
-        return sums, [line]
+def loss(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+    """The training loss's metrics averaged over ``eval.num_batches`` held-out batches."""
+    n = int(ctx.cfg.eval.num_batches)
+    sums: dict[str, float] = {}
+    for i in range(n):
+        batch = ctx.loss_batches.batch_at(i)
+        _, aux = ctx.loss_step(ctx.params, ctx.frozen, batch, jax.random.PRNGKey(0))
+        for k, v in jax.device_get(aux).items():
+            sums[k] = sums.get(k, 0.0) + float(v) / n
+    line = (f"held-out loss: L_map {sums['map']:.4f}, L_cap {sums['cap']:.4f}, image/text "
+            f"argmax-word agreement {100 * sums['assign_agreement']:.1f}% ({n} batches)")
+    return sums, [line]
 
-    def _captioning(self, step, workdir):
-        c = self.cfg.eval.captioning
-        source = self.sources["images"]
-        n = min(self._limit(source), int(c.get("max_images", 0)) or len(source))
-        prompt = [int(t) for t in np.asarray(self._frozen["prompt_ids"])]
-        refs: dict[int, list[str]] = {}
-        preds: dict[str, dict[int, str]] = {}
-        for idx, examples, prefix in self._batches(source, n):
-            for i, ex in zip(idx, examples):
-                refs[i] = references(ex)
-            prefix = prefix[:len(idx)]
-            for beams in c.num_beams:
-                texts = self._generate(prefix, [prompt] * len(idx),
-                                       max_new_tokens=int(c.max_new_tokens), num_beams=int(beams))
-                preds.setdefault(_decoding(beams), {}).update(zip(idx, texts))
-        result: dict[str, Any] = {"num_images": n, "prompt": self.cfg.model.prompt}
-        lines = []
-        for decoding, p in preds.items():
-            # An empty caption is a legitimate (bad) prediction; the scorers need a token.
-            scored = captioning_lib.caption_metrics({k: v or "." for k, v in p.items()}, refs,
-                                                    metrics=tuple(c.metrics))
-            exact = float(np.mean([p[k].strip().lower() in {r.strip().lower() for r in refs[k]}
-                                   for k in p]))
-            result[decoding] = {**scored["scores"], "exact_match": exact,
-                                "skipped": scored["skipped"], "tokenizer": scored["tokenizer"]}
-            shown = ", ".join(f"{m} {100 * v:.1f}" for m, v in scored["scores"].items())
-            skipped = f" (skipped: {', '.join(scored['skipped'])})" if scored["skipped"] else ""
-            lines.append(f"captioning {decoding} on {n} held-out images: {shown}; exact match "
-                         f"{100 * exact:.1f}%{skipped}")
-            if jax.process_index() == 0:
-                text = (f"# step {step}, {decoding}: prompt {self.cfg.model.prompt!r}; "
-                        "generated | first reference\n")
-                text += "".join(f"{p[k]} | {refs[k][0]}\n" for k in sorted(p))
-                files.write_text(files.join(workdir, f"captions_{decoding}_{step:06d}.txt"), text)
-        first = next(iter(preds.values()))
-        show = sorted(first)[:int(c.num_show)]
-        result["examples"] = [{"index": k, "references": refs[k],
-                               **{d: preds[d][k] for d in preds}} for k in show]
-        for k in show:
-            gen = " / ".join(f"{d}: {preds[d][k]!r}" for d in preds)
-            lines.append(f"  image {k}: {gen}  (reference {refs[k][0]!r})")
-        return result, lines
 
-    def _retrieval(self, step, workdir):
-        r = self.cfg.eval.retrieval
-        source = self.sources["images"]
-        n = self._limit(source)
-        sims = tuple(r.similarities)
-        v, examples, prefixes = self._visual_reprs(
-            source, n, keep_prefix="caption_likelihood" in sims)
-        caption_lists = [references(ex) for ex in examples]
-        groups = galleries(caption_lists, int(r.gallery_size))
-        if not groups or not groups[0]:
-            raise ValueError(f"retrieval: no gallery of {r.gallery_size} images with distinct "
-                             f"captions among the {n} evaluated images; lower "
-                             "config.eval.retrieval.gallery_size")
-        ks = tuple(int(k) for k in r.ks)
-        words = np.asarray(jax.device_get(self.llm.word_embeddings(self._frozen["llm"])))
-        recalls: dict[str, list[dict]] = {x: [] for x in sims}
-        chances = []
-        for members in groups:
-            texts, gt = gallery_captions(caption_lists, members)
-            chances.append(chance_recall(gt, len(texts), ks))
-            t = self._text_reprs(texts) if set(sims) - {"caption_likelihood"} else None
-            for name in sims:
-                if name == "caption_likelihood":
-                    if len(members) * len(texts) > int(r.max_pairs):
-                        raise ValueError(
-                            f"retrieval caption_likelihood needs one LLM pass per pair: "
-                            f"{len(members)} x {len(texts)} exceeds "
-                            f"config.eval.retrieval.max_pairs={r.max_pairs}; use galleries "
-                            "(eval.retrieval.gallery_size) or the 'word_scores' similarity")
-                    sim = self._likelihood_sim(prefixes[members], texts)
-                elif name == "word_scores":
-                    sim = (_unit_rows(word_score_embedding(v[members], words))
-                           @ _unit_rows(word_score_embedding(t, words)).T)
-                else:
-                    sim = _unit_rows(v[members]) @ _unit_rows(t).T
-                recalls[name].append(retrieval_lib.recall_at_k(sim, gt, ks))
-        chance = {k: float(np.mean([x[k] for x in chances])) for k in chances[0]}
-        result: dict[str, Any] = {"chance": chance, "num_galleries": len(groups),
-                                  "gallery_images": len(groups[0])}
-        where = (f"{len(groups)} galleries of {len(groups[0])} images" if len(groups) > 1
-                 else f"{len(groups[0])} images")
-        lines = []
+def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+    """Zero-shot captions of the held-out images per decoding, with COCO metrics."""
+    c = ctx.cfg.eval.captioning
+    source = ctx.sources["images"]
+    n = min(ctx.limit(source), int(c.get("max_images", 0)) or len(source))
+    prompt = [int(t) for t in np.asarray(ctx.frozen["prompt_ids"])]
+    refs: dict[int, list[str]] = {}
+    preds: dict[str, dict[int, str]] = {}
+    for idx, examples, prefix in ctx.batches(source, n):
+        for i, ex in zip(idx, examples):
+            refs[i] = captioning_lib.references(ex)
+        prefix = prefix[:len(idx)]
+        for beams in c.num_beams:
+            texts = ctx.generate(prefix, [prompt] * len(idx),
+                                 max_new_tokens=int(c.max_new_tokens), num_beams=int(beams))
+            preds.setdefault(_decoding(beams), {}).update(zip(idx, texts))
+    result: dict[str, Any] = {"num_images": n, "prompt": ctx.cfg.model.prompt}
+    lines = []
+    for decoding, p in preds.items():
+        # An empty caption is a legitimate (bad) prediction; the scorers need a token.
+        scored = captioning_lib.caption_metrics({k: v or "." for k, v in p.items()}, refs,
+                                                metrics=tuple(c.metrics))
+        exact = float(np.mean([p[k].strip().lower() in {r.strip().lower() for r in refs[k]}
+                               for k in p]))
+        result[decoding] = {**scored["scores"], "exact_match": exact,
+                            "skipped": scored["skipped"], "tokenizer": scored["tokenizer"]}
+        shown = ", ".join(f"{m} {100 * v:.1f}" for m, v in scored["scores"].items())
+        skipped = f" (skipped: {', '.join(scored['skipped'])})" if scored["skipped"] else ""
+        lines.append(f"captioning {decoding} on {n} held-out images: {shown}; exact match "
+                     f"{100 * exact:.1f}%{skipped}")
+        if jax.process_index() == 0:
+            text = (f"# step {step}, {decoding}: prompt {ctx.cfg.model.prompt!r}; "
+                    "generated | first reference\n")
+            text += "".join(f"{p[k]} | {refs[k][0]}\n" for k in sorted(p))
+            files.write_text(files.join(workdir, f"captions_{decoding}_{step:06d}.txt"), text)
+    first = next(iter(preds.values()))
+    show = sorted(first)[:int(c.num_show)]
+    result["examples"] = [{"index": k, "references": refs[k],
+                           **{d: preds[d][k] for d in preds}} for k in show]
+    for k in show:
+        gen = " / ".join(f"{d}: {preds[d][k]!r}" for d in preds)
+        lines.append(f"  image {k}: {gen}  (reference {refs[k][0]!r})")
+    return result, lines
+
+
+def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+    """Recall@K both ways per similarity, averaged over galleries, beside chance."""
+    r = ctx.cfg.eval.retrieval
+    source = ctx.sources["images"]
+    n = ctx.limit(source)
+    sims = tuple(r.similarities)
+    v, examples, prefixes = ctx.visual_reprs(source, n, keep_prefix="caption_likelihood" in sims)
+    caption_lists = [captioning_lib.references(ex) for ex in examples]
+    groups = retrieval_lib.galleries(caption_lists, int(r.gallery_size))
+    if not groups or not groups[0]:
+        raise ValueError(f"retrieval: no gallery of {r.gallery_size} images with distinct "
+                         f"captions among the {n} evaluated images; lower "
+                         "config.eval.retrieval.gallery_size")
+    ks = tuple(int(k) for k in r.ks)
+    words = ctx.word_embeddings()
+    recalls: dict[str, list[dict]] = {x: [] for x in sims}
+    chances = []
+    for members in groups:
+        texts, gt = retrieval_lib.gallery_captions(caption_lists, members)
+        chances.append(retrieval_lib.chance_recall(gt, len(texts), ks))
+        t = ctx.text_reprs(texts) if set(sims) - {"caption_likelihood"} else None
         for name in sims:
-            mean = {k: float(np.mean([x[k] for x in recalls[name]])) for k in recalls[name][0]}
-            result[name] = mean
-            for d, arrow in (("i2t", "image->text"), ("t2i", "text->image")):
-                cells = ", ".join(f"R@{k} {100 * mean[f'{d}_R@{k}']:.1f}% (chance "
-                                  f"{100 * chance[f'{d}_R@{k}']:.1f}%)" for k in ks)
-                lines.append(f"retrieval {arrow} by {name} over {where}: {cells}")
-        return result, lines
-
-    def _vqa(self, step, workdir):
-        q = self.cfg.eval.vqa
-        source = self.sources["vqa"]
-        n = min(len(source), int(q.get("max_questions", 0)) or len(source))
-        tok = self.llm.tokenizer
-        preds, answers, qtypes = {}, {}, {}
-        for idx, examples, prefix in self._batches(source, n):
-            prompts = [tok(q.prompt.format(question=ex["question"]),
-                           add_special_tokens=False)["input_ids"] for ex in examples]
-            texts = self._generate(prefix[:len(idx)], prompts,
-                                   max_new_tokens=int(q.max_new_tokens))
-            for ex, text in zip(examples, texts):
-                qid = ex.get("question_id", len(preds))
-                preds[qid] = first_answer(text)
-                answers[qid] = list(ex.get("answers") or [])
-                if ex.get("answer_type"):
-                    qtypes[qid] = ex["answer_type"]
-        annotated = {k: a for k, a in answers.items() if a}
-        result: dict[str, Any] = {"num_questions": n, "prompt": q.prompt,
-                                  "predictions": {str(k): v for k, v in preds.items()}}
-        if not annotated:
-            return result, [f"vqa: {n} questions answered, none annotated (test split); "
-                            f"predictions in eval_vqa_{step:06d}.json"]
-        acc = vqa_lib.vqa_accuracy({k: preds[k] for k in annotated}, annotated,
-                                   answer_types=qtypes or None)
-        # Control: answering every question with the most common human answer of the set.
-        # Raw answers: the official scorer normalises only when the humans disagree.
-        counts: dict[str, int] = {}
-        for a in annotated.values():
-            for x in a:
-                counts[x.strip().lower()] = counts.get(x.strip().lower(), 0) + 1
-        top = max(counts, key=counts.get)
-        constant = vqa_lib.vqa_accuracy({k: top for k in annotated}, annotated)["overall"]
-        result.update(accuracy=acc["overall"], constant_answer=top,
-                      constant_answer_accuracy=constant,
-                      per_answer_type=acc.get("per_answer_type", {}))
-        lines = [f"vqa on {len(annotated)} questions: accuracy {100 * acc['overall']:.1f}% vs "
-                 f"{100 * constant:.1f}% for always answering {top!r}"]
-        for k in list(annotated)[:int(q.num_show)]:
-            lines.append(f"  question {k}: answered {preds[k]!r} (humans: {annotated[k][0]!r})")
-        return result, lines
-
-    def _arithmetic(self, step, workdir):
-        a = self.cfg.eval.arithmetic
-        source = self.sources["images"]
-        n = self._limit(source)
-        v, examples, _ = self._visual_reprs(source, n)
-        caps = [" ".join(references(ex)) for ex in examples]
-        words = np.asarray(jax.device_get(self.llm.word_embeddings(self._frozen["llm"])),
-                           np.float64)
-        tok = self.llm.tokenizer
-
-        def ids(word: str) -> list[int]:
-            return list(tok(" " + word, add_special_tokens=False)["input_ids"])
-
-        def name(i: int) -> str:
-            return tok.decode([int(i)]).strip() or repr(tok.decode([int(i)]))
-
-        lines, result = [], {}
-        shown = []
-        for i in range(min(int(a.num_show), n)):
-            top, _ = arithmetic_lib.nearest_words(v[i], words, top_k=int(a.top_k))
-            shown.append({"index": i, "caption": caps[i], "nearest_words": [name(t) for t in top]})
-            lines.append(f"arithmetic: image {i} ({caps[i]!r}) nearest words: "
-                         f"{', '.join(name(t) for t in top)}")
-        result["nearest_words"] = shown
-        pairs = [tuple(p.split("->")) for p in a.pairs]
-        bad = [p for p in a.pairs if len(p.split("->")) != 2]
-        if bad:
-            raise ValueError(f"config.eval.arithmetic.pairs {bad} must be 'minus->plus' strings, "
-                             "e.g. 'dog->cat'")
-        hits = {"arithmetic": [], "image_only": [], "word_only": []}
-        chance = []
-        for minus, plus in pairs:
-            queries = [i for i in range(n) if contains_word(caps[i], minus)]
-            good = np.array([contains_word(c, plus) for c in caps])
-            for i in queries:
-                others = good.sum() - good[i]
-                chance.append(others / (n - 1))
-                for mode, (p_ids, m_ids) in (("arithmetic", (ids(plus), ids(minus))),
-                                             ("image_only", ((), ()))):
-                    top, _ = arithmetic_lib.nearest_images(v[i], words, v, p_ids, m_ids, top_k=1,
-                                                           exclude=[i])
-                    hits[mode].append(bool(good[top[0]]))
-                # Control: the added word alone, without the image.
-                word = words[ids(plus)].sum(0)
-                top, _ = arithmetic_lib.nearest_images(word, words, v, top_k=1, exclude=[i])
-                hits["word_only"].append(bool(good[top[0]]))
-        if chance:
-            acc = {k: float(np.mean(x)) for k, x in hits.items()}
-            result.update({f"{k}_top1": x for k, x in acc.items()}, chance=float(np.mean(chance)),
-                          num_queries=len(chance), pairs=list(a.pairs))
-            lines.append(
-                f"arithmetic image - word(a) + word(b) -> nearest image shows b: "
-                f"{100 * acc['arithmetic']:.1f}% over {len(chance)} queries ({len(pairs)} pairs)"
-                f"; controls: the image alone {100 * acc['image_only']:.1f}%, word(b) alone "
-                f"{100 * acc['word_only']:.1f}%, chance {100 * float(np.mean(chance)):.1f}%")
-        return result, lines
+            if name == "caption_likelihood":
+                if len(members) * len(texts) > int(r.max_pairs):
+                    raise ValueError(
+                        f"retrieval caption_likelihood needs one LLM pass per pair: "
+                        f"{len(members)} x {len(texts)} exceeds "
+                        f"config.eval.retrieval.max_pairs={r.max_pairs}; use galleries "
+                        "(eval.retrieval.gallery_size) or the 'word_scores' similarity")
+                sim = ctx.likelihood_sim(prefixes[members], texts)
+            elif name == "word_scores":
+                sim = (unit_rows(retrieval_lib.word_score_embedding(v[members], words))
+                       @ unit_rows(retrieval_lib.word_score_embedding(t, words)).T)
+            else:
+                sim = unit_rows(v[members]) @ unit_rows(t).T
+            recalls[name].append(retrieval_lib.recall_at_k(sim, gt, ks))
+    chance = {k: float(np.mean([x[k] for x in chances])) for k in chances[0]}
+    result: dict[str, Any] = {"chance": chance, "num_galleries": len(groups),
+                              "gallery_images": len(groups[0])}
+    where = (f"{len(groups)} galleries of {len(groups[0])} images" if len(groups) > 1
+             else f"{len(groups[0])} images")
+    lines = []
+    for name in sims:
+        mean = {k: float(np.mean([x[k] for x in recalls[name]])) for k in recalls[name][0]}
+        result[name] = mean
+        for d, arrow in (("i2t", "image->text"), ("t2i", "text->image")):
+            cells = ", ".join(f"R@{k} {100 * mean[f'{d}_R@{k}']:.1f}% (chance "
+                              f"{100 * chance[f'{d}_R@{k}']:.1f}%)" for k in ks)
+            lines.append(f"retrieval {arrow} by {name} over {where}: {cells}")
+    return result, lines
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """Pads [n, ...] to [rows, ...] by repeating the last row: one compiled shape per batch size
-    (the padded rows' results are dropped)."""
-    return x if len(x) >= rows else np.concatenate([x, np.repeat(x[-1:], rows - len(x), 0)])
+def vqa(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+    """Zero-shot short greedy answers, VQAv2 accuracy beside a constant-answer control."""
+    q = ctx.cfg.eval.vqa
+    source = ctx.sources["vqa"]
+    n = min(len(source), int(q.get("max_questions", 0)) or len(source))
+    tok = ctx.llm.tokenizer
+    preds, answers, qtypes = {}, {}, {}
+    for idx, examples, prefix in ctx.batches(source, n):
+        prompts = [tok(q.prompt.format(question=ex["question"]),
+                       add_special_tokens=False)["input_ids"] for ex in examples]
+        texts = ctx.generate(prefix[:len(idx)], prompts, max_new_tokens=int(q.max_new_tokens))
+        for ex, text in zip(examples, texts):
+            qid = ex.get("question_id", len(preds))
+            preds[qid] = vqa_lib.first_answer(text)
+            answers[qid] = list(ex.get("answers") or [])
+            if ex.get("answer_type"):
+                qtypes[qid] = ex["answer_type"]
+    annotated = {k: a for k, a in answers.items() if a}
+    result: dict[str, Any] = {"num_questions": n, "prompt": q.prompt,
+                              "predictions": {str(k): v for k, v in preds.items()}}
+    if not annotated:
+        return result, [f"vqa: {n} questions answered, none annotated (test split); "
+                        f"predictions in eval_vqa_{step:06d}.json"]
+    acc = vqa_lib.vqa_accuracy({k: preds[k] for k in annotated}, annotated,
+                               answer_types=qtypes or None)
+    # Control: answering every question with the most common human answer of the set.
+    # Raw answers: the official scorer normalises only when the humans disagree.
+    counts: dict[str, int] = {}
+    for a in annotated.values():
+        for x in a:
+            counts[x.strip().lower()] = counts.get(x.strip().lower(), 0) + 1
+    top = max(counts, key=counts.get)
+    constant = vqa_lib.vqa_accuracy({k: top for k in annotated}, annotated)["overall"]
+    result.update(accuracy=acc["overall"], constant_answer=top,
+                  constant_answer_accuracy=constant,
+                  per_answer_type=acc.get("per_answer_type", {}))
+    lines = [f"vqa on {len(annotated)} questions: accuracy {100 * acc['overall']:.1f}% vs "
+             f"{100 * constant:.1f}% for always answering {top!r}"]
+    for k in list(annotated)[:int(q.num_show)]:
+        lines.append(f"  question {k}: answered {preds[k]!r} (humans: {annotated[k][0]!r})")
+    return result, lines
+
+
+def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+    """Nearest words of a few images; image - word(a) + word(b) -> does the nearest image show b?"""
+    a = ctx.cfg.eval.arithmetic
+    source = ctx.sources["images"]
+    n = ctx.limit(source)
+    v, examples, _ = ctx.visual_reprs(source, n)
+    caps = [" ".join(captioning_lib.references(ex)) for ex in examples]
+    words = ctx.word_embeddings(np.float64)
+    tok = ctx.llm.tokenizer
+
+    def ids(word: str) -> list[int]:
+        return list(tok(" " + word, add_special_tokens=False)["input_ids"])
+
+    def name(i: int) -> str:
+        return tok.decode([int(i)]).strip() or repr(tok.decode([int(i)]))
+
+    lines, result = [], {}
+    shown = []
+    for i in range(min(int(a.num_show), n)):
+        top, _ = arithmetic_lib.nearest_words(v[i], words, top_k=int(a.top_k))
+        shown.append({"index": i, "caption": caps[i], "nearest_words": [name(t) for t in top]})
+        lines.append(f"arithmetic: image {i} ({caps[i]!r}) nearest words: "
+                     f"{', '.join(name(t) for t in top)}")
+    result["nearest_words"] = shown
+    pairs = [tuple(p.split("->")) for p in a.pairs]
+    bad = [p for p in a.pairs if len(p.split("->")) != 2]
+    if bad:
+        raise ValueError(f"config.eval.arithmetic.pairs {bad} must be 'minus->plus' strings, "
+                         "e.g. 'dog->cat'")
+    hits = {"arithmetic": [], "image_only": [], "word_only": []}
+    chance = []
+    for minus, plus in pairs:
+        queries = [i for i in range(n) if arithmetic_lib.contains_word(caps[i], minus)]
+        good = np.array([arithmetic_lib.contains_word(c, plus) for c in caps])
+        for i in queries:
+            others = good.sum() - good[i]
+            chance.append(others / (n - 1))
+            for mode, (p_ids, m_ids) in (("arithmetic", (ids(plus), ids(minus))),
+                                         ("image_only", ((), ()))):
+                top, _ = arithmetic_lib.nearest_images(v[i], words, v, p_ids, m_ids, top_k=1,
+                                                       exclude=[i])
+                hits[mode].append(bool(good[top[0]]))
+            # Control: the added word alone, without the image.
+            word = words[ids(plus)].sum(0)
+            top, _ = arithmetic_lib.nearest_images(word, words, v, top_k=1, exclude=[i])
+            hits["word_only"].append(bool(good[top[0]]))
+    if chance:
+        acc = {k: float(np.mean(x)) for k, x in hits.items()}
+        result.update({f"{k}_top1": x for k, x in acc.items()}, chance=float(np.mean(chance)),
+                      num_queries=len(chance), pairs=list(a.pairs))
+        lines.append(
+            f"arithmetic image - word(a) + word(b) -> nearest image shows b: "
+            f"{100 * acc['arithmetic']:.1f}% over {len(chance)} queries ({len(pairs)} pairs)"
+            f"; controls: the image alone {100 * acc['image_only']:.1f}%, word(b) alone "
+            f"{100 * acc['word_only']:.1f}%, chance {100 * float(np.mean(chance)):.1f}%")
+    return result, lines
 
 
 def _decoding(beams: int) -> str:
     return "greedy" if int(beams) == 1 else f"beam{int(beams)}"
 
 
-def _flat_scalars(name: str, result: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a result as {'name/key/sub': value} (lists and strings left out)."""
-    out = {}
-    for k, v in result.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{name}/{key}"] = float(v)
-        elif isinstance(v, dict) and k not in ("skipped", "predictions"):
-            out.update(_flat_scalars(name, v, prefix=f"{key}/"))
-    return out
+EVALS: dict[str, eval_runner.Evaluation] = {
+    "loss": loss, "captioning": captioning, "retrieval": retrieval, "vqa": vqa,
+    "arithmetic": arithmetic}

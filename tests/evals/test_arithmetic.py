@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from lqae_vlap.evals.arithmetic import arithmetic, combine, nearest_images, nearest_words
+from lqae_vlap.evals.arithmetic import (arithmetic, combine, contains_word, nearest_images,
+                                        nearest_words)
 
 # Orthogonal "concepts": dog, grass, cat, sofa (basis vectors of R^4).
 DOG, GRASS, CAT, SOFA = np.eye(4)
@@ -109,3 +110,8 @@ def test_zero_candidate_rows_are_never_returned():
     assert 1 not in idx.tolist() and len(idx) == 3
     with pytest.raises(ValueError, match="top_k"):
         arithmetic(DOG, [], [], cand, top_k=4)  # only 3 non-zero rows
+
+
+def test_contains_word():
+    assert contains_word("A handwritten digit Seven", "seven")
+    assert not contains_word("a handwritten digit seventeen", "seven")

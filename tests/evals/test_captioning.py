@@ -7,7 +7,8 @@ import math
 import pytest
 
 from lqae_vlap.evals import captioning
-from lqae_vlap.evals.captioning import PIP_REQUIREMENT, caption_metrics, simple_tokenize
+from lqae_vlap.evals.captioning import (PIP_REQUIREMENT, caption_metrics, references,
+                                        simple_tokenize)
 
 try:
     importlib.import_module("pycocoevalcap")
@@ -129,3 +130,10 @@ def test_bad_inputs():
         caption_metrics({1: "a"}, {1: "a"}, use_java=False)
     with pytest.raises(ValueError, match="one string"):
         caption_metrics({1: ["a"]}, {1: ["a"]}, use_java=False)
+
+
+def test_references_prefers_the_list_and_names_missing_keys():
+    assert references({"references": ["a", "b"], "caption": "c"}) == ["a", "b"]
+    assert references({"caption": "c"}) == ["c"]
+    with pytest.raises(ValueError, match="'references'"):
+        references({"image": None})

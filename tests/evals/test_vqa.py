@@ -5,8 +5,8 @@ from fractions import Fraction
 
 import pytest
 
-from lqae_vlap.evals.vqa import (normalize_answer, process_punctuation, question_accuracy,
-                                 vqa_accuracy)
+from lqae_vlap.evals.vqa import (first_answer, normalize_answer, process_punctuation,
+                                 question_accuracy, vqa_accuracy)
 
 
 def _expected(n_agree: int) -> Fraction:
@@ -105,3 +105,8 @@ def test_vqa_accuracy_overall_and_per_type():
         vqa_accuracy({1: "yes"}, ann)
     with pytest.raises(ValueError, match="non-empty list"):
         question_accuracy("yes", "yes")
+
+
+def test_first_answer():
+    assert first_answer(" seven\nQuestion: what") == "seven"
+    assert first_answer("two dogs Question: x") == "two dogs"

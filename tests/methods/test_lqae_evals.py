@@ -27,7 +27,7 @@ def tiny_llama(tmp_path_factory, tiny_mlm_dir):
 
 def test_every_evaluation_runs_and_writes_json(tmp_path, tiny_mlm_dir, tiny_llama):
     config = tiny_config(tiny_mlm_dir)
-    config.eval.evals = lqae_evals.EVALS
+    config.eval.evals = tuple(lqae_evals.EVALS)
     config.eval.llm_path = tiny_llama
     config.eval.max_images = 64
     mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])

@@ -348,10 +348,10 @@ def test_caption_likelihood_similarity_is_the_per_pair_caption_loss(built):
     config, method, params, _ = built
     evaluator = method.evaluate.__self__
     llm = method.loss_fn.keywords["llm"]
-    evaluator._params, evaluator._frozen, evaluator._run_cache = params, method.frozen, {}
-    _, _, prefixes = evaluator._visual_reprs(evaluator.sources["images"], 3, keep_prefix=True)
+    evaluator.params, evaluator.frozen, evaluator.cache = params, method.frozen, {}
+    _, _, prefixes = evaluator.visual_reprs(evaluator.sources["images"], 3, keep_prefix=True)
     texts = ["a handwritten digit one", "a handwritten digit seven", "a b c d e"]
-    sim = evaluator._likelihood_sim(prefixes, texts)  # 9 pairs in batches of 8: padding used
+    sim = evaluator.likelihood_sim(prefixes, texts)  # 9 pairs in batches of 8: padding used
     ids, mask = captions_lib.tokenize_captions(llm.tokenizer, texts, config.model.max_caption_len)
     for i in range(3):
         for j in range(3):
