@@ -82,10 +82,6 @@ def _fake_devices_for_plan(config) -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags_ + [f"--xla_force_host_platform_device_count={count}"])
 
 
-class _UserError(Exception):
-    """Errors whose message is the whole story: printed as one line, no traceback."""
-
-
 def _flag_error_line(error: Exception, argv: list[str]) -> str:
     """One line from absl / ml_collections flag errors, which nest tracebacks and repr()s."""
     text = str(error).replace("\\n", "\n").strip("'\"")
@@ -127,7 +123,7 @@ def _die(message: str) -> None:
 def run() -> None:
     from lqae_vlap.train.checkpoint import CheckpointError
 
-    user_errors = (FileNotFoundError, ValueError, KeyError, CheckpointError, _UserError)
+    user_errors = (FileNotFoundError, ValueError, KeyError, CheckpointError)
     try:
         app.run(main, flags_parser=_parse_flags)
     except user_errors as e:

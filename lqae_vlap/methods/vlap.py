@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lqae_vlap import models
 from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import batches as batches_lib
 from lqae_vlap.data import captions as captions_lib
@@ -186,17 +185,6 @@ def loss_fn(params, frozen, batch, rng, *, visual_map: VisualMap, llm: FrozenLLM
 # Assembly
 
 
-def _prompt_len(m: ml_collections.ConfigDict) -> int:
-    """Prompt tokens in plan mode: tokenised with a local tokenizer folder, else prompt_len."""
-    folder = m.get("tokenizer_path") or m.llm_path
-    if os.path.isdir(os.path.expanduser(str(folder))):
-        return len(models.load_tokenizer(folder)(m.prompt, add_special_tokens=False)["input_ids"])
-    if int(m.get("prompt_len", 0)) < 1:
-        raise ValueError("plan mode: no local tokenizer to count the prompt's tokens; set "
-                         "config.model.prompt_len to their number (3 for 'A picture of' in OPT)")
-    return int(m.prompt_len)
-
-
 def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
                 ) -> dict[str, Any]:
     """Everything VLAP is made of, for ``build`` and for evaluators that reuse it.
@@ -220,18 +208,16 @@ def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
     if abstract:
         parts["frozen"] = {
             "llm": llm_params, "vision": vision.frozen,
-            "prompt_ids": jax.ShapeDtypeStruct((_prompt_len(m),), jnp.int32, sharding=rep),
+            "prompt_ids": jax.ShapeDtypeStruct((vlap_llm.prompt_len(m),), jnp.int32, sharding=rep),
             "word_marginal": jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=rep)}
         return parts
-    d = config.data
+    d, e = config.data, config.eval
     sources = sources_lib.open_sources(d, vision.image_size, supported=DATA)
     sources = {k: sources[k] for k in ("train", "validation", "images")}
-    images = sources_lib.eval_images(config.eval.get("source", ml_collections.ConfigDict(
-        {"name": ""})), d)
-    if images is not None:
-        sources["images"] = images
-    sources["vqa"] = sources_lib.vqa_questions(config.eval.get("vqa", ml_collections.ConfigDict(
-        {"source": ""})), vision.image_size)
+    if e.get("source") and e.source.name:  # e.g. caption COCO's Karpathy test after CC3M
+        sources["images"] = sources_lib.eval_images(e.source, d)
+    sources["vqa"] = (sources_lib.vqa_questions(e.vqa, vision.image_size) if e.get("vqa")
+                      else None)
     c = d.get("feature_cache")
     if c and c.enabled:
         encode = jax.jit(lambda x: vision.encode(vision.frozen, x), out_shardings=rep)

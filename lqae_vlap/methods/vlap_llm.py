@@ -1,6 +1,8 @@
 """One interface over VLAP's frozen LLM, so the method and its evaluations never branch on family.
 
-``make_llm(family, module, tokenizer)`` wraps a loaded Flax LLM:
+``load_llm(config.model, mesh)`` loads the checkpoint through ``models.load_pretrained`` (any
+family, HF folder or GGUF file, real or abstract for plan mode) and its tokenizer, and
+``make_llm(family, module, tokenizer)`` wraps the loaded Flax LLM:
 
   DecoderOnlyLLM ('opt', 'llama'): the LM reads [visual prefix ; prompt ; caption] left to right.
     text_hidden   = the LM's last hidden states on the caption alone.
@@ -401,6 +403,17 @@ def load_llm(m: ml_collections.ConfigDict, mesh: Any = None, abstract: bool = Fa
         abstract=abstract, hf_config=arch)
     if models.family(hf_config) != family:
         raise ValueError(f"config.model.llm_family={family!r} but {path} holds a "
-                         f"{models.family(hf_config)!r} model; set the family it holds")
+                         f"{models.family(hf_config)!r}-family model; set the family it holds")
     tokenizer = None if abstract else models.load_tokenizer(m.get("tokenizer_path") or path)
     return make_llm(family, module, tokenizer, mesh=None if abstract else mesh), variables["params"]
+
+
+def prompt_len(m: ml_collections.ConfigDict) -> int:
+    """Prompt tokens in plan mode: tokenised with a local tokenizer folder, else prompt_len."""
+    folder = m.get("tokenizer_path") or m.llm_path
+    if os.path.isdir(os.path.expanduser(str(folder))):
+        return len(models.load_tokenizer(folder)(m.prompt, add_special_tokens=False)["input_ids"])
+    if int(m.get("prompt_len", 0)) < 1:
+        raise ValueError("plan mode: no local tokenizer to count the prompt's tokens; set "
+                         "config.model.prompt_len to their number (3 for 'A picture of' in OPT)")
+    return int(m.prompt_len)
