@@ -39,9 +39,10 @@ from jax.sharding import Mesh
 
 from lqae_vlap.models.hf_weights import (Linear, NameMap, Source, convert_checkpoint,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
-from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, constrain_kv_cache, dense,
-                                     embedding_lookup, heads_dense, heads_out_dense,
-                                     kv_cache_zeros, logical_init, padding_bias, write_kv_cache)
+from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, causal_visibility, constrain_kv_cache,
+                                     dense, dot_product_attention, embedding_lookup, heads_dense,
+                                     heads_out_dense, kv_cache_zeros, logical_init, padding_mask,
+                                     write_kv_cache)
 
 _INIT = nn.initializers.normal(0.05)  # default kernel / table init of this file (fresh models only)
 # Cache pytree: one {'key', 'value'} per decoder layer, each [batch, max_len, heads, head_dim].
@@ -137,7 +138,7 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
 
 
 class Attention(nn.Module):
-    """Multi-head attention without biases or score scaling; ``bias`` carries positions and masks."""
+    """Multi-head attention without biases or score scaling; ``bias`` carries the positions."""
 
     config: T5Config
     dtype: Any = jnp.float32
@@ -153,12 +154,12 @@ class Attention(nn.Module):
         """x: [B, Lk, D] -> {'key', 'value'}: [B, Lk, H, Dh]."""
         return {"key": self.k(x), "value": self.v(x)}
 
-    def __call__(self, x: jax.Array, kv: dict[str, jax.Array], bias: jax.Array) -> jax.Array:
-        """x: [B, Lq, D], kv: {'key','value'} [B, Lk, H, Dh], bias: [B or 1, H or 1, Lq, Lk] -> [B, Lq, D]."""
-        q = self.q(x)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, kv["key"]).astype(jnp.float32) + bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        return self.o(jnp.einsum("bhqk,bkhd->bqhd", probs, kv["value"].astype(self.dtype)))
+    def __call__(self, x: jax.Array, kv: dict[str, jax.Array], mask: jax.Array,
+                 bias: jax.Array | None = None) -> jax.Array:
+        """x: [B, Lq, D], kv: {'key','value'} [B, Lk, H, Dh], mask: bool [B or 1, 1, Lq or 1, Lk],
+        bias: float32 [1, H, Lq, Lk] or None -> [B, Lq, D]."""
+        return self.o(dot_product_attention(self.q(x), kv["key"], kv["value"], mask=mask,
+                                            bias=bias, scale=1.0, dtype=self.dtype))
 
 
 class Mlp(nn.Module):
@@ -199,17 +200,18 @@ class Block(nn.Module):
     def cross_key_values(self, encoder_hidden: jax.Array) -> dict[str, jax.Array]:
         return self.cross_attn.key_values(encoder_hidden)
 
-    def __call__(self, x: jax.Array, self_bias: jax.Array, *, layer_cache: dict | None = None,
-                 cache_index: jax.Array | None = None, cross_kv: dict | None = None,
-                 cross_bias: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+    def __call__(self, x: jax.Array, position_bias: jax.Array, self_mask: jax.Array, *,
+                 layer_cache: dict | None = None, cache_index: jax.Array | None = None,
+                 cross_kv: dict | None = None,
+                 cross_mask: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         """x: [B, L, D] -> ([B, L, D], updated layer cache or None)."""
         h = self.self_attn_norm(x)
         kv = self.self_attn.key_values(h)
         if layer_cache is not None:  # write this step's keys at cache_index, attend over all slots
             kv = layer_cache = write_kv_cache(layer_cache, kv, cache_index)
-        x = x + self.self_attn(h, kv, self_bias)
+        x = x + self.self_attn(h, kv, self_mask, position_bias)
         if self.is_decoder:
-            x = x + self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
+            x = x + self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_mask)
         x = x + self.mlp(self.mlp_norm(x))
         return x, layer_cache
 
@@ -280,10 +282,10 @@ class T5(nn.Module):
             raise ValueError(f"T5.encode: attention_mask must be [batch, length] = {(batch, length)}, "
                              f"got {attention_mask.shape}")
         pos = jnp.arange(length)
-        bias = (self._position_bias(self.encoder_relative_bias, pos, pos, True)
-                + padding_bias(attention_mask))
+        bias = self._position_bias(self.encoder_relative_bias, pos, pos, True)
+        mask = padding_mask(attention_mask)
         for block in self.encoder_blocks:
-            x, _ = block(x, bias)
+            x, _ = block(x, bias, mask)
         return self.encoder_final_norm(x)
 
     def cross_key_values(self, encoder_hidden: jax.Array) -> Cache:
@@ -331,17 +333,17 @@ class T5(nn.Module):
         q_pos = offset + jnp.arange(length, dtype=jnp.int32)
         k_pos = jnp.arange(length if cache is None else cache[0]["key"].shape[1], dtype=jnp.int32)
         self_bias = self._position_bias(self.decoder_relative_bias, q_pos, k_pos, False)
-        self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0,
-                                          jnp.finfo(jnp.float32).min)[None, None]
-        if decoder_attention_mask is not None:
-            self_bias = self_bias + padding_bias(decoder_attention_mask)
-        cross_bias = padding_bias(encoder_mask)
+        if decoder_attention_mask is None:
+            decoder_attention_mask = jnp.ones((1, k_pos.shape[0]), jnp.int32)
+        self_mask = causal_visibility(decoder_attention_mask, offset, length)
+        cross_mask = padding_mask(encoder_mask)
 
         x = self.shared(decoder_input_ids)
         new_cache = []
         for i, block in enumerate(self.decoder_blocks):
-            x, layer_cache = block(x, self_bias, layer_cache=None if cache is None else cache[i],
-                                   cache_index=offset, cross_kv=cross_kv[i], cross_bias=cross_bias)
+            x, layer_cache = block(x, self_bias, self_mask,
+                                   layer_cache=None if cache is None else cache[i],
+                                   cache_index=offset, cross_kv=cross_kv[i], cross_mask=cross_mask)
             new_cache.append(layer_cache)
         hidden = self.decoder_final_norm(x)
         h = hidden * (cfg.d_model ** -0.5) if cfg.scale_decoder_outputs else hidden
