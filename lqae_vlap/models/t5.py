@@ -12,7 +12,8 @@ Matches transformers' ``T5ForConditionalGeneration`` in eval mode:
     T5, i.e. the HF config's ``tie_word_embeddings`` was not False).
 
 VLAP puts its projected visual tokens in front of the text in the ENCODER input: ``encode`` takes
-``inputs_embeds`` and the generators take ``prefix_embeds``.
+``inputs_embeds`` and the generators take ``prefix_embeds``. The generators run ``generate.py``'s
+decoding loops, the ones the decoder-only models use, on T5's decoder step.
 
 Param tree (``{'params': ...}``), every leaf with logical axis names:
   shared/embedding [vocab, embed]; lm_head/kernel [embed, vocab] only when untied
@@ -29,7 +30,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from lqae_vlap.models.generate import (STOP_MODES, StepFn, beam_loop, check_beam_args, eos_array,
+                                       greedy_loop)
 from lqae_vlap.models.hf_weights import (Linear, NameMap, Source, convert_checkpoint,
                                          open_state_dict, read_hf_config, resolve_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, causal_visibility, constrain_kv_cache,
@@ -47,7 +50,6 @@ from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, causal_visibility, co
 _INIT = nn.initializers.normal(0.05)  # default kernel / table init of this file (fresh models only)
 # Cache pytree: one {'key', 'value'} per decoder layer, each [batch, max_len, heads, head_dim].
 Cache = tuple[dict[str, jax.Array], ...]
-_NEG = -1.0e9  # HF beam search's "impossible" score; kept identical so tie-breaking matches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,16 +420,49 @@ def _check_generate_args(module: T5, input_ids: jax.Array, max_new_tokens: int,
                          f"{module.config.d_model}], got {prefix_embeds.shape}")
 
 
+def _first_step(module: T5, variables: Any, input_ids: jax.Array,
+                attention_mask: jax.Array | None, prefix_embeds: jax.Array | None,
+                max_new_tokens: int, mesh: Mesh | None) -> tuple[StepFn, Any, jax.Array, Cache]:
+    """Encodes once and feeds decoder_start_token_id at decoder slot 0.
+
+    Returns what ``generate.greedy_loop`` / ``beam_loop`` take: the step (token t - 1 goes into
+    slot t), its context (cross-attention keys/values, encoder mask), the logits [B, V], the cache.
+    """
+    cfg, batch = module.config, input_ids.shape[0]
+    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
+    cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
+
+    def step(context, tokens, t, cache):
+        cross_kv, enc_mask = context
+        out = module.apply(variables, tokens[:, None], None, enc_mask, cache=cache, cache_index=t,
+                           cross_kv=cross_kv, method=T5.decode)
+        return out["logits"][:, -1], out["cache"]
+
+    start = jnp.full((batch,), cfg.decoder_start_token_id, jnp.int32)
+    logits, cache = step((cross_kv, enc_mask), start, jnp.int32(0),
+                         init_cache(cfg, batch, max_new_tokens, module.dtype, mesh=mesh))
+    return step, (cross_kv, enc_mask), logits, constrain_kv_cache(cache, mesh)
+
+
+def _with_start(cfg: T5Config, tokens: jax.Array) -> jax.Array:
+    """tokens: [..., N] -> [..., 1 + N] led by decoder_start_token_id (transformers' output)."""
+    start = jnp.full(tokens.shape[:-1] + (1,), cfg.decoder_start_token_id, jnp.int32)
+    return jnp.concatenate([start, tokens], axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "mesh"))
 def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
                     attention_mask: jax.Array | None = None, *, max_new_tokens: int,
+                    eos_token_id: int | Sequence[int] | None = None,
                     prefix_embeds: jax.Array | None = None,
                     mesh: Mesh | None = None) -> dict[str, jax.Array]:
-    """Greedy decoding, as transformers' ``generate(do_sample=False)``.
+    """Greedy decoding, as transformers' ``generate(do_sample=False)`` (``generate.greedy_loop``).
 
     Args:
       input_ids: [B, L] encoder token ids; attention_mask: [B, L] (1 = real).
       max_new_tokens: decoder steps at most; the loop stops early once every row emitted EOS.
+      eos_token_id: an id or ids that end a row (traced: new ids do not recompile); None:
+        config.eos_token_id; () never ends early.
       prefix_embeds: optional [B, P, D] encoder inputs placed before the embedded input_ids.
       mesh: keep the decoder cache and the cross-attention keys/values sharded on it (batch over
         ('data', 'fsdp'), heads over 'tensor') through the loop; pass params placed on the same
@@ -440,53 +475,32 @@ def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
     """
     _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
     cfg = module.config
-    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
-    cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
-    batch = input_ids.shape[0]
-    seqs = jnp.full((batch, 1 + max_new_tokens), cfg.pad_token_id, jnp.int32)
-    seqs = seqs.at[:, 0].set(cfg.decoder_start_token_id)
-    init = (jnp.int32(0), seqs, jnp.zeros((batch,), bool),
-            init_cache(cfg, batch, max_new_tokens, module.dtype, mesh=mesh))
-
-    def cond(state):
-        step, _, finished, _ = state
-        return (step < max_new_tokens) & ~jnp.all(finished)
-
-    def body(state):
-        step, seqs, finished, cache = state
-        token = jax.lax.dynamic_slice_in_dim(seqs, step, 1, axis=1)  # [B, 1]
-        out = module.apply(variables, token, None, enc_mask, cache=cache, cache_index=step,
-                           cross_kv=cross_kv, method=T5.decode)
-        nxt = jnp.argmax(out["logits"][:, -1], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(finished, cfg.pad_token_id, nxt)
-        seqs = jax.lax.dynamic_update_slice_in_dim(seqs, nxt[:, None], step + 1, axis=1)
-        return (step + 1, seqs, finished | (nxt == cfg.eos_token_id),
-                constrain_kv_cache(out["cache"], mesh))
-
-    steps, seqs, _, _ = jax.lax.while_loop(cond, body, init)
-    return {"sequences": seqs, "num_steps": steps}
+    first = _first_step(module, variables, input_ids, attention_mask, prefix_embeds,
+                        max_new_tokens, mesh)
+    eos = eos_array(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    tokens, steps = greedy_loop(*first, eos, max_new_tokens=max_new_tokens,
+                                pad_token_id=cfg.pad_token_id, mesh=mesh)
+    return {"sequences": _with_start(cfg, tokens), "num_steps": steps}
 
 
-def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x: [B, K, ...], idx: [B, K'] -> [B, K', ...]."""
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams", "length_penalty",
-                                             "mesh"))
-def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                *, max_new_tokens: int, num_beams: int = 4, length_penalty: float = 1.0,
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams",
+                                             "early_stopping", "mesh"))
+def beam_search(module: T5, variables: Any, input_ids: jax.Array,
+                attention_mask: jax.Array | None = None, *, max_new_tokens: int,
+                num_beams: int = 4, length_penalty: float = 1.0,
+                early_stopping: bool | str = False,
+                eos_token_id: int | Sequence[int] | None = None,
                 prefix_embeds: jax.Array | None = None,
                 mesh: Mesh | None = None) -> dict[str, jax.Array]:
-    """Beam search, a port of transformers' vectorised ``_beam_search`` (early_stopping=False).
+    """Beam search, transformers' vectorised ``_beam_search`` (``generate.beam_step``).
 
-    Every step keeps the best 2*num_beams continuations; those ending in EOS (or at the length
-    limit) among the first num_beams compete for the finished slots with score
-    sum(log p) / generated_length**length_penalty; the rest continue. It stops when no running beam
-    can beat the worst finished one (HF's heuristic: best running score / current length), or at
-    max_new_tokens.
-
-    ``mesh``: as in ``greedy_generate`` (the cache rows are batch x beams).
+    Every step keeps the best (1 + n_eos) * num_beams continuations; those ending in EOS (or at
+    the length limit) among the first num_beams compete for the finished slots with score
+    sum(log p) / generated_length**length_penalty; the rest continue. ``early_stopping`` as in
+    transformers: False stops when no running beam can beat the worst finished one (best running
+    score / current length), True once num_beams are finished, 'never' judges the running beams
+    at max length when length_penalty > 0. ``eos_token_id``, ``length_penalty`` (traced) and
+    ``mesh`` (the cache rows are batch x beams) as in ``greedy_generate``.
 
     Returns:
       dict(sequences=[B, num_beams, 1 + max_new_tokens] best first, pad_token_id after each EOS;
@@ -494,80 +508,15 @@ def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask
       num_steps=scalar int32 decoder steps run).
     """
     _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
-    if num_beams < 1:
-        raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
+    check_beam_args(num_beams, early_stopping)
     cfg = module.config
-    batch, k, k2, max_length = input_ids.shape[0], num_beams, 2 * num_beams, 1 + max_new_tokens
-    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
-    enc = jnp.repeat(enc, k, axis=0)  # [B*K, Le, D], beam-major within each example as in HF
-    enc_mask = jnp.repeat(enc_mask, k, axis=0)
-    cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
-    vocab = cfg.vocab_size
-
-    # HF fills unused slots with pad_token_id or eos; we use pad everywhere and mask after EOS below.
-    running = jnp.full((batch, k, max_length), cfg.pad_token_id, jnp.int32).at[:, :, 0].set(
-        cfg.decoder_start_token_id)
-    running_scores = jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(_NEG)
-    top_mask = jnp.arange(k2) < k
-    init = dict(cur_len=jnp.int32(1), running=running, running_scores=running_scores,
-                sequences=running, scores=jnp.full((batch, k), _NEG, jnp.float32),
-                finished=jnp.zeros((batch, k), bool), improvable=jnp.ones((batch, 1), bool),
-                go=jnp.bool_(True),
-                cache=init_cache(cfg, batch * k, max_new_tokens, module.dtype, mesh=mesh))
-
-    def cond(s):
-        return s["go"] & (s["cur_len"] < max_length)
-
-    def body(s):
-        cur_len = s["cur_len"]
-        token = jax.lax.dynamic_slice_in_dim(s["running"], cur_len - 1, 1, axis=2).reshape(batch * k, 1)
-        out = module.apply(variables, token, None, enc_mask, cache=s["cache"], cache_index=cur_len - 1,
-                           cross_kv=cross_kv, method=T5.decode)
-        log_probs = jax.nn.log_softmax(out["logits"][:, -1].astype(jnp.float32), axis=-1)
-        log_probs = log_probs.reshape(batch, k, vocab) + s["running_scores"][:, :, None]
-        topk_log_probs, topk_idx = jax.lax.top_k(log_probs.reshape(batch, k * vocab), k2)
-        parent, token_ids = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
-        topk_seqs = _gather_beams(s["running"], parent)
-        topk_seqs = jax.lax.dynamic_update_slice_in_dim(topk_seqs, token_ids[:, :, None], cur_len, axis=2)
-        hits = (token_ids == cfg.eos_token_id) | (cur_len + 1 >= max_length)
-
-        # Continue with the best num_beams that did not just finish.
-        running_log_probs = topk_log_probs + hits.astype(jnp.float32) * _NEG
-        _, nxt = jax.lax.top_k(running_log_probs, k)
-        running = _gather_beams(topk_seqs, nxt)
-        running_scores = _gather_beams(running_log_probs, nxt)
-        beam_parent = _gather_beams(parent, nxt)  # [B, K] which old beam each new one extends
-
-        # Merge the newly finished (among the top num_beams) into the finished set.
-        just_finished = hits & top_mask[None, :]
-        fin_scores = topk_log_probs / (cur_len.astype(jnp.float32) ** length_penalty)
-        fin_scores = fin_scores + (~s["improvable"]).astype(jnp.float32) * _NEG
-        fin_scores = fin_scores + (~just_finished).astype(jnp.float32) * _NEG
-        merged_scores = jnp.concatenate([s["scores"], fin_scores], axis=1)
-        _, best = jax.lax.top_k(merged_scores, k)
-        sequences = _gather_beams(jnp.concatenate([s["sequences"], topk_seqs], axis=1), best)
-        scores = _gather_beams(merged_scores, best)
-        finished = _gather_beams(jnp.concatenate([s["finished"], just_finished], axis=1), best)
-
-        flat_parent = (beam_parent + jnp.arange(batch)[:, None] * k).reshape(-1)
-        cache = constrain_kv_cache(
-            jax.tree.map(lambda c: jnp.take(c, flat_parent, axis=0), out["cache"]), mesh)
-
-        new_len = cur_len + 1
-        best_running = running_scores[:, :1] / ((new_len - 1).astype(jnp.float32) ** length_penalty)
-        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
-        improvable = s["improvable"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
-        go = jnp.any(improvable) & ~jnp.all(hits)
-        return dict(cur_len=new_len, running=running, running_scores=running_scores, sequences=sequences,
-                    scores=scores, finished=finished, improvable=improvable, go=go, cache=cache)
-
-    s = jax.lax.while_loop(cond, body, init)
-    seqs = s["sequences"]
-    # Everything after the first EOS (position >= 1) is filler: make it pad.
-    is_eos = (seqs == cfg.eos_token_id) & (jnp.arange(max_length) >= 1)
-    after = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
-    return {"sequences": jnp.where(after, cfg.pad_token_id, seqs), "scores": s["scores"],
-            "num_steps": s["cur_len"] - 1}
+    first = _first_step(module, variables, input_ids, attention_mask, prefix_embeds,
+                        max_new_tokens, mesh)
+    eos = eos_array(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    out = beam_loop(*first, eos, jnp.asarray(length_penalty, jnp.float32),
+                    jnp.int32(STOP_MODES[early_stopping]), num_beams=num_beams,
+                    max_new_tokens=max_new_tokens, pad_token_id=cfg.pad_token_id, mesh=mesh)
+    return {**out, "sequences": _with_start(cfg, out["sequences"])}
 
 
 # --------------------------------------------------------------------------------------------
