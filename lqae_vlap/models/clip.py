@@ -33,7 +33,6 @@ Checkpoint layouts in transformers 5 (checked by saving tiny models with 5.23):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
@@ -47,7 +46,8 @@ from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, dense
                                          detect_prefix, layer_norm_sources, load_params,
                                          open_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
-                                     heads_dense, heads_out_dense, layer_norm, logical_init)
+                                     dot_product_attention, heads_dense, heads_out_dense,
+                                     layer_norm, logical_init)
 from lqae_vlap.models.vit import patchify
 
 # HF model_type of a vision-only config and of a full (vision + text) CLIP config.
@@ -158,10 +158,7 @@ class SelfAttention(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         proj = lambda name: heads_dense(cfg.num_attention_heads, cfg.head_dim, name=name, **kw)  # noqa: E731
         q, k, v = proj("q_proj")(x), proj("k_proj")(x), proj("v_proj")(x)  # [B, T, H, Dh]
-        # Softmax in float32 so a bfloat16 model keeps its attention weights accurate.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        ctx = dot_product_attention(q, k, v, dtype=self.dtype)
         return heads_out_dense(cfg.hidden_size, name="out_proj", **kw)(ctx)
 
 

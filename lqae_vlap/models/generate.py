@@ -1,4 +1,7 @@
-"""Greedy and beam-search decoding for any decoder-only model, the whole loop inside one jit.
+"""Greedy and beam-search decoding, the whole loop inside one jit: for any decoder-only model
+(``greedy_search`` / ``beam_search`` below), and for T5 (``t5.greedy_generate`` / ``beam_search``),
+whose generators run the same ``greedy_loop`` / ``beam_loop`` (and so the same ``beam_step``) on
+its decoder step.
 
 The model contract (OPT in models/opt.py and Llama in models/llama.py follow it):
 
@@ -51,11 +54,15 @@ from jax.sharding import Mesh
 
 from lqae_vlap.models.layers import constrain_kv_cache
 
-_STOP_MODES = {False: 0, True: 1, "never": 2}  # transformers' early_stopping values
+STOP_MODES = {False: 0, True: 1, "never": 2}  # transformers' early_stopping values
 _NEG = -1.0e9  # transformers' "impossible" score; kept equal so ties resolve the same way
+# step_fn(context, tokens [R], t, cache) -> (logits [R, V] float32, cache): feeds the token
+# generated at step t - 1 (t >= 1) to the model; ``context`` holds the per-row inputs the model
+# needs besides the cache (beam search copies it, as the cache, to R = batch * num_beams rows).
+StepFn = Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def _eos_array(eos_token_id: int | Sequence[int] | None) -> jax.Array:
+def eos_array(eos_token_id: int | Sequence[int] | None) -> jax.Array:
     """EOS ids as a traced [n_eos] int32 array: a new id does not recompile, a new count does."""
     if eos_token_id is None:
         return jnp.zeros((0,), jnp.int32)
@@ -124,13 +131,48 @@ def _prefill(apply_fn: Callable, params: Any, input_ids: jax.Array, attention_ma
             prompt_mask.sum(axis=1))
 
 
-def _step(apply_fn: Callable, params: Any, tokens: jax.Array, cache: Any, mask: jax.Array,
-          slot: jax.Array, positions: jax.Array) -> tuple[jax.Array, Any]:
-    """Feeds one token per row at cache slot ``slot``: tokens [B] -> (logits [B, V], cache)."""
-    out = apply_fn(params, input_ids=tokens[:, None], attention_mask=mask,
-                   positions=positions[:, None].astype(jnp.int32), cache=cache,
-                   cache_index=slot.astype(jnp.int32), logits_to_keep=0)
-    return out["logits"][:, -1].astype(jnp.float32), out["cache"]
+def _decoder_step(apply_fn: Callable, params: Any, prompt: int) -> StepFn:
+    """The decoder-only ``StepFn``: context (cache mask [R, T], next position [R]); token t - 1
+    goes into slot prompt + t - 1 at position next_pos + t - 1."""
+    def step(context, tokens, t, cache):
+        mask, next_pos = context
+        out = apply_fn(params, input_ids=tokens[:, None], attention_mask=mask,
+                       positions=(next_pos + t - 1)[:, None].astype(jnp.int32), cache=cache,
+                       cache_index=jnp.asarray(prompt + t - 1, jnp.int32), logits_to_keep=0)
+        return out["logits"][:, -1].astype(jnp.float32), out["cache"]
+    return step
+
+
+def greedy_loop(step_fn: StepFn, context: Any, logits: jax.Array, cache: Any, eos: jax.Array, *,
+                max_new_tokens: int, pad_token_id: int,
+                mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """Greedy decoding after the model's first step, in one ``lax.while_loop``.
+
+    Args:
+      step_fn, context: the model step (``StepFn``) and its per-row inputs.
+      logits: [B, V] float32 of the first new token; cache: the cache after that step.
+      eos: [n_eos] int32 ids that end a row (``eos_array``); the loop stops once every row has.
+
+    Returns:
+      (tokens [B, max_new_tokens] int32, pad after a row's EOS and after the last step run;
+      steps run, a scalar int32).
+    """
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out = jnp.full((first.shape[0], max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
+
+    def cond(state):
+        t, _, done, _ = state
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        t, out, done, cache = state
+        logits, cache = step_fn(context, out[:, t - 1], t, cache)
+        token = jnp.where(done, pad_token_id, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, t))
+        return t + 1, out, done | _is_eos(token, eos), constrain_kv_cache(cache, mesh)
+
+    t, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, _is_eos(first, eos), cache))
+    return out, t
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -140,27 +182,11 @@ def _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, *, 
             pad_token_id, embed_fn, init_cache_fn, max_length, mesh):
     prompt, cache_len = _check_inputs(input_ids, attention_mask, max_new_tokens, prefix_embeds,
                                       embed_fn, max_length)
-    batch = input_ids.shape[0]
     logits, cache, mask, next_pos = _prefill(apply_fn, params, input_ids, attention_mask,
                                              prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    out = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
-    state = (jnp.int32(1), out, _is_eos(first, eos), cache)
-
-    def cond(state):
-        i, _, done, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        i, out, done, cache = state
-        # Token i-1 goes into slot prompt + i - 1 at position next_pos + i - 1.
-        logits, cache = _step(apply_fn, params, out[:, i - 1], cache, mask, prompt + i - 1,
-                              next_pos + i - 1)
-        token = jnp.where(done, pad_token_id, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-        return i + 1, out, done | _is_eos(token, eos), constrain_kv_cache(cache, mesh)
-
-    return jax.lax.while_loop(cond, body, state)[1]
+    return greedy_loop(_decoder_step(apply_fn, params, prompt), (mask, next_pos), logits, cache,
+                       eos, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                       mesh=mesh)[0]
 
 
 def greedy_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
@@ -189,7 +215,7 @@ def greedy_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
       [B, max_new_tokens] int32 generated tokens (the prompt is not repeated).
     """
     return _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds,
-                   _eos_array(eos_token_id), max_new_tokens=int(max_new_tokens),
+                   eos_array(eos_token_id), max_new_tokens=int(max_new_tokens),
                    pad_token_id=int(pad_token_id), embed_fn=embed_fn, init_cache_fn=init_cache_fn,
                    max_length=max_length, mesh=mesh)
 
@@ -199,65 +225,87 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "apply_fn", "max_new_tokens", "pad_token_id", "embed_fn", "init_cache_fn", "max_length",
-    "num_beams", "mesh"))
-def _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, length_penalty, stop_mode,
-          *, max_new_tokens, pad_token_id, embed_fn, init_cache_fn, max_length, num_beams, mesh):
-    # eos, length_penalty and stop_mode (_STOP_MODES[early_stopping]) are traced: changing them
-    # does not recompile.
-    stop_when_full = stop_mode == _STOP_MODES[True]
-    prompt, cache_len = _check_inputs(input_ids, attention_mask, max_new_tokens, prefix_embeds,
-                                      embed_fn, max_length)
-    batch, k, n = input_ids.shape[0], num_beams, max_new_tokens
+def check_beam_args(num_beams: int, early_stopping: bool | str) -> None:
+    """Raises a ValueError for num_beams < 1 or an early_stopping outside {False, True, 'never'}."""
+    if num_beams < 1:
+        raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"beam_search: early_stopping must be False, True or 'never', got "
+                         f"{early_stopping!r}")
+
+
+def beam_step(t: int | jax.Array, logits: jax.Array, state: dict[str, jax.Array],
+              eos: jax.Array, length_penalty: jax.Array,
+              stop_mode: jax.Array) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """One step of transformers' vectorised beam search, choosing generated token t (0-based).
+
+    Args:
+      logits: [B*K, V] float32 of the K running beams of each row (beam-major within a row).
+      state: the search, N = max_new_tokens: running [B, K, N] tokens and running_scores
+        [B, K] (sum of log-probs); the finished pool seqs [B, K, N], scores [B, K]
+        (sum(log p) / length ** length_penalty), finished [B, K]; improvable [B, 1].
+      eos: [n_eos] int32 ids. length_penalty: scalar float32. stop_mode:
+        STOP_MODES[early_stopping], scalar int32.
+
+    Returns:
+      (the new state, origin [B, K]: the old beam each new running beam extends, go_on: whether
+      any row can still improve).
+    """
+    batch, k, n = state["running"].shape
     keep = max(2, 1 + eos.shape[0]) * k  # candidates per step, enough to leave k unfinished
-    top_k_mask = jnp.arange(keep) < k
-    logits, cache, mask, next_pos = _prefill(apply_fn, params, input_ids, attention_mask,
-                                             prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh)
-    # The prompt is identical for every beam: prefill once, then copy rows b -> b*k .. b*k+k-1.
-    logits = jnp.repeat(logits, k, axis=0)
-    cache = constrain_kv_cache(jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache), mesh)
-    mask, next_pos = jnp.repeat(mask, k, axis=0), jnp.repeat(next_pos, k, axis=0)
+    stop_when_full = stop_mode == STOP_MODES[True]
+    vocab = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
+    flat = (log_probs + state["running_scores"][:, :, None]).reshape(batch, k * vocab)
+    top_lp, top_idx = jax.lax.top_k(flat, keep)  # [B, keep], sorted
+    beam, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+    top_seqs = _gather(state["running"], beam).at[:, :, t].set(token)  # [B, keep, N]
+    hits = _is_eos(token, eos) | (t + 1 >= n)
 
-    def select(t, logits, s):
-        """One beam step on logits [B*K, V] for generated-length t (0-based), as transformers."""
-        vocab = logits.shape[-1]
-        log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
-        flat = (log_probs + s["running_scores"][:, :, None]).reshape(batch, k * vocab)
-        top_lp, top_idx = jax.lax.top_k(flat, keep)  # [B, keep], sorted
-        beam, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
-        top_seqs = _gather(s["running"], beam).at[:, :, t].set(token)  # [B, keep, N]
-        hits = _is_eos(token, eos) | (t + 1 >= n)
+    # Running beams: the best k candidates that did not just stop.
+    run_lp = top_lp + hits.astype(jnp.float32) * _NEG
+    _, nxt = jax.lax.top_k(run_lp, k)
+    running, running_scores = _gather(top_seqs, nxt), _gather(run_lp, nxt)
+    origin = _gather(beam, nxt)
 
-        # Running beams: the best k candidates that did not just stop.
-        run_lp = top_lp + hits.astype(jnp.float32) * _NEG
-        _, nxt = jax.lax.top_k(run_lp, k)
-        running, running_scores = _gather(top_seqs, nxt), _gather(run_lp, nxt)
-        origin = _gather(beam, nxt)  # [B, K] parent beam of each new running beam
+    # Finished pool: merge the candidates among the top k that just stopped.
+    just_done = hits & (jnp.arange(keep) < k)[None]
+    fin_lp = top_lp / (jnp.asarray(t + 1, jnp.float32) ** length_penalty)
+    full = jnp.all(state["finished"], axis=-1, keepdims=True) & stop_when_full
+    fin_lp = fin_lp + full * _NEG + (~state["improvable"]) * _NEG + (~just_done) * _NEG
+    merged_scores = jnp.concatenate([state["scores"], fin_lp], axis=1)
+    _, best = jax.lax.top_k(merged_scores, k)
+    seqs = _gather(jnp.concatenate([state["seqs"], top_seqs], axis=1), best)
+    scores = _gather(merged_scores, best)
+    finished = _gather(jnp.concatenate([state["finished"], just_done], axis=1), best)
 
-        # Finished pool: merge the candidates among the top k that just stopped.
-        just_done = hits & top_k_mask[None]
-        fin_lp = top_lp / (jnp.asarray(t + 1, jnp.float32) ** length_penalty)
-        full = jnp.all(s["finished"], axis=-1, keepdims=True) & stop_when_full
-        fin_lp = fin_lp + full * _NEG + (~s["improvable"]) * _NEG + (~just_done) * _NEG
-        merged_scores = jnp.concatenate([s["scores"], fin_lp], axis=1)
-        _, best = jax.lax.top_k(merged_scores, k)
-        seqs = _gather(jnp.concatenate([s["seqs"], top_seqs], axis=1), best)
-        scores = _gather(merged_scores, best)
-        finished = _gather(jnp.concatenate([s["finished"], just_done], axis=1), best)
+    # Early-stop heuristic (transformers' _check_early_stop_heuristic), at length t + 1.
+    # 'never' with a positive penalty (which favours length) assumes the longest length.
+    longest = (stop_mode == STOP_MODES["never"]) & (length_penalty > 0.0)
+    best_len = jnp.where(longest, jnp.float32(n), jnp.asarray(t + 1, jnp.float32))
+    best_running = running_scores[:, :1] / (best_len ** length_penalty)
+    worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
+    improvable = state["improvable"] & jnp.any(best_running > worst, axis=-1, keepdims=True)
+    go_on = jnp.any(improvable) & ~(jnp.all(finished) & stop_when_full) & ~jnp.all(hits)
+    return dict(running=running, running_scores=running_scores, seqs=seqs, scores=scores,
+                finished=finished, improvable=improvable), origin, go_on
 
-        # Early-stop heuristic (transformers' _check_early_stop_heuristic), at length t + 1.
-        # 'never' with a positive penalty (which favours length) assumes the longest length.
-        longest = (stop_mode == _STOP_MODES["never"]) & (length_penalty > 0.0)
-        best_len = jnp.where(longest, jnp.float32(n), jnp.asarray(t + 1, jnp.float32))
-        best_running = running_scores[:, :1] / (best_len ** length_penalty)
-        worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
-        improvable = s["improvable"] & jnp.any(best_running > worst, axis=-1, keepdims=True)
-        go_on = (jnp.any(improvable) & ~(jnp.all(finished) & stop_when_full)
-                 & ~jnp.all(hits))
-        return dict(running=running, running_scores=running_scores, seqs=seqs, scores=scores,
-                    finished=finished, improvable=improvable), origin, go_on
 
+def beam_loop(step_fn: StepFn, context: Any, logits: jax.Array, cache: Any, eos: jax.Array,
+              length_penalty: jax.Array, stop_mode: jax.Array, *, num_beams: int,
+              max_new_tokens: int, pad_token_id: int, mesh: Mesh | None) -> dict[str, jax.Array]:
+    """Beam search after the model's first step: every row is copied to num_beams beams (its
+    logits [B, V], ``context`` and cache, as ``greedy_loop`` takes them), then ``beam_step`` runs
+    in one ``lax.while_loop``; eos, length_penalty and stop_mode as ``beam_step`` takes them.
+
+    Returns:
+      dict(sequences=[B, K, max_new_tokens] int32 finished hypotheses, best first, pad after
+      each EOS; scores=[B, K] their length-normalised scores; num_steps=scalar int32 steps run).
+    """
+    batch, k, n = logits.shape[0], num_beams, max_new_tokens
+    # Rows b -> b*k .. b*k+k-1, the beam-major order beam_step and reorder expect.
+    context, cache = constrain_kv_cache(
+        jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), (context, cache)), mesh)
     init = dict(
         running=jnp.full((batch, k, n), pad_token_id, jnp.int32),
         running_scores=jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(_NEG),  # beam 0 only
@@ -271,21 +319,35 @@ def _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, lengt
         rows = (jnp.arange(batch)[:, None] * k + origin).reshape(-1)
         return constrain_kv_cache(jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache), mesh)
 
-    s, origin, go_on = select(0, logits, init)
-    state = (jnp.int32(1), s, reorder(cache, origin), go_on)
-
-    def cond(state):
-        return state[3]
-
     def body(state):
         t, s, cache, _ = state
-        tokens = s["running"][:, :, t - 1].reshape(-1)
-        logits, cache = _step(apply_fn, params, tokens, cache, mask, prompt + t - 1, next_pos + t - 1)
-        s, origin, go_on = select(t, logits, s)
+        logits, cache = step_fn(context, s["running"][:, :, t - 1].reshape(-1), t, cache)
+        s, origin, go_on = beam_step(t, logits, s, eos, length_penalty, stop_mode)
         return t + 1, s, reorder(cache, origin), go_on
 
-    s = jax.lax.while_loop(cond, body, state)[1]
-    return s["seqs"][:, 0]
+    s, origin, go_on = beam_step(0, jnp.repeat(logits, k, axis=0), init, eos, length_penalty,
+                                 stop_mode)
+    t, s, _, _ = jax.lax.while_loop(lambda state: state[3], body,
+                                    (jnp.int32(1), s, reorder(cache, origin), go_on))
+    return {"sequences": s["seqs"], "scores": s["scores"], "num_steps": t}
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "apply_fn", "max_new_tokens", "pad_token_id", "embed_fn", "init_cache_fn", "max_length",
+    "num_beams", "mesh"))
+def _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, length_penalty, stop_mode,
+          *, max_new_tokens, pad_token_id, embed_fn, init_cache_fn, max_length, num_beams, mesh):
+    # eos, length_penalty and stop_mode (STOP_MODES[early_stopping]) are traced: changing them
+    # does not recompile.
+    prompt, cache_len = _check_inputs(input_ids, attention_mask, max_new_tokens, prefix_embeds,
+                                      embed_fn, max_length)
+    # The prompt is identical for every beam: prefill once, beam_loop copies the rows.
+    logits, cache, mask, next_pos = _prefill(apply_fn, params, input_ids, attention_mask,
+                                             prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh)
+    out = beam_loop(_decoder_step(apply_fn, params, prompt), (mask, next_pos), logits, cache, eos,
+                    length_penalty, stop_mode, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_token_id, mesh=mesh)
+    return out["sequences"][:, 0]
 
 
 def beam_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
@@ -307,13 +369,9 @@ def beam_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
     Returns:
       [B, max_new_tokens] int32: the best finished hypothesis per row, pad after its EOS.
     """
-    if num_beams < 1:
-        raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
-    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-        raise ValueError(f"beam_search: early_stopping must be False, True or 'never', got "
-                         f"{early_stopping!r}")
+    check_beam_args(num_beams, early_stopping)
     return _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds,
-                 _eos_array(eos_token_id), jnp.float32(length_penalty),
-                 jnp.int32(_STOP_MODES[early_stopping]), max_new_tokens=int(max_new_tokens),
+                 eos_array(eos_token_id), jnp.float32(length_penalty),
+                 jnp.int32(STOP_MODES[early_stopping]), max_new_tokens=int(max_new_tokens),
                  pad_token_id=int(pad_token_id), embed_fn=embed_fn, init_cache_fn=init_cache_fn,
                  max_length=max_length, num_beams=int(num_beams), mesh=mesh)

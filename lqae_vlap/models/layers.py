@@ -154,16 +154,13 @@ def decoder_attention_mask(who: str, attention_mask: jax.Array | None, batch: in
     return attention_mask
 
 
-def padding_bias(mask: jax.Array) -> jax.Array:
-    """mask: [B, Lk] (1 = attend) -> additive float32 bias [B, 1, 1, Lk].
-
-    HF adds finfo.min to masked keys the same way; identical for any row with a real key.
-    """
-    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+def padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """attention_mask: [B, Lk] (1 = real key) -> the ``dot_product_attention`` mask [B, 1, 1, Lk]."""
+    return (attention_mask > 0)[:, None, None, :]
 
 
 def causal_visibility(attention_mask: jax.Array, offset: jax.Array, length: int) -> jax.Array:
-    """Which cache slots each new query sees: [B, L, T] bool.
+    """Which cache slots each new query sees: the ``dot_product_attention`` mask [B, 1, L, T].
 
     attention_mask: [B, T] (1 = slot holds a real token); the L queries sit at slots
     offset .. offset + L - 1. Query slot i sees key slot j iff j <= i and slot j is real, so slots
@@ -171,7 +168,48 @@ def causal_visibility(attention_mask: jax.Array, offset: jax.Array, length: int)
     """
     query_slots = offset + jnp.arange(length)
     causal = jnp.arange(attention_mask.shape[1])[None, :] <= query_slots[:, None]  # [L, T]
-    return causal[None] & (attention_mask[:, None, :] > 0)
+    return causal[None, None] & padding_mask(attention_mask)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          mask: jax.Array | None = None, bias: jax.Array | None = None,
+                          scale: float | None = None, dtype: Any = None) -> jax.Array:
+    """softmax(scale * q k^T + bias, masked) v: the attention core of every model here.
+
+    Args:
+      q: [B, Lq, H, Dh]. k, v: [B, Lk, Hkv, Dh] with H a multiple of Hkv (grouped-query
+        attention: query head h reads kv head h // (H / Hkv), as transformers' repeat_kv).
+      mask: bool, broadcastable to [B, H, Lq, Lk] (head axis H or 1); True = attend.
+      bias: float32 added to the logits, broadcastable to [B, H, Lq, Lk] (T5's positions).
+      scale: multiplies q before the product (default Dh ** -0.5; T5 passes 1.0). Scaling q,
+        not the logits, keeps bfloat16 logits in range and matches HF OPT's float32 rounding.
+      dtype: compute dtype of q, k, v and the attention weights (default q's).
+
+    Returns:
+      [B, Lq, H, Dh] in ``dtype``.
+    """
+    dtype = q.dtype if dtype is None else dtype
+    b, lq, h, dh = q.shape
+    kv_heads = k.shape[2]
+    groups = h // kv_heads
+    scale = dh ** -0.5 if scale is None else scale
+    # Query head h = (kv head, group): the groups are folded into the query axis, so each kv
+    # head serves its queries in one product and the (cached) keys and values are never copied.
+    q = (q.astype(dtype) * jnp.asarray(scale, dtype)).reshape(b, lq, kv_heads, groups, dh)
+    q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * lq, dh)
+    # float32 logits even from bfloat16 inputs: one rounding fewer before the softmax.
+    logits = jnp.einsum("bhqd,bkhd->bhqk", q, k.astype(dtype), preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, h, lq, -1)
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        # where, not an additive -inf-like bias: a fully masked row (a padded query) stays
+        # finite, so no NaN reaches real tokens through 0-probabilities.
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    # Softmax in float32 so bfloat16 models keep the masking and the weights accurate.
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kv_heads, groups * lq, -1)
+    out = jnp.einsum("bhqk,bkhd->bhqd", weights, v.astype(dtype))
+    return out.reshape(b, kv_heads, groups, lq, dh).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, dh)
 
 
 def write_kv_cache(cache: dict[str, jax.Array], new: dict[str, jax.Array],

@@ -40,8 +40,8 @@ from lqae_vlap.models.hf_weights import (Checkpoint, Copy, Linear, NameMap, Resh
                                          load_params, open_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, causal_visibility, check_activation,
                                      check_decoder_call, decoder_attention_mask, dense,
-                                     embedding_lookup, heads_dense, heads_out_dense, kv_cache_zeros,
-                                     logical_init, write_kv_cache)
+                                     dot_product_attention, embedding_lookup, heads_dense,
+                                     heads_out_dense, kv_cache_zeros, logical_init, write_kv_cache)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # mistral without sliding window is the same network
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -170,7 +170,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, allowed: jax.Array,
                  cache: dict[str, jax.Array] | None, cache_index: jax.Array | None
                  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        """x: [B, L, D], positions: [B, L], allowed: [B, 1, 1, L, T] bool -> ([B, L, D], cache)."""
+        """x: [B, L, D], positions: [B, L], allowed: [B, 1, L, T] bool -> ([B, L, D], cache)."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def proj(heads: int, name: str) -> nn.DenseGeneral:
@@ -182,18 +182,8 @@ class Attention(nn.Module):
         v = proj(cfg.num_key_value_heads, "v_proj")(x)
         if cache is not None:
             cache = write_kv_cache(cache, {"k": k, "v": v}, cache_index)
-            k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-        b, length = q.shape[:2]
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        # GQA without materialising repeated keys: query head h uses kv head h // groups (HF order).
-        q = q.reshape(b, length, cfg.num_key_value_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("blkgd,btkd->bkglt", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        # where, not an additive bias: a fully masked row (a left-pad query) stays finite, so its
-        # values never turn into NaN that 0-probabilities would carry into real tokens.
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("bkglt,btkd->blkgd", probs, v).reshape(
-            b, length, cfg.num_attention_heads, cfg.head_dim)
+            k, v = cache["k"], cache["v"]
+        ctx = dot_product_attention(q, k, v, mask=allowed, dtype=self.dtype)  # GQA inside
         out = heads_out_dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj", **kw)
         return out(ctx), cache
 
@@ -298,8 +288,7 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:
             positions = offset + jnp.arange(length, dtype=jnp.int32)[None, :]
         positions = jnp.broadcast_to(positions, (b, length))
-        allowed = causal_visibility(attention_mask, offset, length)  # [B, L, T]
-        allowed = allowed[:, None, None]  # [B, 1, 1, L, T] against scores [B, KV, G, L, T]
+        allowed = causal_visibility(attention_mask, offset, length)  # [B, 1, L, T]
 
         new_cache = {} if cache is not None else None
         for i in range(cfg.num_hidden_layers):

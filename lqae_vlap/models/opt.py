@@ -49,9 +49,9 @@ from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, dense
                                          open_checkpoint)
 from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activation,
                                      check_decoder_call, check_heads_divide,
-                                     decoder_attention_mask, dense, embedding_lookup, heads_dense,
-                                     heads_out_dense, kv_cache_zeros, layer_norm, logical_init,
-                                     write_kv_cache)
+                                     decoder_attention_mask, dense, dot_product_attention,
+                                     embedding_lookup, heads_dense, heads_out_dense,
+                                     kv_cache_zeros, layer_norm, logical_init, write_kv_cache)
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p reads row p + 2
 
@@ -150,22 +150,17 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, cache: dict[str, jax.Array] | None,
+    def __call__(self, x: jax.Array, mask: jax.Array, cache: dict[str, jax.Array] | None,
                  cache_index: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        """x: [B, L, D], bias: [B, 1, L, T] additive (float32) -> ([B, L, D], updated cache)."""
+        """x: [B, L, D], mask: [B, 1, L, T] bool -> ([B, L, D], updated cache)."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=cfg.enable_bias)
         proj = lambda name: heads_dense(cfg.num_attention_heads, cfg.head_dim, name=name, **kw)  # noqa: E731
-        # HF scales the query before the product; doing the same keeps float32 parity tight.
-        q = proj("q_proj")(x) * jnp.asarray(cfg.head_dim ** -0.5, self.dtype)
-        k, v = proj("k_proj")(x), proj("v_proj")(x)  # [B, L, H, Dh]
+        q, k, v = proj("q_proj")(x), proj("k_proj")(x), proj("v_proj")(x)  # [B, L, H, Dh]
         if cache is not None:
             cache = write_kv_cache(cache, {"k": k, "v": v}, cache_index)
             k, v = cache["k"], cache["v"]
-        # Softmax in float32 so a bfloat16 model keeps the masking exact.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(self.dtype)).astype(jnp.float32)
-        probs = jax.nn.softmax(scores + bias, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
+        ctx = dot_product_attention(q, k, v, mask=mask, dtype=self.dtype)
         return heads_out_dense(cfg.hidden_size, name="out_proj", **kw)(ctx), cache
 
 
@@ -177,12 +172,12 @@ class DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, cache: dict[str, jax.Array] | None,
+    def __call__(self, x: jax.Array, mask: jax.Array, cache: dict[str, jax.Array] | None,
                  cache_index: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         pre = cfg.do_layer_norm_before
         attn_norm = _layer_norm_module(cfg, self.dtype, self.param_dtype, "self_attn_layer_norm")
-        h, cache = Attention(cfg, name="self_attn", **kw)(attn_norm(x) if pre else x, bias, cache,
+        h, cache = Attention(cfg, name="self_attn", **kw)(attn_norm(x) if pre else x, mask, cache,
                                                           cache_index)
         x = x + h
         x = x if pre else attn_norm(x)
@@ -253,8 +248,7 @@ class OPTForCausalLM(nn.Module):
 
         # Key slot j is visible to query slot i when j <= i and slot j holds a real token. Where
         # no key is visible (a padded query) the row's softmax is uniform: finite, and unused.
-        visible = causal_visibility(attention_mask, offset, length)  # [B, L, T]
-        bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # [B, 1, L, T]
+        visible = causal_visibility(attention_mask, offset, length)  # [B, 1, L, T]
 
         embed = nn.Embed(cfg.vocab_size, cfg.word_embed_proj_dim,
                          embedding_init=logical_init(("vocab", "embed")), name="embed_tokens", **kw)
@@ -269,7 +263,7 @@ class OPTForCausalLM(nn.Module):
         for i in range(cfg.num_hidden_layers):
             name = f"layers_{i}"
             x, layer_cache = DecoderLayer(cfg, name=name, **kw)(
-                x, bias, None if cache is None else cache[name], offset)
+                x, visible, None if cache is None else cache[name], offset)
             if cache is not None:
                 new_cache[name] = layer_cache
         if cfg.final_layer_norm:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -35,8 +34,8 @@ from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, dense
                                          open_checkpoint)
 
 from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
-                                     heads_dense, heads_out_dense, layer_norm, logical_init,
-                                     padding_bias)
+                                     dot_product_attention, heads_dense, heads_out_dense,
+                                     layer_norm, logical_init, padding_mask)
 
 # Families with this exact architecture; the value is the family whose position scheme they use.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
@@ -148,16 +147,13 @@ class SelfAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
-        """x: [B, L, D], bias: [B, 1, 1, L] additive mask -> [B, L, D]."""
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: [B, L, D], mask: [B, 1, 1, L] bool (True = real key) -> [B, L, D]."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = lambda name: heads_dense(cfg.num_attention_heads, cfg.head_dim, name=name, **kw)  # noqa: E731
         q, k, v = qkv("query")(x), qkv("key")(x), qkv("value")(x)  # [B, L, H, Dh]
-        # Softmax in float32 so a bfloat16 model keeps the -inf-like padding bias exact.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        probs = jax.nn.softmax(scores + bias, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        ctx = dot_product_attention(q, k, v, mask=mask, dtype=self.dtype)
         return heads_out_dense(cfg.hidden_size, name="out", **kw)(ctx)
 
 
@@ -184,11 +180,11 @@ class EncoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = cfg.layer_norm_eps
         x = layer_norm(epsilon=eps, name="attention_norm", **kw)(
-            x + SelfAttention(cfg, name="attention", **kw)(x, bias))
+            x + SelfAttention(cfg, name="attention", **kw)(x, mask))
         return layer_norm(epsilon=eps, name="mlp_norm", **kw)(x + Mlp(cfg, name="mlp", **kw)(x))
 
 
@@ -279,13 +275,13 @@ class MaskedLM(nn.Module):
             token_type_ids = jnp.zeros(shape, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones(shape, jnp.int32)
-        bias = padding_bias(attention_mask)
+        mask = padding_mask(attention_mask)
 
         embeddings = Embeddings(cfg, name="embeddings", **kw)
         x = embeddings(inputs_embeds, input_ids, position_ids, token_type_ids)
         hidden = [x]
         for i in range(cfg.num_hidden_layers):
-            x = EncoderLayer(cfg, name=f"layer_{i}", **kw)(x, bias)
+            x = EncoderLayer(cfg, name=f"layer_{i}", **kw)(x, mask)
             hidden.append(x)
         out = {"last_hidden_state": x}
         if output_hidden_states:

@@ -12,7 +12,9 @@ Matches transformers' ``T5ForConditionalGeneration`` in eval mode:
     T5, i.e. the HF config's ``tie_word_embeddings`` was not False).
 
 VLAP puts its projected visual tokens in front of the text in the ENCODER input: ``encode`` takes
-``inputs_embeds`` and the generators take ``prefix_embeds``.
+``inputs_embeds`` and the generators take ``prefix_embeds``. The config and the layers (attention,
+FFN, block) are in ``t5_layers.py``; the generators run ``generate.py``'s decoding loops, the ones
+the decoder-only models use, on T5's decoder step.
 
 Param tree (``{'params': ...}``), every leaf with logical axis names:
   shared/embedding [vocab, embed]; lm_head/kernel [embed, vocab] only when untied
@@ -25,11 +27,9 @@ Param tree (``{'params': ...}``), every leaf with logical axis names:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -37,180 +37,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from lqae_vlap.models.generate import (STOP_MODES, StepFn, beam_loop, check_beam_args, eos_array,
+                                       greedy_loop)
 from lqae_vlap.models.hf_weights import Linear, NameMap, Source, load_params, open_checkpoint
-from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, constrain_kv_cache, dense,
-                                     embedding_lookup, heads_dense, heads_out_dense,
-                                     kv_cache_zeros, logical_init, padding_bias, write_kv_cache)
+from lqae_vlap.models.layers import (RMSNorm, causal_visibility, constrain_kv_cache, dense,
+                                     embedding_lookup, kv_cache_zeros, logical_init, padding_mask)
+from lqae_vlap.models.t5_layers import KERNEL_INIT, Block, T5Config, relative_position_bucket
 
-_INIT = nn.initializers.normal(0.05)  # default kernel / table init of this file (fresh models only)
 # Cache pytree: one {'key', 'value'} per decoder layer, each [batch, max_len, heads, head_dim].
 Cache = tuple[dict[str, jax.Array], ...]
-_NEG = -1.0e9  # HF beam search's "impossible" score; kept identical so tie-breaking matches
-
-
-@dataclasses.dataclass(frozen=True)
-class T5Config:
-    """Hyper-parameters of a T5 model (names follow the Hugging Face ``T5Config``)."""
-
-    vocab_size: int = 32128
-    d_model: int = 768
-    d_kv: int = 64
-    d_ff: int = 3072
-    num_layers: int = 12
-    num_decoder_layers: int = 12
-    num_heads: int = 12
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "relu"  # 'relu' | 'gated-gelu' | 'gated-silu' | ...
-    tie_word_embeddings: bool = True  # lm head = shared embedding (no lm_head param)
-    scale_decoder_outputs: bool = True  # multiply by d_model**-0.5 before the lm head
-    pad_token_id: int = 0
-    eos_token_id: int = 1
-    decoder_start_token_id: int = 0
-
-    def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; use "
-                             f"'relu', 'gated-gelu' or '[gated-]<act>' with act in {sorted(ACTIVATIONS)}")
-
-    @property
-    def is_gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
-
-    @property
-    def activation(self) -> str:
-        act = self.feed_forward_proj.split("-")[-1]
-        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act  # HF's legacy alias
-
-    @classmethod
-    def from_hf(cls, hf_config: Any, *, tie_word_embeddings: bool | None = None) -> T5Config:
-        """Reads a transformers ``T5Config`` (t5, mt5, flan-t5). ``tie_word_embeddings`` overrides
-        whether the lm head reuses the shared embedding (the loader decides it from the weights)."""
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in ("t5", "mt5"):
-            raise ValueError(f"model_type {model_type!r} is not a T5 checkpoint; supported: 't5', 'mt5'")
-        # transformers 5 keeps the old "tie_word_embeddings=False means no rescale" meaning in
-        # scale_decoder_outputs; older configs only have tie_word_embeddings.
-        scale = getattr(hf_config, "scale_decoder_outputs", None)
-        if scale is None:
-            scale = getattr(hf_config, "tie_word_embeddings", True) is not False
-        eos = hf_config.eos_token_id
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-        start = getattr(hf_config, "decoder_start_token_id", None)
-        return cls(
-            vocab_size=int(hf_config.vocab_size), d_model=int(hf_config.d_model),
-            d_kv=int(hf_config.d_kv), d_ff=int(hf_config.d_ff), num_layers=int(hf_config.num_layers),
-            num_decoder_layers=int(hf_config.num_decoder_layers or hf_config.num_layers),
-            num_heads=int(hf_config.num_heads),
-            relative_attention_num_buckets=int(hf_config.relative_attention_num_buckets),
-            relative_attention_max_distance=int(hf_config.relative_attention_max_distance),
-            layer_norm_epsilon=float(hf_config.layer_norm_epsilon),
-            feed_forward_proj=str(hf_config.feed_forward_proj),
-            tie_word_embeddings=True if tie_word_embeddings is None else bool(tie_word_embeddings),
-            scale_decoder_outputs=bool(scale), pad_token_id=int(pad),
-            eos_token_id=int(eos if eos is not None else 1),
-            decoder_start_token_id=int(start if start is not None else pad))
-
-
-def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> jax.Array:
-    """T5's bucketing of (key position - query position): exact for small distances, log-spaced up to
-    max_distance. relative_position: int [...] -> int32 buckets in [0, num_buckets)."""
-    buckets = jnp.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
-        relative_position = jnp.abs(relative_position)
-    else:
-        relative_position = -jnp.minimum(relative_position, 0)
-    max_exact = num_buckets // 2
-    is_small = relative_position < max_exact
-    # max(.,1) only keeps log() finite for the small positions the where() discards anyway.
-    rp = jnp.maximum(relative_position, 1).astype(jnp.float32)
-    large = max_exact + (jnp.log(rp / max_exact) / math.log(max_distance / max_exact)
-                         * (num_buckets - max_exact)).astype(relative_position.dtype)
-    large = jnp.minimum(large, num_buckets - 1)
-    return (buckets + jnp.where(is_small, relative_position, large)).astype(jnp.int32)
-
-
-class Attention(nn.Module):
-    """Multi-head attention without biases or score scaling; ``bias`` carries positions and masks."""
-
-    config: T5Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
-        proj = lambda: heads_dense(cfg.num_heads, cfg.d_kv, kernel_init=_INIT, **kw)  # noqa: E731
-        self.q, self.k, self.v = proj(), proj(), proj()
-        self.o = heads_out_dense(cfg.d_model, kernel_init=_INIT, **kw)
-
-    def key_values(self, x: jax.Array) -> dict[str, jax.Array]:
-        """x: [B, Lk, D] -> {'key', 'value'}: [B, Lk, H, Dh]."""
-        return {"key": self.k(x), "value": self.v(x)}
-
-    def __call__(self, x: jax.Array, kv: dict[str, jax.Array], bias: jax.Array) -> jax.Array:
-        """x: [B, Lq, D], kv: {'key','value'} [B, Lk, H, Dh], bias: [B or 1, H or 1, Lq, Lk] -> [B, Lq, D]."""
-        q = self.q(x)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, kv["key"]).astype(jnp.float32) + bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        return self.o(jnp.einsum("bhqk,bkhd->bqhd", probs, kv["value"].astype(self.dtype)))
-
-
-class Mlp(nn.Module):
-    config: T5Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, L, D] -> [B, L, D]."""
-        cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, kernel_init=_INIT)
-        act = ACTIVATIONS[cfg.activation]
-        if cfg.is_gated:
-            h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi_0", **kw)(x)) \
-                * dense(cfg.d_ff, ("embed", "mlp"), name="wi_1", **kw)(x)
-        else:
-            h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi", **kw)(x))
-        return dense(cfg.d_model, ("mlp", "embed"), name="wo", **kw)(h)
-
-
-class Block(nn.Module):
-    """Pre-norm block: self-attention, (decoder) cross-attention, FFN, each with a residual."""
-
-    config: T5Config
-    is_decoder: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda: RMSNorm(cfg.layer_norm_epsilon, **kw)  # noqa: E731
-        self.self_attn_norm, self.self_attn = norm(), Attention(cfg, **kw)
-        if self.is_decoder:
-            self.cross_attn_norm, self.cross_attn = norm(), Attention(cfg, **kw)
-        self.mlp_norm, self.mlp = norm(), Mlp(cfg, **kw)
-
-    def cross_key_values(self, encoder_hidden: jax.Array) -> dict[str, jax.Array]:
-        return self.cross_attn.key_values(encoder_hidden)
-
-    def __call__(self, x: jax.Array, self_bias: jax.Array, *, layer_cache: dict | None = None,
-                 cache_index: jax.Array | None = None, cross_kv: dict | None = None,
-                 cross_bias: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-        """x: [B, L, D] -> ([B, L, D], updated layer cache or None)."""
-        h = self.self_attn_norm(x)
-        kv = self.self_attn.key_values(h)
-        if layer_cache is not None:  # write this step's keys at cache_index, attend over all slots
-            kv = layer_cache = write_kv_cache(layer_cache, kv, cache_index)
-        x = x + self.self_attn(h, kv, self_bias)
-        if self.is_decoder:
-            x = x + self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, layer_cache
 
 
 class T5(nn.Module):
@@ -227,7 +62,7 @@ class T5(nn.Module):
                                **kw)
         bias_table = lambda name: nn.Embed(  # noqa: E731  ([buckets, heads])
             cfg.relative_attention_num_buckets, cfg.num_heads,
-            embedding_init=logical_init(("position", "heads"), _INIT), name=name, **kw)
+            embedding_init=logical_init(("position", "heads"), KERNEL_INIT), name=name, **kw)
         self.encoder_relative_bias = bias_table("encoder_relative_attention_bias")
         self.decoder_relative_bias = bias_table("decoder_relative_attention_bias")
         self.encoder_blocks = [Block(cfg, False, name=f"encoder_block_{i}", **kw) for i in range(cfg.num_layers)]
@@ -237,7 +72,7 @@ class T5(nn.Module):
         self.decoder_final_norm = RMSNorm(cfg.layer_norm_epsilon, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                                 kernel_init=_INIT, **kw)
+                                 kernel_init=KERNEL_INIT, **kw)
 
     def _position_bias(self, table: nn.Embed, q_pos: jax.Array, k_pos: jax.Array,
                        bidirectional: bool) -> jax.Array:
@@ -279,10 +114,10 @@ class T5(nn.Module):
             raise ValueError(f"T5.encode: attention_mask must be [batch, length] = {(batch, length)}, "
                              f"got {attention_mask.shape}")
         pos = jnp.arange(length)
-        bias = (self._position_bias(self.encoder_relative_bias, pos, pos, True)
-                + padding_bias(attention_mask))
+        bias = self._position_bias(self.encoder_relative_bias, pos, pos, True)
+        mask = padding_mask(attention_mask)
         for block in self.encoder_blocks:
-            x, _ = block(x, bias)
+            x, _ = block(x, bias, mask)
         return self.encoder_final_norm(x)
 
     def cross_key_values(self, encoder_hidden: jax.Array) -> Cache:
@@ -330,17 +165,17 @@ class T5(nn.Module):
         q_pos = offset + jnp.arange(length, dtype=jnp.int32)
         k_pos = jnp.arange(length if cache is None else cache[0]["key"].shape[1], dtype=jnp.int32)
         self_bias = self._position_bias(self.decoder_relative_bias, q_pos, k_pos, False)
-        self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0,
-                                          jnp.finfo(jnp.float32).min)[None, None]
-        if decoder_attention_mask is not None:
-            self_bias = self_bias + padding_bias(decoder_attention_mask)
-        cross_bias = padding_bias(encoder_mask)
+        if decoder_attention_mask is None:
+            decoder_attention_mask = jnp.ones((1, k_pos.shape[0]), jnp.int32)
+        self_mask = causal_visibility(decoder_attention_mask, offset, length)
+        cross_mask = padding_mask(encoder_mask)
 
         x = self.shared(decoder_input_ids)
         new_cache = []
         for i, block in enumerate(self.decoder_blocks):
-            x, layer_cache = block(x, self_bias, layer_cache=None if cache is None else cache[i],
-                                   cache_index=offset, cross_kv=cross_kv[i], cross_bias=cross_bias)
+            x, layer_cache = block(x, self_bias, self_mask,
+                                   layer_cache=None if cache is None else cache[i],
+                                   cache_index=offset, cross_kv=cross_kv[i], cross_mask=cross_mask)
             new_cache.append(layer_cache)
         hidden = self.decoder_final_norm(x)
         h = hidden * (cfg.d_model ** -0.5) if cfg.scale_decoder_outputs else hidden
@@ -415,16 +250,49 @@ def _check_generate_args(module: T5, input_ids: jax.Array, max_new_tokens: int,
                          f"{module.config.d_model}], got {prefix_embeds.shape}")
 
 
+def _first_step(module: T5, variables: Any, input_ids: jax.Array,
+                attention_mask: jax.Array | None, prefix_embeds: jax.Array | None,
+                max_new_tokens: int, mesh: Mesh | None) -> tuple[StepFn, Any, jax.Array, Cache]:
+    """Encodes once and feeds decoder_start_token_id at decoder slot 0.
+
+    Returns what ``generate.greedy_loop`` / ``beam_loop`` take: the step (token t - 1 goes into
+    slot t), its context (cross-attention keys/values, encoder mask), the logits [B, V], the cache.
+    """
+    cfg, batch = module.config, input_ids.shape[0]
+    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
+    cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
+
+    def step(context, tokens, t, cache):
+        cross_kv, enc_mask = context
+        out = module.apply(variables, tokens[:, None], None, enc_mask, cache=cache, cache_index=t,
+                           cross_kv=cross_kv, method=T5.decode)
+        return out["logits"][:, -1], out["cache"]
+
+    start = jnp.full((batch,), cfg.decoder_start_token_id, jnp.int32)
+    logits, cache = step((cross_kv, enc_mask), start, jnp.int32(0),
+                         init_cache(cfg, batch, max_new_tokens, module.dtype, mesh=mesh))
+    return step, (cross_kv, enc_mask), logits, constrain_kv_cache(cache, mesh)
+
+
+def _with_start(cfg: T5Config, tokens: jax.Array) -> jax.Array:
+    """tokens: [..., N] -> [..., 1 + N] led by decoder_start_token_id (transformers' output)."""
+    start = jnp.full(tokens.shape[:-1] + (1,), cfg.decoder_start_token_id, jnp.int32)
+    return jnp.concatenate([start, tokens], axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "mesh"))
 def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
                     attention_mask: jax.Array | None = None, *, max_new_tokens: int,
+                    eos_token_id: int | Sequence[int] | None = None,
                     prefix_embeds: jax.Array | None = None,
                     mesh: Mesh | None = None) -> dict[str, jax.Array]:
-    """Greedy decoding, as transformers' ``generate(do_sample=False)``.
+    """Greedy decoding, as transformers' ``generate(do_sample=False)`` (``generate.greedy_loop``).
 
     Args:
       input_ids: [B, L] encoder token ids; attention_mask: [B, L] (1 = real).
       max_new_tokens: decoder steps at most; the loop stops early once every row emitted EOS.
+      eos_token_id: an id or ids that end a row (traced: new ids do not recompile); None:
+        config.eos_token_id; () never ends early.
       prefix_embeds: optional [B, P, D] encoder inputs placed before the embedded input_ids.
       mesh: keep the decoder cache and the cross-attention keys/values sharded on it (batch over
         ('data', 'fsdp'), heads over 'tensor') through the loop; pass params placed on the same
@@ -437,53 +305,32 @@ def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
     """
     _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
     cfg = module.config
-    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
-    cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
-    batch = input_ids.shape[0]
-    seqs = jnp.full((batch, 1 + max_new_tokens), cfg.pad_token_id, jnp.int32)
-    seqs = seqs.at[:, 0].set(cfg.decoder_start_token_id)
-    init = (jnp.int32(0), seqs, jnp.zeros((batch,), bool),
-            init_cache(cfg, batch, max_new_tokens, module.dtype, mesh=mesh))
-
-    def cond(state):
-        step, _, finished, _ = state
-        return (step < max_new_tokens) & ~jnp.all(finished)
-
-    def body(state):
-        step, seqs, finished, cache = state
-        token = jax.lax.dynamic_slice_in_dim(seqs, step, 1, axis=1)  # [B, 1]
-        out = module.apply(variables, token, None, enc_mask, cache=cache, cache_index=step,
-                           cross_kv=cross_kv, method=T5.decode)
-        nxt = jnp.argmax(out["logits"][:, -1], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(finished, cfg.pad_token_id, nxt)
-        seqs = jax.lax.dynamic_update_slice_in_dim(seqs, nxt[:, None], step + 1, axis=1)
-        return (step + 1, seqs, finished | (nxt == cfg.eos_token_id),
-                constrain_kv_cache(out["cache"], mesh))
-
-    steps, seqs, _, _ = jax.lax.while_loop(cond, body, init)
-    return {"sequences": seqs, "num_steps": steps}
+    first = _first_step(module, variables, input_ids, attention_mask, prefix_embeds,
+                        max_new_tokens, mesh)
+    eos = eos_array(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    tokens, steps = greedy_loop(*first, eos, max_new_tokens=max_new_tokens,
+                                pad_token_id=cfg.pad_token_id, mesh=mesh)
+    return {"sequences": _with_start(cfg, tokens), "num_steps": steps}
 
 
-def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x: [B, K, ...], idx: [B, K'] -> [B, K', ...]."""
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams", "length_penalty",
-                                             "mesh"))
-def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                *, max_new_tokens: int, num_beams: int = 4, length_penalty: float = 1.0,
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams",
+                                             "early_stopping", "mesh"))
+def beam_search(module: T5, variables: Any, input_ids: jax.Array,
+                attention_mask: jax.Array | None = None, *, max_new_tokens: int,
+                num_beams: int = 4, length_penalty: float = 1.0,
+                early_stopping: bool | str = False,
+                eos_token_id: int | Sequence[int] | None = None,
                 prefix_embeds: jax.Array | None = None,
                 mesh: Mesh | None = None) -> dict[str, jax.Array]:
-    """Beam search, a port of transformers' vectorised ``_beam_search`` (early_stopping=False).
+    """Beam search, transformers' vectorised ``_beam_search`` (``generate.beam_step``).
 
-    Every step keeps the best 2*num_beams continuations; those ending in EOS (or at the length
-    limit) among the first num_beams compete for the finished slots with score
-    sum(log p) / generated_length**length_penalty; the rest continue. It stops when no running beam
-    can beat the worst finished one (HF's heuristic: best running score / current length), or at
-    max_new_tokens.
-
-    ``mesh``: as in ``greedy_generate`` (the cache rows are batch x beams).
+    Every step keeps the best (1 + n_eos) * num_beams continuations; those ending in EOS (or at
+    the length limit) among the first num_beams compete for the finished slots with score
+    sum(log p) / generated_length**length_penalty; the rest continue. ``early_stopping`` as in
+    transformers: False stops when no running beam can beat the worst finished one (best running
+    score / current length), True once num_beams are finished, 'never' judges the running beams
+    at max length when length_penalty > 0. ``eos_token_id``, ``length_penalty`` (traced) and
+    ``mesh`` (the cache rows are batch x beams) as in ``greedy_generate``.
 
     Returns:
       dict(sequences=[B, num_beams, 1 + max_new_tokens] best first, pad_token_id after each EOS;
@@ -491,80 +338,15 @@ def beam_search(module: T5, variables: Any, input_ids: jax.Array, attention_mask
       num_steps=scalar int32 decoder steps run).
     """
     _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
-    if num_beams < 1:
-        raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
+    check_beam_args(num_beams, early_stopping)
     cfg = module.config
-    batch, k, k2, max_length = input_ids.shape[0], num_beams, 2 * num_beams, 1 + max_new_tokens
-    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
-    enc = jnp.repeat(enc, k, axis=0)  # [B*K, Le, D], beam-major within each example as in HF
-    enc_mask = jnp.repeat(enc_mask, k, axis=0)
-    cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
-    vocab = cfg.vocab_size
-
-    # HF fills unused slots with pad_token_id or eos; we use pad everywhere and mask after EOS below.
-    running = jnp.full((batch, k, max_length), cfg.pad_token_id, jnp.int32).at[:, :, 0].set(
-        cfg.decoder_start_token_id)
-    running_scores = jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(_NEG)
-    top_mask = jnp.arange(k2) < k
-    init = dict(cur_len=jnp.int32(1), running=running, running_scores=running_scores,
-                sequences=running, scores=jnp.full((batch, k), _NEG, jnp.float32),
-                finished=jnp.zeros((batch, k), bool), improvable=jnp.ones((batch, 1), bool),
-                go=jnp.bool_(True),
-                cache=init_cache(cfg, batch * k, max_new_tokens, module.dtype, mesh=mesh))
-
-    def cond(s):
-        return s["go"] & (s["cur_len"] < max_length)
-
-    def body(s):
-        cur_len = s["cur_len"]
-        token = jax.lax.dynamic_slice_in_dim(s["running"], cur_len - 1, 1, axis=2).reshape(batch * k, 1)
-        out = module.apply(variables, token, None, enc_mask, cache=s["cache"], cache_index=cur_len - 1,
-                           cross_kv=cross_kv, method=T5.decode)
-        log_probs = jax.nn.log_softmax(out["logits"][:, -1].astype(jnp.float32), axis=-1)
-        log_probs = log_probs.reshape(batch, k, vocab) + s["running_scores"][:, :, None]
-        topk_log_probs, topk_idx = jax.lax.top_k(log_probs.reshape(batch, k * vocab), k2)
-        parent, token_ids = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
-        topk_seqs = _gather_beams(s["running"], parent)
-        topk_seqs = jax.lax.dynamic_update_slice_in_dim(topk_seqs, token_ids[:, :, None], cur_len, axis=2)
-        hits = (token_ids == cfg.eos_token_id) | (cur_len + 1 >= max_length)
-
-        # Continue with the best num_beams that did not just finish.
-        running_log_probs = topk_log_probs + hits.astype(jnp.float32) * _NEG
-        _, nxt = jax.lax.top_k(running_log_probs, k)
-        running = _gather_beams(topk_seqs, nxt)
-        running_scores = _gather_beams(running_log_probs, nxt)
-        beam_parent = _gather_beams(parent, nxt)  # [B, K] which old beam each new one extends
-
-        # Merge the newly finished (among the top num_beams) into the finished set.
-        just_finished = hits & top_mask[None, :]
-        fin_scores = topk_log_probs / (cur_len.astype(jnp.float32) ** length_penalty)
-        fin_scores = fin_scores + (~s["improvable"]).astype(jnp.float32) * _NEG
-        fin_scores = fin_scores + (~just_finished).astype(jnp.float32) * _NEG
-        merged_scores = jnp.concatenate([s["scores"], fin_scores], axis=1)
-        _, best = jax.lax.top_k(merged_scores, k)
-        sequences = _gather_beams(jnp.concatenate([s["sequences"], topk_seqs], axis=1), best)
-        scores = _gather_beams(merged_scores, best)
-        finished = _gather_beams(jnp.concatenate([s["finished"], just_finished], axis=1), best)
-
-        flat_parent = (beam_parent + jnp.arange(batch)[:, None] * k).reshape(-1)
-        cache = constrain_kv_cache(
-            jax.tree.map(lambda c: jnp.take(c, flat_parent, axis=0), out["cache"]), mesh)
-
-        new_len = cur_len + 1
-        best_running = running_scores[:, :1] / ((new_len - 1).astype(jnp.float32) ** length_penalty)
-        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
-        improvable = s["improvable"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
-        go = jnp.any(improvable) & ~jnp.all(hits)
-        return dict(cur_len=new_len, running=running, running_scores=running_scores, sequences=sequences,
-                    scores=scores, finished=finished, improvable=improvable, go=go, cache=cache)
-
-    s = jax.lax.while_loop(cond, body, init)
-    seqs = s["sequences"]
-    # Everything after the first EOS (position >= 1) is filler: make it pad.
-    is_eos = (seqs == cfg.eos_token_id) & (jnp.arange(max_length) >= 1)
-    after = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
-    return {"sequences": jnp.where(after, cfg.pad_token_id, seqs), "scores": s["scores"],
-            "num_steps": s["cur_len"] - 1}
+    first = _first_step(module, variables, input_ids, attention_mask, prefix_embeds,
+                        max_new_tokens, mesh)
+    eos = eos_array(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    out = beam_loop(*first, eos, jnp.asarray(length_penalty, jnp.float32),
+                    jnp.int32(STOP_MODES[early_stopping]), num_beams=num_beams,
+                    max_new_tokens=max_new_tokens, pad_token_id=cfg.pad_token_id, mesh=mesh)
+    return {**out, "sequences": _with_start(cfg, out["sequences"])}
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lqae_vlap.models.layers import dense, heads_dense, heads_out_dense, layer_norm, logical_init
+from lqae_vlap.models.layers import (dense, dot_product_attention, heads_dense, heads_out_dense,
+                                     layer_norm, logical_init)
 
 Dtype = Any
 
@@ -104,11 +105,7 @@ class SelfAttention(nn.Module):
         # No key bias: it adds q.b to every logit of a query, which softmax ignores, so its
         # gradient is exactly zero and AdamW would only random-walk it on rounding noise.
         q, k, v = proj("query"), proj("key", use_bias=False), proj("value")
-        # Scale q before the product to keep bfloat16 logits in range.
-        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = dot_product_attention(q, k, v, dtype=self.dtype)
         return heads_out_dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="out",
                                kernel_init=_xavier)(out)
 
