@@ -1,5 +1,5 @@
 """What test modules share: no test module imports another; they import from here or use the
-fixtures of tests/conftest.py.
+fixtures of tests/conftest.py (tests/test_test_imports.py checks it).
 
   - paths: REPO, the real MiniLM folder and tokenizer, the SmolLM2 GGUF folder;
   - configs: load_config (configs/NAME.py with dotted overrides), the tiny LQAE and VLAP demo
@@ -7,15 +7,18 @@ fixtures of tests/conftest.py.
   - training: run_steps, the sharded-step-equals-one-device check, the VLAP evaluation check,
     run_cli (lqae_vlap.main in a subprocess);
   - tiny random transformers models of each family (BERT / RoBERTa, OPT, Llama, T5) and the
-    tiny checkpoints with MiniLM's real tokenizer that conftest.py's fixtures save.
+    tiny checkpoints with MiniLM's real tokenizer that conftest.py's fixtures save;
+  - the import statements of a file (tests/test_layers.py, tests/test_test_imports.py).
 
 conftest.py imports this module before JAX is set up, so JAX, torch, transformers and the package
 are imported inside the functions that use them.
 """
 
+import ast
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -392,3 +395,36 @@ def minilm_checkpoint(folder, family: str) -> str:
     tok.save_pretrained(folder)
     return str(folder)
 
+
+# --- import statements ----------------------------------------------------------------------------
+
+
+def module_name(path, base) -> str:
+    """The dotted name of the file at path under folder base: 'BASE/lqae_vlap/models/opt.py' ->
+    'lqae_vlap.models.opt'; a package's __init__.py -> the package."""
+    parts = list(pathlib.Path(path).relative_to(base).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path, name: str, base) -> list[tuple[int, str]]:
+    """(line, imported module) for every import in one file (module ``name``), at its top or
+    inside functions, relative ones resolved; ``from a import b`` counts as a.b when that is a
+    file or folder under ``base``, else as a."""
+    path, base = pathlib.Path(path), pathlib.Path(base)
+    is_package = path.name == "__init__.py"
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                anchor = name.split(".")
+                anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+                module = ".".join(anchor + ([module] if module else []))
+            for alias in node.names:
+                sub = f"{module}.{alias.name}"
+                is_module = (base / sub.replace(".", "/")).with_suffix(".py").exists() \
+                    or (base / sub.replace(".", "/")).is_dir()
+                found.append((node.lineno, sub if is_module else module))
+    return found
