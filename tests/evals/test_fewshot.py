@@ -15,17 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 from lqae_vlap.evals import fewshot
 from lqae_vlap.models.llama import LlamaConfig, LlamaForCausalLM
 from lqae_vlap.models.roberta import EncoderLMConfig, MaskedLM
-from tests.conftest import minilm_dir
+from tests.helpers import minilm_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(minilm_dir())
+    return minilm_tokenizer(eos_token=None)
 
 
 def random_params(module, std, seed):

@@ -10,7 +10,7 @@ import pytest
 from lqae_vlap.methods import lqae
 from lqae_vlap.models import roberta
 from lqae_vlap.core import sharding
-from tests.train.test_trainer import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

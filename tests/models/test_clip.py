@@ -23,27 +23,18 @@ from transformers import (BertConfig, CLIPConfig, CLIPModel, CLIPVisionConfig as
 
 from lqae_vlap.models.clip import CLIPVision, CLIPVisionConfig, load
 from lqae_vlap.core.sharding import LOGICAL_RULES, make_mesh
+from tests.helpers import ALLOWED_AXES, rerandomise
 
 ATOL = 1e-4  # float32 parity with PyTorch; observed differences are ~1e-6
 # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); through 2 blocks of width 32 the
 # observed error is ~1% of the output's scale, so allow 4% of max |reference|.
 BF16_REL = 0.04
-ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
 VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
               num_hidden_layers=2, num_attention_heads=4, projection_dim=16)
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
             pad_token_id=1)
 BATCH = 3
-
-
-def _rerandomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    with torch.no_grad():  # HF's init (std 0.02, LN = 1/0) would make attention near-uniform
-        for name, p in model.named_parameters():
-            is_ln_scale = "norm" in name and name.endswith("weight")
-            p.copy_(1 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.2 * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,8 @@ def ckpts(tmp_path_factory) -> dict:
     out = {}
     for seed, (kind, model) in enumerate(built.items()):
         folder = tmp_path_factory.mktemp(kind)
-        _rerandomise(model, seed).save_pretrained(folder)
+        torch.manual_seed(seed)
+        rerandomise(model).save_pretrained(folder)
         out[kind] = (folder, model)
     return out
 

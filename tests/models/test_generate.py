@@ -10,38 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import OPTConfig as HFOPTConfig
-from transformers import OPTForCausalLM as HFOPTForCausalLM
 
 from lqae_vlap.models import generate, opt
+from tests.helpers import OPT_TINY as TINY, tiny_opt_for_generation
 
-TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-            max_position_embeddings=40, pad_token_id=1, bos_token_id=2, eos_token_id=2)
 PAD, NEW = 1, 8  # pad id; tokens generated per row
-
-
-def tiny_model(tmp_path, seed: int, **overrides):
-    """(torch model, flax module, variables, init_cache_fn) for a random 2-layer OPT."""
-    torch.manual_seed(seed)
-    model = HFOPTForCausalLM(HFOPTConfig(**TINY, **overrides))
-    with torch.no_grad():  # larger than HF's init so the next token is decisive, not a near-tie
-        for name, p in model.named_parameters():
-            is_ln_scale = "layer_norm.weight" in name
-            p.copy_(1 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.5 * torch.randn_like(p))
-    model.eval().save_pretrained(tmp_path)
-    module, variables, _ = opt.load(tmp_path)
-    return model, module, variables, opt.cache_fn(module.config)
 
 
 @pytest.fixture(scope="module")
 def pre_ln(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("pre_ln"), seed=0)
+    return tiny_opt_for_generation(tmp_path_factory.mktemp("pre_ln"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def post_ln(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("post_ln"), seed=1, word_embed_proj_dim=16,
-                      do_layer_norm_before=False)
+    return tiny_opt_for_generation(tmp_path_factory.mktemp("post_ln"), seed=1,
+                                   word_embed_proj_dim=16, do_layer_norm_before=False)
 
 
 def left_padded(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

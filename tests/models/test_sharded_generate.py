@@ -20,12 +20,13 @@ from jax.sharding import PartitionSpec as P
 from lqae_vlap.models import generate, llama, opt, t5
 from lqae_vlap.models.layers import kv_cache_sharding
 from lqae_vlap.core.sharding import make_mesh
-from tests.models import test_llama, test_t5
-from tests.models.test_generate import PAD, TINY, tiny_model
+from tests.helpers import (LLAMA_VARIANTS, OPT_TINY as TINY, tiny_llama, tiny_opt_for_generation,
+                           tiny_t5)
 
 # [batch, length, heads, head_dim]: rows over data x fsdp, heads over tensor (LOGICAL_RULES).
 CACHE_SPEC = P(("data", "fsdp"), None, "tensor", None)
 NEW = 6
+PAD = TINY["pad_token_id"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_kv_cache_sharding_follows_the_rules(mesh):
 
 
 def test_opt_sharded_cache_generates_the_same_tokens(tmp_path, mesh):
-    _, module, variables, cache_fn = tiny_model(tmp_path, seed=0)
+    _, module, variables, cache_fn = tiny_opt_for_generation(tmp_path, seed=0)
     _, sharded_vars, _ = opt.load(tmp_path, mesh=mesh)
     sharded_cache_fn = opt.cache_fn(module.config, mesh=mesh)
     assert_cache_layout(sharded_cache_fn(4, 12), mesh, TINY["num_attention_heads"])
@@ -102,7 +103,7 @@ def test_opt_sharded_cache_generates_the_same_tokens(tmp_path, mesh):
 
 def test_llama_sharded_cache_generates_the_same_tokens(tmp_path, mesh):
     # GQA: 4 query heads, 2 kv heads, so the cache's kv heads split over tensor=2.
-    test_llama.tiny_torch_model(0, **test_llama.VARIANTS["untied_bias"]).save_pretrained(tmp_path)
+    tiny_llama(0, **LLAMA_VARIANTS["untied_bias"]).save_pretrained(tmp_path)
     module, variables, _ = llama.load(tmp_path)
     _, sharded_vars, _ = llama.load(tmp_path, mesh=mesh)
     kv_heads = module.config.num_key_value_heads
@@ -121,7 +122,7 @@ def test_llama_sharded_cache_generates_the_same_tokens(tmp_path, mesh):
 
 
 def test_t5_sharded_cache_generates_the_same_tokens(tmp_path, mesh):
-    test_t5.build("gated", tmp_path)
+    tiny_t5("gated", tmp_path)
     module, variables, _ = t5.load(tmp_path)
     _, sharded_vars, _ = t5.load(tmp_path, mesh=mesh)
     assert_cache_layout(t5.init_cache(module.config, 4, 8, mesh=mesh), mesh, module.config.num_heads)

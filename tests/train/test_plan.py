@@ -8,7 +8,7 @@ import pytest
 from lqae_vlap.core import sharding
 from lqae_vlap.methods import lqae
 from lqae_vlap.train import plan
-from tests.train.test_trainer import tiny_config
+from tests.helpers import run_cli, tiny_config
 
 
 def vit_params(width, mlp, heads, depth, tokens, patch_dim, io_dim, encoder):
@@ -81,8 +81,6 @@ def test_fsdp_divides_bytes_and_batch_scales_flops(tiny):
 
 
 def test_plan_cli(tmp_path, tiny_mlm_dir):
-    from tests.test_main import run_cli
-
     proc = run_cli("--config=configs/lqae_tiny.py", f"--workdir={tmp_path}",
                    "--config.mode=plan", f"--config.model.lm_path={tiny_mlm_dir}",
                    "--config.mesh.fsdp=4", "--config.plan.device_memory_gib=0.001")

@@ -9,12 +9,10 @@ import os
 import jax
 import pytest
 
-from lqae_vlap import config_files
 from lqae_vlap.core import sharding
 from lqae_vlap.methods import vlap
 from lqae_vlap.train import plan
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import load_config, run_cli
 
 # Tiny OPT (pre-LN, word embeddings as wide as the model) and tiny CLIP vision tower.
 V, D, F, LAYERS, HEADS, POS = 96, 16, 32, 2, 2, 64
@@ -47,8 +45,7 @@ def clip_vision_params():
 
 
 def tiny_config():
-    c = config_files.load_sibling(os.path.join(REPO, "configs", "vlap_opt.py"),
-                                  "vlap_opt").get_config("opt-125m")
+    c = load_config("vlap_opt:opt-125m")
     c.mode = "plan"
     c.model.llm_path = "nonexistent-org/tiny-opt-for-planning"  # not a folder: the arch is used
     c.model.llm_arch = TINY_OPT
@@ -115,8 +112,6 @@ def test_abstract_build_reads_nothing_without_an_arch():
 
 def test_plan_cli_offline(tmp_path):
     """The real preset (opt-125m + CLIP ViT-B/32) shrunk by flags, end to end through main.py."""
-    from tests.test_main import run_cli
-
     proc = run_cli("--config=configs/vlap_opt.py:opt-125m", f"--workdir={tmp_path}",
                    "--config.mode=plan", "--config.mesh.fsdp=8", "--config.mesh.data=1",
                    "--config.model.llm_arch.num_hidden_layers=1",

@@ -1,6 +1,5 @@
 """Trainer: sharded step equals one device, kill-and-resume equals an uninterrupted run."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -15,59 +14,7 @@ from lqae_vlap.methods import lqae
 from lqae_vlap.train import metrics as metrics_lib
 from lqae_vlap.train import trainer
 from lqae_vlap.train.checkpoint import Checkpointer
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_config(name, **overrides):
-    """configs/NAME.py's get_config(), with dotted-key overrides ("model.lm_path"=...)."""
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, f"configs/{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
-
-
-def tiny_config(lm_path, **overrides):
-    return load_config("lqae_tiny", **{"model.lm_path": lm_path, **overrides})
-
-
-def run_steps(config, mesh, num_steps, build=lqae.build):
-    method = build(config, mesh)
-    tx, schedule = trainer.make_optimizer(config.optim, config.train.steps, config.data.batch_size)
-    init, _, state_sh = trainer.build_state(method, tx, mesh, config.seed)
-    state = init()
-    batch0 = method.train_batches.batch_at(0)
-    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch0.items()}
-    step = trainer.make_train_step(method, tx, schedule, config.seed, state_sh, batch_sh, mesh)
-    losses = []
-    for s in range(num_steps):
-        batch = trainer._to_global(method.train_batches.batch_at(s), mesh)
-        state, m = step(state, method.frozen, batch)
-        losses.append(float(m["loss"]))
-    return losses, jax.device_get(state["params"]), state
-
-
-def assert_sharded_step_matches_one_device(config, build=lqae.build, steps=3):
-    """data=2 x fsdp=4 on 8 fake devices vs one device: same losses and params within 1e-5."""
-    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
-    one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
-    eight = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    losses_1, params_1, _ = run_steps(config, one, steps, build)
-    losses_8, params_8, state_8 = run_steps(config, eight, steps, build)
-    np.testing.assert_allclose(losses_8, losses_1, rtol=0, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5),
-                 params_1, params_8)
-    # fsdp really shards: some trainable weight is split over the fsdp axis.
-    specs = [x.sharding.spec for x in jax.tree.leaves(state_8["params"])]
-    assert any("fsdp" in str(s) for s in specs), specs
-    assert losses_1[-1] < losses_1[0]
+from tests.helpers import REPO, assert_sharded_step_matches_one_device, tiny_config
 
 
 def test_mesh_shape_resolution():
