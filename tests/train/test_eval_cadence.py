@@ -5,7 +5,7 @@ import os
 from lqae_vlap.methods import lqae
 from lqae_vlap.train import metrics as metrics_lib
 from lqae_vlap.train import trainer
-from tests.train.test_trainer import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_each_evaluation_runs_on_its_own_cadence(tmp_path, tiny_mlm_dir):
