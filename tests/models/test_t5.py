@@ -148,25 +148,29 @@ def test_greedy_matches_transformers(variant):
     assert (seqs[:, ref.shape[1]:] == 0).all()
 
 
-def check_beam_search(variant, ids, mask, beams: int = 3) -> tuple[int, int, int]:
+def check_beam_search(variant, ids, mask, beams: int = 3, **options) -> tuple[int, int, int]:
     """Compares every returned hypothesis and score; returns (hypotheses ending on EOS, HF length,
-    our decoder steps run)."""
+    our decoder steps run). options: beam-search settings given to both (early_stopping,
+    length_penalty, eos_token_id)."""
     ref = hf_generate(variant["torch"], ids, mask, num_beams=beams, num_return_sequences=beams,
-                      output_scores=True, return_dict_in_generate=True)
+                      output_scores=True, return_dict_in_generate=True, **options)
     ref_seqs = ref.sequences.numpy().reshape(3, beams, -1)
     ref_scores = ref.sequences_scores.numpy().reshape(3, beams)
     out = t5.beam_search(variant["module"], variant["variables"], jnp.asarray(ids), jnp.asarray(mask),
-                         max_new_tokens=MAX_NEW, num_beams=beams)
+                         max_new_tokens=MAX_NEW, num_beams=beams, **options)
     seqs, scores = np.asarray(out["sequences"]), np.asarray(out["scores"])
     assert seqs.shape == (3, beams, 1 + MAX_NEW)
-    eos = variant["module"].config.eos_token_id
+    eos = options.get("eos_token_id", variant["module"].config.eos_token_id)
+    eos = set(eos) if isinstance(eos, list) else {eos}
     ended_early = 0
     for b in range(3):
         for k in range(beams):
             row = list(ref_seqs[b, k])
-            # transformers fills after EOS with EOS; compare up to and including the first EOS
-            n = row.index(eos, 1) + 1 if eos in row[1:] else len(row)
-            ended_early += eos in row[1:]
+            # transformers fills after EOS with EOS (or pad); compare up to and including the
+            # first EOS
+            ends = [i for i, t in enumerate(row) if i >= 1 and t in eos]
+            n = ends[0] + 1 if ends else len(row)
+            ended_early += bool(ends)
             np.testing.assert_array_equal(seqs[b, k, :n], ref_seqs[b, k, :n], err_msg=f"example {b} beam {k}")
             assert (seqs[b, k, n:] == 0).all()
     np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=ATOL)
@@ -182,6 +186,36 @@ def test_beam_search_matches_transformers(variant):
     _, length, steps = check_beam_search(variant, ids[[1, 1, 1]], mask[[1, 1, 1]])
     if variant["kind"] == "gated":
         assert length < 1 + MAX_NEW and length - 1 <= steps < MAX_NEW
+
+
+@pytest.mark.parametrize("options", [
+    dict(early_stopping=True, length_penalty=2.0),
+    dict(early_stopping="never", length_penalty=2.0),
+    dict(early_stopping="never", length_penalty=0.5),
+    dict(early_stopping=False, length_penalty=-1.0),
+])
+def test_beam_search_options_match_transformers(variant, options):
+    """The shared beam step (models/generate.py) gives T5 transformers' early_stopping modes and
+    length penalties, and several EOS ids: a second, common token ends hypotheses too."""
+    ids, mask = encoder_batch()
+    check_beam_search(variant, ids, mask, **options)
+    _, _, steps = check_beam_search(variant, ids[[1, 1, 1]], mask[[1, 1, 1]], **options)
+    if variant["kind"] == "gated" and options["early_stopping"] is True:
+        assert steps < MAX_NEW  # stopped once num_beams hypotheses were finished
+    if variant["kind"] == "gated" and options == dict(early_stopping="never", length_penalty=2.0):
+        # 'never' with a penalty that favours length bounds the running beams at the longest
+        # length, so it searches on where False (the bound at the current length) stops.
+        _, _, steps_false = check_beam_search(variant, ids[[1, 1, 1]], mask[[1, 1, 1]],
+                                              early_stopping=False, length_penalty=2.0)
+        assert steps_false < steps
+    # A frequent token of the search as a second EOS id: more hypotheses end on an EOS id.
+    eos = variant["module"].config.eos_token_id
+    plain = t5.beam_search(variant["module"], variant["variables"], jnp.asarray(ids),
+                           jnp.asarray(mask), max_new_tokens=MAX_NEW, num_beams=3)
+    tokens = np.asarray(plain["sequences"])[:, :, 1:].ravel()
+    common = int(np.bincount(tokens[tokens != eos]).argmax())
+    ended, _, _ = check_beam_search(variant, ids, mask, eos_token_id=[eos, common], **options)
+    assert ended > 0
 
 
 def test_bfloat16_stays_close(variant):
