@@ -8,7 +8,7 @@ fixtures of tests/conftest.py (tests/test_test_imports.py checks it).
     run_cli (lqae_vlap.main in a subprocess);
   - tiny random transformers models of each family (BERT / RoBERTa, OPT, Llama, T5) and the
     tiny checkpoints with MiniLM's real tokenizer that conftest.py's fixtures save;
-  - the import statements of a file (tests/test_layers.py, tests/test_test_imports.py).
+  - the import statements of a file (tests/test_import_layers.py, tests/test_test_imports.py).
 
 conftest.py imports this module before JAX is set up, so JAX, torch, transformers and the package
 are imported inside the functions that use them.
