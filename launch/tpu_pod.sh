@@ -131,6 +131,25 @@ delete_vm() { ((DELETE)) && run "${GC[@]}" delete "$NAME" "${LOC[@]}" --quiet; r
 
 if ((STOP_ONLY)); then stop_remote; delete_vm; exit 0; fi
 
+# Ctrl-C (or SIGTERM) from here on stops whatever was started. The trap is set before anything
+# runs: bash that receives SIGINT with no trap while it waits for a child that exits normally
+# carries on, so a signal arriving between the remote start and a later trap would be lost.
+# Once the start command has been sent, the remote run's pid file may lag behind it: the stop
+# waits for the file as the log stream does.
+WAIT_PID="for i in \$(seq 30); do [ -f $RUN_PID ] && break; sleep 1; done"
+started=0
+on_interrupt() {
+  trap - INT TERM
+  [[ -n "${stream_pid:-}" ]] && kill "$stream_pid" 2>/dev/null
+  if ((started)); then
+    echo "stopping the run on all workers of $NAME ..." >&2
+    ssh_all "$WAIT_PID; $STOP_CMD" || true
+  fi
+  delete_vm
+  exit 130
+}
+trap on_interrupt INT TERM
+
 # 1. Create or reuse the VM.
 state=""
 ((DRY_RUN)) || state="$("${GC[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)' 2>/dev/null || true)"
@@ -174,13 +193,13 @@ main_cmd="$VENV/bin/python -m lqae_vlap.main $(printf '%q ' --config="$CONFIG" -
 inner="cd ~/lqae_vlap && echo \$\$ > $RUN_PID && $main_cmd> $RUN_LOG 2>&1; echo \$? > $RUN_RC"
 start="if [ -f $RUN_PID ] && kill -0 -- -\$(cat $RUN_PID) 2>/dev/null; then echo \"a run is \
 already going on \$(hostname); stop it with launch/tpu_pod.sh --name=$NAME --zone=$ZONE --stop\" >&2; \
-exit 3; fi; rm -f $RUN_RC $RUN_LOG; nohup setsid bash -c $(printf %q "$inner") >/dev/null 2>&1 </dev/null &"
+exit 3; fi; rm -f $RUN_RC $RUN_LOG $RUN_PID; nohup setsid bash -c $(printf %q "$inner") >/dev/null 2>&1 </dev/null &"
 echo "starting on all workers: python -m lqae_vlap.main --config=$CONFIG --workdir=$WORKDIR ${PASSTHROUGH[*]}" >&2
+started=1
 ssh_all "$start"
 
 # 4. Stream worker 0's log until its run ends; Ctrl-C stops every worker.
-stream="for i in \$(seq 30); do [ -f $RUN_PID ] && break; sleep 1; done; \
-tail -n +1 -F $RUN_LOG --pid=\$(cat $RUN_PID) 2>/dev/null"
+stream="$WAIT_PID; tail -n +1 -F $RUN_LOG --pid=\$(cat $RUN_PID) 2>/dev/null"
 if ((DRY_RUN)); then
   ssh_w0 "$stream"
   echo "# on Ctrl-C:" && ssh_all "$STOP_CMD"
@@ -188,14 +207,6 @@ if ((DRY_RUN)); then
   exit 0
 fi
 
-on_interrupt() {
-  trap - INT TERM
-  [[ -n "${stream_pid:-}" ]] && kill "$stream_pid" 2>/dev/null
-  stop_remote
-  delete_vm
-  exit 130
-}
-trap on_interrupt INT TERM
 # In the background so that `wait` returns at once on Ctrl-C and the trap runs; a plain command,
 # so that $! is gcloud itself and the trap can end it.
 "${GC[@]}" ssh "$NAME" "${LOC[@]}" --worker=0 --command="$stream" &

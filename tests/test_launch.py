@@ -265,6 +265,36 @@ def test_tpu_ctrl_c_stops_the_remote_process_group(tmp_path):
             time.sleep(0.1)
 
 
+def test_tpu_ctrl_c_while_the_start_command_is_still_connected(tmp_path):
+    """The race of a SIGINT that lands while the launcher still waits for the ssh that started
+    the run (the run is up, its log says so, the ssh has not returned): bash without a trap loses
+    such a signal when its child exits normally, and the launcher then streamed on for the whole
+    run. The trap is set before anything starts, so the run is stopped."""
+    env = fake_worker(tmp_path, steps=300)  # 30 s unless stopped
+    # The start command's ssh lingers 3 s after the remote command returns.
+    stubs = stubs_dir(tmp_path, gcloud=FAKE_GCLOUD.replace(
+        'HOME="$FAKE_HOME" exec bash -c "$cmd" ;;',
+        'HOME="$FAKE_HOME" bash -c "$cmd"; rc=$?; case "$cmd" in *setsid*) sleep 3 ;; esac; '
+        'exit $rc ;;'))
+    env["PATH"] = stubs + os.pathsep + env["PATH"].split(os.pathsep, 1)[1]
+    home = env["FAKE_HOME"]
+    launcher = subprocess.Popen([BASH, os.path.join(LAUNCH, "tpu_pod.sh"), *TPU_ARGS,
+                                 "--skip-install"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    log = os.path.join(home, "lqae_vlap_run.log")
+    deadline = time.time() + 15
+    while time.time() < deadline and not (os.path.exists(log) and "started" in open(log).read()):
+        time.sleep(0.05)
+    assert "started" in open(log).read()
+    launcher.send_signal(signal.SIGINT)  # within the 3 s the start's ssh is still open
+    out, err = launcher.communicate(timeout=20)
+    assert launcher.returncode == 130, err
+    deadline = time.time() + 10
+    while time.time() < deadline and "got TERM" not in open(log).read():
+        time.sleep(0.1)
+    assert "got TERM" in open(log).read() and "finished" not in open(log).read()
+
+
 # --- gpu_single_host.sh -------------------------------------------------------------------------
 
 GPU_ARGS = ["--config=configs/lqae_demo.py", "--workdir=/tmp/lqae_gpu_test"]
