@@ -213,6 +213,19 @@ def fake_worker(tmp_path, steps: int) -> dict:
                      FAKE_STEPS=str(steps))
 
 
+def start_tpu_launcher(env: dict) -> subprocess.Popen:
+    """tpu_pod.sh in the background, as a person's terminal runs it: with SIGINT at its default.
+
+    A shell cannot trap a signal that was ignored when it started, and a test suite started in
+    the background of a non-interactive shell (``pytest ... &``) ignores SIGINT and passes that
+    on to every child; so the launcher's SIGINT is reset, or its Ctrl-C trap could not be tested.
+    """
+    return subprocess.Popen(
+        [BASH, os.path.join(LAUNCH, "tpu_pod.sh"), *TPU_ARGS, "--skip-install"], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def test_tpu_run_to_completion_streams_log_and_deletes(tmp_path):
     env = fake_worker(tmp_path, steps=3)
     proc = run("tpu_pod.sh", *TPU_ARGS, "--skip-install", "--delete",
@@ -239,9 +252,7 @@ def test_tpu_failed_run_exits_non_zero(tmp_path):
 def test_tpu_ctrl_c_stops_the_remote_process_group(tmp_path):
     env = fake_worker(tmp_path, steps=300)  # 30 s unless stopped
     home = env["FAKE_HOME"]
-    launcher = subprocess.Popen([BASH, os.path.join(LAUNCH, "tpu_pod.sh"), *TPU_ARGS,
-                                 "--skip-install"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    launcher = start_tpu_launcher(env)
     log = os.path.join(home, "lqae_vlap_run.log")
     deadline = time.time() + 15
     while time.time() < deadline and not (os.path.exists(log) and "started" in open(log).read()):
@@ -278,9 +289,7 @@ def test_tpu_ctrl_c_while_the_start_command_is_still_connected(tmp_path):
         'exit $rc ;;'))
     env["PATH"] = stubs + os.pathsep + env["PATH"].split(os.pathsep, 1)[1]
     home = env["FAKE_HOME"]
-    launcher = subprocess.Popen([BASH, os.path.join(LAUNCH, "tpu_pod.sh"), *TPU_ARGS,
-                                 "--skip-install"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    launcher = start_tpu_launcher(env)
     log = os.path.join(home, "lqae_vlap_run.log")
     deadline = time.time() + 15
     while time.time() < deadline and not (os.path.exists(log) and "started" in open(log).read()):
