@@ -220,10 +220,15 @@ def start_tpu_launcher(env: dict) -> subprocess.Popen:
     the background of a non-interactive shell (``pytest ... &``) ignores SIGINT and passes that
     on to every child; so the launcher's SIGINT is reset, or its Ctrl-C trap could not be tested.
     """
-    return subprocess.Popen(
-        [BASH, os.path.join(LAUNCH, "tpu_pod.sh"), *TPU_ARGS, "--skip-install"], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Set in this process for the spawn (an exec'd child keeps SIG_DFL or SIG_IGN, not handlers)
+    # rather than in a preexec_fn, which would run Python in a forked copy of threaded JAX.
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return subprocess.Popen(
+            [BASH, os.path.join(LAUNCH, "tpu_pod.sh"), *TPU_ARGS, "--skip-install"], cwd=REPO,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_tpu_run_to_completion_streams_log_and_deletes(tmp_path):
