@@ -213,6 +213,13 @@ def fake_worker(tmp_path, steps: int) -> dict:
                      FAKE_STEPS=str(steps))
 
 
+def wait_for_line(path: str, text: str, seconds: float) -> None:
+    """Polls the file at ``path`` until it holds ``text`` or ``seconds`` pass (the caller asserts)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not (os.path.exists(path) and text in open(path).read()):
+        time.sleep(0.05)
+
+
 def start_tpu_launcher(env: dict) -> subprocess.Popen:
     """tpu_pod.sh in the background, as a person's terminal runs it: with SIGINT at its default.
 
@@ -259,9 +266,7 @@ def test_tpu_ctrl_c_stops_the_remote_process_group(tmp_path):
     home = env["FAKE_HOME"]
     launcher = start_tpu_launcher(env)
     log = os.path.join(home, "lqae_vlap_run.log")
-    deadline = time.time() + 15
-    while time.time() < deadline and not (os.path.exists(log) and "started" in open(log).read()):
-        time.sleep(0.1)
+    wait_for_line(log, "started", 15)
     assert "started" in open(log).read()
     pgid = int(open(os.path.join(home, "lqae_vlap_run.pid")).read())
     os.kill(pgid, 0)  # the run is alive, in its own process group
@@ -269,9 +274,7 @@ def test_tpu_ctrl_c_stops_the_remote_process_group(tmp_path):
     out, err = launcher.communicate(timeout=20)
     assert launcher.returncode == 130, err
     assert "stopping the run on all workers" in err
-    deadline = time.time() + 10
-    while time.time() < deadline and "got TERM" not in open(log).read():
-        time.sleep(0.1)
+    wait_for_line(log, "got TERM", 10)
     assert "got TERM" in open(log).read()  # SIGTERM, so the trainer can checkpoint
     assert "finished" not in open(log).read()
     with pytest.raises(ProcessLookupError):
@@ -296,16 +299,12 @@ def test_tpu_ctrl_c_while_the_start_command_is_still_connected(tmp_path):
     home = env["FAKE_HOME"]
     launcher = start_tpu_launcher(env)
     log = os.path.join(home, "lqae_vlap_run.log")
-    deadline = time.time() + 15
-    while time.time() < deadline and not (os.path.exists(log) and "started" in open(log).read()):
-        time.sleep(0.05)
+    wait_for_line(log, "started", 15)
     assert "started" in open(log).read()
     launcher.send_signal(signal.SIGINT)  # within the 3 s the start's ssh is still open
     out, err = launcher.communicate(timeout=20)
     assert launcher.returncode == 130, err
-    deadline = time.time() + 10
-    while time.time() < deadline and "got TERM" not in open(log).read():
-        time.sleep(0.1)
+    wait_for_line(log, "got TERM", 10)
     assert "got TERM" in open(log).read() and "finished" not in open(log).read()
 
 

@@ -383,27 +383,21 @@ def load_llm(m: ml_collections.ConfigDict, mesh: Any = None, abstract: bool = Fa
     if family not in FAMILIES:
         raise ValueError(f"config.model.llm_family={family!r} is not known; use 'opt', 'llama' "
                          "(HF folder or .gguf file) or 't5'")
-    held = models.checkpoint_family(path)  # before any weight is read or downloaded
-    if held is not None and held != family:
-        gguf = path.endswith(".gguf")
-        hint = " (GGUF files hold decoder-only Llama-family models)" if gguf else ""
+    arch = models.plan_architecture(path, m.get("llm_arch"), "config.model.llm_arch") \
+        if abstract else None
+    # Known before any weight is read (a local folder, a GGUF file, a preset), else once a hub
+    # name is loaded.
+    held = models.family(arch) if arch else models.checkpoint_family(path)
+    if held in (None, family):
+        module, variables, hf_config = models.load_pretrained(
+            None if arch else path, dtype=jnp.dtype(m.get("llm_dtype", "float32")), mesh=mesh,
+            abstract=abstract, hf_config=arch)
+        held = models.family(hf_config)
+    if held != family:
+        hint = " (GGUF files hold decoder-only Llama-family models)" if path.endswith(".gguf") \
+            else ""
         raise ValueError(f"config.model.llm_family={family!r} but config.model.llm_path {path} "
                          f"holds a {held!r}-family model{hint}; set the family it holds")
-    arch = None
-    if abstract and not os.path.exists(os.path.expanduser(path)):  # plan from the preset
-        arch = m.get("llm_arch")
-        arch = arch.to_dict() if isinstance(arch, ml_collections.ConfigDict) else dict(arch or {})
-        if "model_type" not in arch:
-            raise ValueError(f"plan mode: {path!r} is not a local checkpoint folder and "
-                             "config.model.llm_arch gives no architecture to plan from; pass the "
-                             "local folder, or set config.model.llm_arch to the HF config fields "
-                             "incl. model_type (see configs/vlap_opt.py)")
-    module, variables, hf_config = models.load_pretrained(
-        None if arch else path, dtype=jnp.dtype(m.get("llm_dtype", "float32")), mesh=mesh,
-        abstract=abstract, hf_config=arch)
-    if models.family(hf_config) != family:
-        raise ValueError(f"config.model.llm_family={family!r} but {path} holds a "
-                         f"{models.family(hf_config)!r}-family model; set the family it holds")
     tokenizer = None if abstract else models.load_tokenizer(m.get("tokenizer_path") or path)
     return make_llm(family, module, tokenizer, mesh=None if abstract else mesh), variables["params"]
 

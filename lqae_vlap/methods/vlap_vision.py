@@ -50,15 +50,8 @@ def _clip_tokens(frozen: Any, images: jax.Array, *, module: Any) -> jax.Array:
 def _clip(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> VisionTower:
     v = config.model.vision
     local = bool(v.path) and os.path.exists(os.path.expanduser(str(v.path)))
-    arch = None
-    if abstract and not local:  # plan mode from the architecture preset
-        arch = v.get("arch")
-        if not arch or "model_type" not in arch:
-            raise ValueError(f"plan mode: {v.path!r} is not a local checkpoint folder and "
-                             "config.model.vision.arch gives no architecture to plan from; pass "
-                             "the local folder, or set config.model.vision.arch to the HF config "
-                             "fields incl. model_type (see configs/vlap_opt.py)")
-        arch = arch.to_dict() if isinstance(arch, ml_collections.ConfigDict) else dict(arch)
+    arch = models.plan_architecture(v.path, v.get("arch"), "config.model.vision.arch") \
+        if abstract else None
     held = models.family(arch) if arch else models.checkpoint_family(v.path)
     if held not in (None, "clip"):
         raise ValueError(f"config.model.vision.kind='clip' but {v.path} holds a {held!r}-family "

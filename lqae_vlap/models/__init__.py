@@ -76,6 +76,23 @@ def checkpoint_family(path_or_name: str | os.PathLike) -> str | None:
     return None
 
 
+def plan_architecture(path_or_name: str | os.PathLike, arch: Any, field: str
+                      ) -> dict[str, Any] | None:
+    """What an abstract load (plan mode) builds from: None when ``path_or_name`` is on this
+    machine (its own config.json or GGUF metadata), else ``arch`` as a plain dict of Hugging Face
+    config fields with 'model_type'; ``field`` names the config key that holds it, for the error
+    when it holds none."""
+    if os.path.exists(os.path.expanduser(str(path_or_name))):
+        return None
+    arch = arch.to_dict() if hasattr(arch, "to_dict") else dict(arch or {})
+    if "model_type" not in arch:
+        raise ValueError(f"plan mode: {str(path_or_name)!r} is not a local checkpoint folder and "
+                         f"{field} gives no architecture to plan from; pass the local folder, or "
+                         f"set {field} to the HF config fields incl. model_type (see "
+                         "configs/vlap_opt.py)")
+    return arch
+
+
 def load_pretrained(path_or_name: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
                     mesh: Any = None, abstract: bool = False, hf_config: Any = None,
                     **options: Any) -> tuple[Any, dict[str, Any], Any]:
