@@ -25,6 +25,7 @@ import numpy as np
 
 from lqae_vlap.evals.arrays import pad_rows, unit_rows
 from lqae_vlap.evals.stats import chance_level, mean_confidence_interval
+from lqae_vlap.ops import losses
 
 LogprobFn = Callable[[np.ndarray, np.ndarray], Any]  # (ids [B, L], mask [B, L]) -> [B, L, V]
 LMScorer = Callable[[str, Sequence[str]], np.ndarray]  # (prompt, class names) -> [n_way]
@@ -231,9 +232,7 @@ def _pooled_hidden_fn(lm_module: Any, layer: int) -> Callable:
         out = lm_module.apply(params, ids, attention_mask=mask, position_ids=positions,
                               with_lm_head=False, output_hidden_states=layer != -1)
         h = (out["last_hidden_state"] if layer == -1 else out["hidden_states"][layer])
-        h = h.astype(jnp.float32)
-        w = mask.astype(jnp.float32)[..., None]
-        return (h * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+        return losses.masked_mean(h, mask)
 
     return pooled
 

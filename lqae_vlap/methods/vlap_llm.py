@@ -71,12 +71,6 @@ def caption_targets(num_before: int, caption_ids: jax.Array, caption_mask: jax.A
     return targets, mask
 
 
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """x: [B, L, D], mask: [B, L] -> mean over real tokens [B, D] (float32)."""
-    m = mask.astype(jnp.float32)[..., None]
-    return jnp.sum(x.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-
-
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, *, left: bool,
                 multiple: int = PROMPT_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
     """B token-id lists -> (ids [B, L] int32, mask [B, L] int32), L = the longest rounded up to
@@ -158,7 +152,7 @@ class FrozenLLM:
     def text_repr(self, llm_params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """VLAP's text representation: ``text_hidden`` mean-pooled over real tokens, [B, D]
         float32 (the training loss and the retrieval evaluation both use this)."""
-        return masked_mean(self.text_hidden(llm_params, ids, mask), mask)
+        return losses.masked_mean(self.text_hidden(llm_params, ids, mask), mask)
 
     def caption_loss(self, llm_params: Any, prefix: jax.Array, prompt_ids: jax.Array,
                      ids: jax.Array, mask: jax.Array) -> jax.Array:

@@ -3,6 +3,8 @@
 ``l2_normalize``: VLAP's cosine word scores and LQAE's unit-norm encoder output.
 ``soft_cross_entropy``: VLAP's swapped assignment prediction against Sinkhorn targets.
 ``masked_cross_entropy``: VLAP's captioning loss on caption tokens, LQAE's masked-LM loss.
+``masked_mean``: the mean over real tokens, VLAP's text representation and the frozen LM's
+  features of LQAE's words.
 """
 
 from __future__ import annotations
@@ -39,3 +41,10 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     m = mask.astype(jnp.float32)
     return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x: [B, L, D], mask: [B, L] (1 = real token) -> mean over the real tokens [B, D] float32
+    (0 for a row without any)."""
+    m = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(x.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)

@@ -65,3 +65,13 @@ def test_masked_cross_entropy_names_mismatched_shapes():
     with pytest.raises(ValueError, match=r"logits \[B, N, V\], targets \[B, N\] and mask"):
         losses.masked_cross_entropy(jnp.zeros((2, 5, 7)), jnp.zeros((2, 4), jnp.int32),
                                     jnp.ones((2, 4)))
+
+
+def test_masked_mean_matches_numpy():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 5, 4))
+    mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    got = np.asarray(losses.masked_mean(jnp.float32(x), jnp.asarray(mask)))
+    np.testing.assert_allclose(got[0], x[0, :2].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], x[1].mean(0), rtol=1e-5, atol=1e-6)
+    assert np.all(got[2] == 0.0)  # no real token: zero, never NaN
