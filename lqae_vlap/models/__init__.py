@@ -4,7 +4,7 @@
                                                                  dtype=jnp.bfloat16)
     logits = module.apply(variables, input_ids)["logits"]
 
-Every family file (roberta.py, opt.py, llama.py, t5.py, clip.py) has the same
+Every family file (roberta.py, opt.py, llama.py, t5.py, clip.py, beit.py) has the same
 ``load(path_or_name, *, dtype, mesh, abstract, hf_config)`` built on ``hf_weights``; this file
 picks the family from the checkpoint's config.json (or a GGUF file's metadata) and calls it.
 """
@@ -27,6 +27,7 @@ FAMILIES = {
     "llama": "llama", "mistral": "llama",
     "t5": "t5",
     "clip": "clip", "clip_vision_model": "clip",
+    "beit": "beit",
 }
 
 
@@ -44,8 +45,8 @@ def _gguf_file(path: Path) -> Path | None:
 
 
 def family(hf_config: Any, where: str = "") -> str:
-    """'roberta' | 'opt' | 'llama' | 't5' | 'clip': the family file for a config's model_type
-    (a transformers config or a dict, as GGUF metadata is read)."""
+    """'roberta' | 'opt' | 'llama' | 't5' | 'clip' | 'beit': the family file for a config's
+    model_type (a transformers config or a dict, as GGUF metadata is read)."""
     model_type = (hf_config.get("model_type") if isinstance(hf_config, Mapping)
                   else getattr(hf_config, "model_type", None))
     if model_type not in FAMILIES:
