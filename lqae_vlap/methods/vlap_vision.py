@@ -3,6 +3,11 @@
   'clip'     a CLIP vision tower (models.load_pretrained): images resized and centre-cropped on
              the host, CLIP-normalised on the device; its last hidden states (CLS + patches, 50
              tokens for ViT-B/32) are the tokens.
+  'beit'     a BEiT tower (models/beit.py): images resized to a square on the host (bilinear, no
+             crop, as microsoft/beit-base-patch16-224-pt22k's processor), normalised to [-1, 1] on
+             the device; its last hidden states (CLS + patches, 197 tokens for BEiT-Base/16 at
+             224; no final LayerNorm for the pt22k checkpoint, as the authors' BeitModel) are the
+             tokens.
   'standin'  the demo's STAND-IN (models/standin.py): a fixed random projection of pixel
              patches, never trained; no model of vision.
 """
@@ -21,7 +26,7 @@ import ml_collections
 
 from lqae_vlap import models
 from lqae_vlap.core import sharding as sharding_lib
-from lqae_vlap.data import clip_preprocess
+from lqae_vlap.data import beit_preprocess, clip_preprocess
 from lqae_vlap.data import feature_cache as fc
 from lqae_vlap.models import standin
 from lqae_vlap.ops import pixels
@@ -47,22 +52,37 @@ def _clip_tokens(frozen: Any, images: jax.Array, *, module: Any) -> jax.Array:
     return module.apply({"params": frozen["params"]}, x)["last_hidden_state"]
 
 
-def _clip(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> VisionTower:
+def _beit_tokens(frozen: Any, images: jax.Array, *, module: Any) -> jax.Array:
+    x = beit_preprocess.beit_normalize(images) if images.dtype == jnp.uint8 else images
+    return module.apply({"params": frozen["params"]}, x)["last_hidden_state"]
+
+
+def _pretrained(config: ml_collections.ConfigDict, mesh: Any, abstract: bool, family: str,
+                **options: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(module, variables, the cache's 'vision' identity) of a checkpoint of ``family``."""
     v = config.model.vision
     local = bool(v.path) and os.path.exists(os.path.expanduser(str(v.path)))
     arch = models.plan_architecture(v.path, v.get("arch"), "config.model.vision.arch") \
         if abstract else None
     held = models.family(arch) if arch else models.checkpoint_family(v.path)
-    if held not in (None, "clip"):
-        raise ValueError(f"config.model.vision.kind='clip' but {v.path} holds a {held!r}-family "
-                         "model; point config.model.vision.path at a CLIP checkpoint")
+    if held not in (None, family):
+        raise ValueError(f"config.model.vision.kind={v.kind!r} but {v.path} holds a {held!r}-"
+                         f"family model; point config.model.vision.path at a {family.upper()} checkpoint "
+                         "or set config.model.vision.kind to match it")
     module, variables, _ = models.load_pretrained(
         None if arch else v.path, dtype=jnp.dtype(v.get("dtype", "float32")), mesh=mesh,
-        abstract=abstract, hf_config=arch, with_projection=False)
-    size = module.config.image_size
-    identity = {"dtype": v.dtype, "output": "last_hidden_state"}
+        abstract=abstract, hf_config=arch, **options)
+    # The kind is in the key so that two towers' features never share a cache entry.
+    identity = {"kind": v.kind, "dtype": v.dtype, "output": "last_hidden_state"}
     identity = ({**fc.vision_identity(v.path), **identity} if local
                 else fc.vision_identity(config={"path": str(v.path), **identity}))
+    return module, variables, identity
+
+
+def _clip(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> VisionTower:
+    module, variables, identity = _pretrained(config, mesh, abstract, "clip",
+                                              with_projection=False)
+    size = module.config.image_size
     preprocess = {"name": "clip_resize_crop", "size": size, "crop": size, "resample": "bicubic",
                   "mean": list(clip_preprocess.CLIP_MEAN), "std": list(clip_preprocess.CLIP_STD)}
     return VisionTower(
@@ -70,6 +90,19 @@ def _clip(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> Visio
         frozen={"params": variables["params"]},
         width=module.config.hidden_size, image_size=size,
         host_image=functools.partial(clip_preprocess.clip_resize_crop, size=size, crop=size),
+        cache_parts={"vision": identity, "preprocess": preprocess})
+
+
+def _beit(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> VisionTower:
+    module, variables, identity = _pretrained(config, mesh, abstract, "beit")
+    size, resample = module.config.image_size, beit_preprocess.PT22K_RESAMPLE
+    preprocess = {"name": "beit_resize", "size": size, "resample": resample,
+                  "mean": list(beit_preprocess.BEIT_MEAN), "std": list(beit_preprocess.BEIT_STD)}
+    return VisionTower(
+        encode=functools.partial(_beit_tokens, module=module),
+        frozen={"params": variables["params"]},
+        width=module.config.hidden_size, image_size=size,
+        host_image=functools.partial(beit_preprocess.beit_resize, size=size, resample=resample),
         cache_parts={"vision": identity, "preprocess": preprocess})
 
 
@@ -95,6 +128,7 @@ def _standin(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> Vi
 
 TOWERS: dict[str, Callable[[ml_collections.ConfigDict, Any, bool], VisionTower]] = {
     "clip": _clip,
+    "beit": _beit,
     "standin": _standin,
 }
 
@@ -104,6 +138,6 @@ def load_vision(config: ml_collections.ConfigDict, mesh: Any, abstract: bool = F
     """The frozen vision tower of ``config.model.vision`` on ``mesh`` (abstract: no weights)."""
     kind = config.model.vision.kind
     if kind not in TOWERS:
-        raise ValueError(f"config.model.vision.kind={kind!r} is not known; use 'standin' (demo "
-                         "only) or 'clip'")
+        raise ValueError(f"config.model.vision.kind={kind!r} is not known; use 'clip', 'beit' "
+                         "or 'standin' (demo only)")
     return TOWERS[kind](config, mesh, abstract)
