@@ -1,4 +1,5 @@
-"""VLAP with a frozen CLIP ViT-B/32 and a frozen OPT (arXiv 2404.09632; ../shared/reference/methods.md).
+"""VLAP with a frozen CLIP ViT-B/32 (or BEiT-Base) and a frozen OPT (arXiv 2404.09632;
+../shared/reference/methods.md).
 
     python -m lqae_vlap.main --config=configs/vlap_opt.py:opt-1.3b --workdir=$WORKDIR \
         --config.model.llm_path=/path/to/opt-1.3b --config.model.vision.path=/path/to/clip \
@@ -10,8 +11,12 @@ batch 256, AdamW lr 1e-4 (OPT; 1e-2 for T5), 3 warm-up epochs then cosine decay,
 loss 0.1 * L_map + 1.0 * L_cap; Sinkhorn epsilon 0.01, 3 iterations; prediction temperature
 tau 0.01; prompt "A picture of" before the caption. Trainable: one Dense(768 -> LLM width).
 
-``get_config(arg)``: arg = the OPT size, e.g. ``configs/vlap_opt.py:opt-2.7b`` (default opt-1.3b);
-it sets ``model.llm_path`` to ``facebook/<arg>`` (a local folder must be given without network).
+``get_config(arg)``: arg = ``LLM[,VISION]``: the OPT size, e.g. ``configs/vlap_opt.py:opt-2.7b``
+(default opt-1.3b), which sets ``model.llm_path`` to ``facebook/<size>`` (a local folder must be
+given without network), and optionally after a comma the vision encoder by name, one of
+``VISION_ENCODERS`` below: ``clip-vit-b32`` (default) or ``beit-base``, e.g.
+``configs/vlap_opt.py:opt-1.3b,beit-base`` (the paper's grid is {CLIP ViT-B/32, BEiT-Base} x
+{T5-base, OPT-1.3B}); it sets ``model.vision.kind``, ``.path`` and ``.arch``.
 
 Plan offline (no weights, no network) whether a size fits, e.g. on 8 devices of 16 GiB:
 
@@ -61,10 +66,43 @@ CLIP_VIT_B32 = dict(model_type="clip_vision_model", hidden_size=768, intermediat
                     num_hidden_layers=12, num_attention_heads=12, patch_size=32, image_size=224,
                     num_channels=3, projection_dim=512, hidden_act="quick_gelu",
                     layer_norm_eps=1e-5)
+# microsoft/beit-base-patch16-224-pt22k (HF BeitConfig fields; what VLAP's authors load). That
+# checkpoint's config.json was written by HF's convert_beit_unilm_to_pytorch.py for "pt22k":
+# BeitConfig()'s defaults (768 wide, 12 layers of 12 heads, FFN 3072, patch 16 at 224, exact GELU,
+# eps 1e-12, layer scale 0.1, mean pooling, no absolute positions, DALL-E's 8192-token vocab) plus
+# use_shared_relative_position_bias and use_mask_token. use_mean_pooling stays True: the script
+# loads the weights strictly into BeitForMaskedImageModeling, whose BeitModel then has no final
+# LayerNorm (the checkpoint's 'layernorm' is the MIM head's), so the 197 tokens VLAP feeds are the
+# last block's output unnormalised, as in the authors' BeitModel(...).last_hidden_state.
+BEIT_BASE = dict(model_type="beit", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, patch_size=16, image_size=224, num_channels=3,
+                 hidden_act="gelu", layer_norm_eps=1e-12, vocab_size=8192, use_mask_token=True,
+                 use_absolute_position_embeddings=False, use_relative_position_bias=False,
+                 use_shared_relative_position_bias=True, layer_scale_init_value=0.1,
+                 use_mean_pooling=True)
+
+# The vision encoders by name (get_config's arg after the comma): config.model.vision's
+# kind (methods/vlap_vision.py TOWERS), hub name, and plan-mode architecture.
+VISION_ENCODERS = {
+    "clip-vit-b32": dict(kind="clip", path="openai/clip-vit-base-patch32", arch=CLIP_VIT_B32),
+    "beit-base": dict(kind="beit", path="microsoft/beit-base-patch16-224-pt22k", arch=BEIT_BASE),
+}
+
+
+def split_arg(arg, default_llm):
+    """'LLM[,VISION]' -> (llm, vision encoder name); empty parts default to ``default_llm`` and
+    'clip-vit-b32'."""
+    llm, _, vision = (arg or "").partition(",")
+    vision = vision.strip() or "clip-vit-b32"
+    if vision not in VISION_ENCODERS:
+        raise ValueError(f"vision encoder {vision!r} (after the comma in --config=FILE:LLM,VISION)"
+                         f" is not known; use one of {', '.join(VISION_ENCODERS)}")
+    return llm.strip() or default_llm, vision
 
 
 def get_config(arg=None):
-    size = arg or "opt-1.3b"
+    size, vision_name = split_arg(arg, "opt-1.3b")
+    vision = VISION_ENCODERS[vision_name]
     c = ml_collections.ConfigDict()
     c.method = "vlap"
     c.mode = "train"  # train | eval
@@ -79,10 +117,11 @@ def get_config(arg=None):
         tokenizer_path="",  # "" = the LLM's own folder
         llm_dtype="float32",  # e.g. bfloat16 for the larger OPTs
         dtype="float32",  # compute dtype of the trainable Dense
-        # Frozen vision tower; VLAP feeds its last hidden states (CLS + 49 patches for B/32).
+        # Frozen vision tower (kind 'clip' | 'beit', from the arg); VLAP feeds its last hidden
+        # states (CLS + patches: 50 tokens for CLIP B/32, 197 for BEiT-Base/16).
         # arch: plan mode only, when path is not a local folder (HF vision config fields).
-        vision=dict(kind="clip", path="openai/clip-vit-base-patch32", dtype="float32",
-                    patch_size=0, width=0, seed=0, arch=CLIP_VIT_B32),
+        vision=dict(kind=vision["kind"], path=vision["path"], dtype="float32",
+                    patch_size=0, width=0, seed=0, arch=vision["arch"]),
         image_size=224,
         prompt="A picture of",  # the caption follows with a leading space ("A picture of a dog")
         prompt_len=3,  # plan mode without a local tokenizer: tokens in the prompt (OPT's BPE)

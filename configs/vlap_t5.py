@@ -1,4 +1,4 @@
-"""VLAP with a frozen CLIP ViT-B/32 and a frozen T5 (arXiv 2404.09632).
+"""VLAP with a frozen CLIP ViT-B/32 (or BEiT-Base) and a frozen T5 (arXiv 2404.09632).
 
     python -m lqae_vlap.main --config=configs/vlap_t5.py:t5-base --workdir=$WORKDIR \
         --config.model.llm_path=/path/to/t5-base --config.model.vision.path=/path/to/clip \
@@ -9,8 +9,10 @@ For T5 the text representation of L_map is the ENCODER's last hidden states over
 (mean-pooled), and L_cap is the decoder's cross-entropy on the caption with
 [projected visual tokens ; prompt] as the encoder input (methods/vlap_llm.py EncoderDecoderLLM).
 
-``get_config(arg)``: arg = the T5 checkpoint, e.g. ``t5-base`` (default) or ``google/flan-t5-base``
-(a local folder must be given as llm_path without network).
+``get_config(arg)``: arg = ``LLM[,VISION]``: the T5 checkpoint, e.g. ``t5-base`` (default) or
+``google/flan-t5-base`` (a local folder must be given as llm_path without network), and
+optionally after a comma the vision encoder by name as in configs/vlap_opt.py: ``clip-vit-b32``
+(default) or ``beit-base``, e.g. ``configs/vlap_t5.py:t5-base,beit-base``.
 
 Plan offline (no weights, no network), e.g. Flan-T5-XL on 8 devices of 16 GiB:
 
@@ -56,9 +58,11 @@ def t5_arch(name: str) -> dict:
 
 
 def get_config(arg=None):
-    c = config_files.load_sibling(__file__, "vlap_opt").get_config()
+    opt = config_files.load_sibling(__file__, "vlap_opt")
+    llm, vision = opt.split_arg(arg, "t5-base")
+    c = opt.get_config(f"opt-1.3b,{vision}")  # the shared recipe and this vision encoder
     c.model.llm_family = "t5"
-    c.model.llm_path = arg or "t5-base"
+    c.model.llm_path = llm
     c.model.llm_arch = t5_arch(c.model.llm_path)
     # Plan mode without a local tokenizer: "A picture of" is 3 SentencePiece tokens in T5
     # (▁A ▁picture ▁of).
