@@ -148,9 +148,10 @@ def get_config(arg=None):
     # keeps the sources' caption indexes between runs.
     c.data = dict(name="cc3m", train_path="", eval_path="", data_dir="", train_split="train",
                   eval_split="val", index_cache_dir="", batch_size=256, seed=0, num_workers=16)
-    # The frozen CLIP's features computed once and memory-mapped (data/feature_cache.py), keyed
-    # by model + preprocessing + data. CC3M x 50 tokens x 768 is ~0.5 TB in float32 (float16
-    # halves it, at ~1e-3 relative change of the features), so it is off by default.
+    # The frozen vision features computed once and memory-mapped (data/feature_cache.py), keyed
+    # by model + preprocessing + data. CC3M x 50 tokens x 768 is ~0.5 TB in float32 (BEiT's 197
+    # tokens ~2 TB; float16 halves it, at ~1e-3 relative change of the features), so it is off
+    # by default.
     c.data.feature_cache = dict(enabled=False, dir="", dtype="float32", batch_size=256)
     steps_per_epoch = CC3M_TRAIN_PAIRS // c.data.batch_size
     c.optim = dict(lr=1e-4, lr_scale_batch=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
