@@ -14,6 +14,8 @@ resetting them moves the output by far more than the tolerance. The reference is
 loaded from each folder (for 'mim' that is what VLAP's authors run).
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,9 +72,16 @@ def torch_beit(model, images: np.ndarray, **kw):
                      output_hidden_states=True, **kw)
 
 
-def forward(module, variables, images, **kw):
-    return jax.jit(lambda v, x: module.apply(v, x, output_hidden_states=True, **kw))(
-        variables, images)
+@functools.lru_cache(maxsize=None)
+def _jitted(config, dtype):
+    # One compile per architecture and dtype, shared by the tests (and by None / a mask).
+    module = Beit(config, dtype=dtype, param_dtype=dtype)
+    return jax.jit(lambda v, x, m: module.apply(v, x, bool_masked_pos=m,
+                                                output_hidden_states=True))
+
+
+def forward(module, variables, images, bool_masked_pos=None):
+    return _jitted(module.config, module.dtype)(variables, images, bool_masked_pos)
 
 
 def close(actual, expected, atol=ATOL):
