@@ -403,3 +403,39 @@ def test_optimizer_is_torch_adamw_with_its_default_decay():
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(new["Dense_0"]["kernel"], 2.0 * (1 - 0.01), rtol=1e-6)
     np.testing.assert_allclose(new["Dense_0"]["bias"], 3.0 * (1 - 0.01), rtol=1e-6)
+
+
+def test_optimizer_steps_equal_torch_adamw_on_the_dense():
+    """Three steps of our optimizer on vlap_opt's optim equal torch.optim.AdamW(params, lr) with
+    torch's defaults, its lr set per step from the schedule as the released script does."""
+    import optax
+
+    from lqae_vlap.train import trainer
+
+    optim = load_config("vlap_opt").optim
+    optim.update(dict(lr=1e-2, warmup_steps=2))
+    tx, schedule = trainer.make_optimizer(optim, total_steps=6, global_batch_size=256)
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.normal(size=(5, 3)), rng.normal(size=(3,))
+    grads = [(rng.normal(size=(5, 3)), rng.normal(size=(3,))) for _ in range(3)]
+    params = {"Dense_0": {"kernel": np.float32(kernel), "bias": np.float32(bias)}}
+    state = tx.init(params)
+    linear = torch.nn.Linear(5, 3)  # torch's weight is the transposed kernel
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(kernel.T))
+        linear.bias.copy_(torch.tensor(bias))
+    torch_opt = torch.optim.AdamW(linear.parameters(), lr=float(schedule(0)))
+    for step, (gk, gb) in enumerate(grads):
+        g = {"Dense_0": {"kernel": np.float32(gk), "bias": np.float32(gb)}}
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        for group in torch_opt.param_groups:
+            group["lr"] = float(schedule(step))
+        linear.weight.grad = torch.tensor(np.float32(gk.T))
+        linear.bias.grad = torch.tensor(np.float32(gb))
+        torch_opt.step()
+    np.testing.assert_allclose(params["Dense_0"]["kernel"], linear.weight.detach().numpy().T,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(params["Dense_0"]["bias"], linear.bias.detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert float(schedule(1)) > 0  # the steps really moved the weights
