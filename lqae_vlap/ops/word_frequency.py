@@ -285,8 +285,6 @@ def load_marginal(
     return probs.astype(np.float64), meta
 
 
-
-
 def tokenizer_identity(tokenizer: Any, name: str = "") -> dict[str, Any]:
     """What fixes a tokenizer's ids: {'name' (for people), 'class', 'sha256', 'size'}.
 
@@ -402,7 +400,10 @@ def word_marginal(source: str, vocab_size: int, *, tokenizer: Any = None,
         path = marginal_path(cache_dir, key, tokenizer_name)
         what = _describe(dataset, label, vocab_size)
         if files.exists(path) and files.exists(os.path.splitext(path)[0] + ".json"):
-            probs, meta = load_marginal(path, vocab_size=vocab_size)
+            try:
+                probs, meta = load_marginal(path, vocab_size=vocab_size)
+            except (ValueError, OSError):  # unreadable: counted again and rewritten below
+                meta = {}
             if meta.get("key") == key:
                 return probs.astype(np.float32), (
                     f"{what}, loaded from {path} (counted {meta.get('counted_at', '?')})")

@@ -264,6 +264,12 @@ def test_frequency_is_counted_once_saved_and_reused(tokenizer, tmp_path):
     assert line2 == (f"CC3M train, {LABEL}, 30,522 words, loaded from {npy} "
                      f"(counted {meta['counted_at']})")
 
+    # A damaged file is counted again and rewritten, not a failed run.
+    npy.write_bytes(b"not a .npy")
+    again, _ = _frequency(tokenizer, captions, tmp_path)
+    np.testing.assert_array_equal(again, probs)
+    assert len(calls) == 2 and np.array_equal(load_marginal(npy)[0], want)
+
     # Another smoothing, another number of captions or another tokenizer: counted anew, saved
     # beside it.
     _frequency(tokenizer, captions, tmp_path, alpha=0.5)
@@ -271,7 +277,7 @@ def test_frequency_is_counted_once_saved_and_reused(tokenizer, tmp_path):
     other = minilm_tokenizer(eos_token=None)
     other.add_tokens(["blicket"])
     _frequency(other, captions, tmp_path)
-    assert len(calls) == 4 and len(list(tmp_path.glob("*.npy"))) == 4
+    assert len(calls) == 5 and len(list(tmp_path.glob("*.npy"))) == 4
 
 
 def test_frequency_without_captions_says_how_to_provide_them(tokenizer, tmp_path):
