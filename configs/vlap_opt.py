@@ -101,8 +101,8 @@ def get_config(arg=None):
                       impl="lax")
     # Word marginal of the Sinkhorn (ops/word_frequency.py word_marginal). 'frequency' (the
     # paper's): the frequency of the training captions (data.train_path) under this LLM's
-    # tokenizer, (n_k + alpha) ** power normalised; counted once (CC3M's 3.3M captions: minutes on
-    # one core, faster on more), saved as .npy + .json provenance in cache_dir ('' =
+    # tokenizer, (n_k + alpha) ** power normalised; counted once (3.3M CC3M-sized captions: ~100 s
+    # on one core, bench/RESULTS.md; the tokenizer uses every core), saved as .npy + .json provenance in cache_dir ('' =
     # ~/.cache/lqae_vlap/word_marginals, or $XDG_CACHE_HOME/...) under a key of (data, split,
     # number of captions, tokenizer, vocab size, smoothing), and loaded by every later run with
     # that key; start-up prints "word marginal: CC3M train, OPT tokenizer (...), 50,272 words, ...".
