@@ -3,8 +3,10 @@
 
     python -m lqae_vlap.main --config=configs/vlap_opt.py:opt-1.3b --workdir=$WORKDIR \
         --config.model.llm_path=/path/to/opt-1.3b --config.model.vision.path=/path/to/clip \
-        --config.data.train_path=/path/to/cc3m_jsonl --config.data.eval_path=/path/to/val_jsonl \
-        --config.word_marginal.source=/path/to/cc3m_opt_word_marginal.npy
+        --config.data.train_path=/path/to/cc3m_jsonl --config.data.eval_path=/path/to/val_jsonl
+
+(the word marginal is counted over data.train_path's captions on the first run and reused after;
+--config.word_marginal.source=/path/to/marginal.npy gives one saved elsewhere.)
 
 Recipe (the authors' code defaults; the paper's appendix should be checked before quoting): CC3M,
 batch 256, AdamW lr 1e-4 (OPT; 1e-2 for T5), 3 warm-up epochs then cosine decay, 32 epochs;
@@ -136,16 +138,27 @@ def get_config(arg=None):
     # GPU, and the batch must divide by the data x fsdp devices) or 'auto' (pallas on a GPU).
     c.sinkhorn = dict(mode="paper", epsilon=0.01, num_iters=3, prior_temperature=0.25,
                       impl="lax")
-    # Word marginal: 'uniform', 'count' (count the training captions at start-up: only for
-    # sources that list them), or the path of a marginal saved by ops/word_frequency.py
-    # (count_token_frequencies over CC3M with this LLM's tokenizer -> smooth -> save_marginal).
-    c.word_marginal = dict(source="uniform", alpha=1.0, power=1.0)
+    # Word marginal of the Sinkhorn (ops/word_frequency.py word_marginal). 'frequency' (the
+    # paper's): the frequency of the training captions (data.train_path) under this LLM's
+    # tokenizer, (n_k + alpha) ** power normalised; counted once (3.3M CC3M-sized captions: ~100 s
+    # on one core, bench/RESULTS.md; the tokenizer uses every core), saved as .npy + .json provenance in cache_dir ('' =
+    # ~/.cache/lqae_vlap/word_marginals, or $XDG_CACHE_HOME/...) under a key of (data, split,
+    # number of captions, tokenizer, vocab size, smoothing), and loaded by every later run with
+    # that key; start-up prints "word marginal: CC3M train, OPT tokenizer (...), 50,272 words, ...".
+    # 'count': counted every run, not saved. 'uniform': 1/V (only when asked for). Or the path of a
+    # marginal saved by save_marginal (e.g. counted on another machine).
+    c.word_marginal = dict(source="frequency", alpha=1.0, power=1.0, cache_dir="")
     c.loss = dict(map=0.1, cap=1.0, temperature=0.01)
 
     # Training pairs. 'cc3m': img2dataset output folders (train_path: CC3M's training TSV,
     # eval_path: its validation TSV); 'coco_captions': TFDS (data_dir, Karpathy splits
     # train_split / eval_split); 'jsonl': folders of {"image", "caption"} lines. index_cache_dir
     # keeps the sources' caption indexes between runs.
+    # batch_size is the GLOBAL batch (all devices and hosts together), which is also the batch
+    # L_map's Sinkhorn transports over. The released script's 256 is PER GPU (DDP with a
+    # DistributedSampler; its Sinkhorn is per sample, so batch-independent) on a number of GPUs
+    # it does not state: --config.data.batch_size=<256 * GPUs> reproduces it (its lr is not
+    # scaled with the GPUs, so keep optim.lr_scale_batch=0).
     c.data = dict(name="cc3m", train_path="", eval_path="", data_dir="", train_split="train",
                   eval_split="val", index_cache_dir="", batch_size=256, seed=0, num_workers=16)
     # The frozen vision features computed once and memory-mapped (data/feature_cache.py), keyed
@@ -154,8 +167,13 @@ def get_config(arg=None):
     # by default.
     c.data.feature_cache = dict(enabled=False, dir="", dtype="float32", batch_size=256)
     steps_per_epoch = CC3M_TRAIN_PAIRS // c.data.batch_size
-    c.optim = dict(lr=1e-4, lr_scale_batch=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                   warmup_steps=3 * steps_per_epoch, grad_clip=0.0, end_lr_ratio=0.0)
+    # The released optimiser: torch.optim.AdamW(model.parameters(), lr) with torch's defaults
+    # (betas 0.9 / 0.999, eps 1e-8, weight_decay 0.01, decoupled) on the Dense's kernel AND bias
+    # (weight_decay_mask 'all'; 'matrices' spares the bias); no gradient clipping; lr linear from
+    # 0 over 3 epochs, then cosine to 0 (final_lr 0) per step.
+    c.optim = dict(lr=1e-4, lr_scale_batch=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                   weight_decay_mask="all", warmup_steps=3 * steps_per_epoch, grad_clip=0.0,
+                   end_lr_ratio=0.0)
     c.train = dict(steps=32 * steps_per_epoch, log_every=100, checkpoint_every=5000,
                    keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
     # Evaluations (methods/vlap_evals.py), each every eval.<name>.every steps, at the end, or

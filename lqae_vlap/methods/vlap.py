@@ -185,6 +185,30 @@ def loss_fn(params, frozen, batch, rng, *, visual_map: VisualMap, llm: FrozenLLM
 # Assembly
 
 
+_DATA_LABELS = {"cc3m": "CC3M", "coco_captions": "COCO", "jsonl": "JSONL captions",
+                "digits": "digits"}
+_LLM_LABELS = {"opt": "OPT", "llama": "Llama", "t5": "T5"}
+
+
+def word_marginal(config: ml_collections.ConfigDict, tokenizer: Any, vocab: int,
+                  train: Any) -> tuple[np.ndarray, str]:
+    """``config.word_marginal`` resolved over the training captions of ``train`` with the LLM's
+    tokenizer (ops/word_frequency.py ``word_marginal``): ([V] float32, the start-up line)."""
+    wm, d, m = config.word_marginal, config.data, config.model
+    split = d.get("train_split", "train") if d.name == "coco_captions" else "train"
+    path = d.get("train_path", "") if d.name in ("cc3m", "jsonl") else d.get("data_dir", "")
+    dataset = {"name": d.name, "split": split,
+               "path": os.path.abspath(os.path.expanduser(path)) if path else "",
+               "num_texts": len(train), "label": f"{_DATA_LABELS.get(d.name, d.name)} {split}"}
+    name = str(m.get("tokenizer_path") or m.llm_path)
+    return word_frequency.word_marginal(
+        wm.source, vocab, tokenizer=tokenizer, captions=lambda: getattr(train, "captions", None),
+        dataset=dataset, tokenizer_name=name,
+        tokenizer_label=f"{_LLM_LABELS.get(m.llm_family, m.llm_family)} tokenizer ({name})",
+        cache_dir=str(wm.get("cache_dir", "")), alpha=wm.alpha, power=wm.power,
+        write=jax.process_index() == 0)
+
+
 def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
                 ) -> dict[str, Any]:
     """Everything VLAP is made of, for ``build`` and for evaluators that reuse it.
@@ -227,10 +251,9 @@ def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
             sources, c.dir, parts={**vision.cache_parts, "dataset": dataset}, encode=encode,
             dtype=c.dtype, batch_size=c.batch_size, preprocess=vision.host_image,
             num_workers=d.num_workers)
-    wm = config.word_marginal
-    marginal, marginal_from = word_frequency.word_marginal(
-        wm.source, vocab, tokenizer=llm.tokenizer,
-        captions=getattr(sources["train"], "captions", None), alpha=wm.alpha, power=wm.power)
+    marginal, marginal_from = word_marginal(config, llm.tokenizer, vocab, sources["train"])
+    if jax.process_index() == 0:
+        print(f"word marginal: {marginal_from}", flush=True)
     prompt_ids = np.asarray(llm.tokenizer(m.prompt, add_special_tokens=False)["input_ids"],
                             np.int32)
     parts.update(sources=sources, marginal_from=marginal_from, frozen={
@@ -287,8 +310,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
     s = config.sinkhorn
     describe = (f"VLAP: {head} {tail}; prompt {m.prompt!r} = {prompt_len} tokens; sinkhorn "
                 f"{s.mode} (eps {s.epsilon}, {s.num_iters} iters), word marginal "
-                f"{parts['marginal_from']}; loss {config.loss.map} * map + {config.loss.cap} * "
-                f"cap; data {d.name}: {len(sources['train'])} train / "
+                f"{config.word_marginal.source!r}; loss {config.loss.map} * map + "
+                f"{config.loss.cap} * cap; data {d.name}: {len(sources['train'])} train / "
                 f"{len(sources['validation'])} validation pairs")
     evaluator = vlap_evals.Evaluator(
         config, llm=llm, visual_map=visual_map, vision_fn=vision.encode,

@@ -40,9 +40,18 @@ def decay_mask(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+# optim.weight_decay_mask: which trainable leaves AdamW decays. 'matrices': ``decay_mask``;
+# 'all': every leaf, biases too, as torch.optim.AdamW(model.parameters()) does (VLAP's script).
+DECAY_MASKS = ("matrices", "all")
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
                    global_batch_size: int) -> tuple[optax.GradientTransformation, Callable]:
     """AdamW with linear warm-up and cosine decay; lr optionally scaled by batch / reference."""
+    which = optim.get("weight_decay_mask", "matrices")
+    if which not in DECAY_MASKS:
+        raise ValueError(f"config.optim.weight_decay_mask={which!r} is not known; use one of "
+                         f"{DECAY_MASKS}")
     peak = optim.lr
     if optim.get("lr_scale_batch", 0):
         peak = optim.lr * global_batch_size / optim.lr_scale_batch
@@ -54,7 +63,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
     if optim.get("grad_clip", 0):
         chain.append(optax.clip_by_global_norm(optim.grad_clip))
     chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.get("eps", 1e-8),
-                             weight_decay=optim.weight_decay, mask=decay_mask))
+                             weight_decay=optim.weight_decay,
+                             mask=decay_mask if which == "matrices" else None))
     return optax.chain(*chain), schedule
 
 

@@ -20,7 +20,7 @@ from lqae_vlap.methods import vlap, vlap_llm
 from lqae_vlap.ops import losses
 from lqae_vlap.core import sharding
 from tests.helpers import (ALLOWED_AXES, SMALL_EVAL, assert_sharded_step_matches_one_device,
-                           check_evaluation, demo_config, run_steps)
+                           check_evaluation, demo_config, load_config, minilm_dir, run_steps)
 
 
 # --- NumPy float64 references ---------------------------------------------------------------------
@@ -342,3 +342,100 @@ def test_fused_sinkhorn_in_the_sharded_vlap_step(tiny_llama_dir):
     np.testing.assert_allclose(losses_fused, losses_lax, rtol=0, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5),
                  params_lax, params_fused)
+
+
+# --- the defaults of configs/vlap_opt.py (and vlap_t5.py through it) ------------------------------
+
+
+@pytest.mark.parametrize("name", ["vlap_opt", "vlap_t5"])
+def test_default_word_marginal_is_the_caption_frequency(name):
+    # The paper's transport has a word-frequency marginal; uniform only when asked for.
+    wm = load_config(name).word_marginal
+    assert wm.source == "frequency" and wm.cache_dir == ""
+    assert (wm.alpha, wm.power) == (1.0, 1.0)
+    assert load_config("vlap_demo").word_marginal.source == "count"  # offline, no file written
+
+
+def test_word_marginal_of_the_training_captions(tmp_path):
+    """The digits' 1,500 training captions under MiniLM's tokenizer (as the LLM's): the start-up
+    line names data, tokenizer and words; the file is found by the next run."""
+    from lqae_vlap import models
+
+    config = load_config("vlap_demo", **{"word_marginal.source": "frequency",
+                                         "word_marginal.cache_dir": str(tmp_path),
+                                         "model.tokenizer_path": minilm_dir()})
+    tok = models.load_tokenizer(minilm_dir())
+    train = captions_lib.DigitCaptions("train")
+    probs, line = vlap.word_marginal(config, tok, len(tok), train)
+    saved = list(tmp_path.glob("*.npy"))
+    assert len(saved) == 1 and saved[0].name.startswith("digits-train-model-v30522-")
+    assert line.startswith(f"digits train, Llama tokenizer ({minilm_dir()}), 30,522 words, "
+                           "counted over 1,500 captions in ")
+    assert line.endswith(f"saved at {saved[0]}")
+    counts = np.zeros(len(tok))
+    for caption in train.captions:
+        for i in tok(" " + caption, add_special_tokens=False)["input_ids"]:
+            counts[i] += 1
+    np.testing.assert_allclose(probs, (counts + 1) / (counts + 1).sum(), rtol=1e-6)
+    again, line2 = vlap.word_marginal(config, tok, len(tok), train)
+    np.testing.assert_array_equal(again, probs)
+    assert f"loaded from {saved[0]}" in line2
+
+
+def test_optimizer_is_torch_adamw_with_its_default_decay():
+    """The released script: torch.optim.AdamW(model.parameters(), lr), so weight decay 0.01 on
+    the kernel AND the bias. One step on zero gradients moves only by the decay, p * (1 - lr *
+    0.01) (Adam's m / (sqrt(v) + eps) is 0 / eps = 0); lr = 1 at step 0 (no warm-up) to see it."""
+    import optax
+
+    from lqae_vlap.train import trainer
+
+    optim = load_config("vlap_opt").optim
+    assert (optim.weight_decay, optim.weight_decay_mask) == (0.01, "all")
+    assert (optim.b1, optim.b2, optim.eps, optim.grad_clip) == (0.9, 0.999, 1e-8, 0.0)
+    optim.update(dict(lr=1.0, warmup_steps=0))
+    tx, schedule = trainer.make_optimizer(optim, total_steps=10, global_batch_size=256)
+    assert float(schedule(0)) == 1.0
+    params = {"Dense_0": {"kernel": np.full((3, 4), 2.0, np.float32),
+                          "bias": np.full((4,), 3.0, np.float32)}}
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["Dense_0"]["kernel"], 2.0 * (1 - 0.01), rtol=1e-6)
+    np.testing.assert_allclose(new["Dense_0"]["bias"], 3.0 * (1 - 0.01), rtol=1e-6)
+
+
+def test_optimizer_steps_equal_torch_adamw_on_the_dense():
+    """Three steps of our optimizer on vlap_opt's optim equal torch.optim.AdamW(params, lr) with
+    torch's defaults, its lr set per step from the schedule as the released script does."""
+    import optax
+
+    from lqae_vlap.train import trainer
+
+    optim = load_config("vlap_opt").optim
+    optim.update(dict(lr=1e-2, warmup_steps=2))
+    tx, schedule = trainer.make_optimizer(optim, total_steps=6, global_batch_size=256)
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.normal(size=(5, 3)), rng.normal(size=(3,))
+    grads = [(rng.normal(size=(5, 3)), rng.normal(size=(3,))) for _ in range(3)]
+    params = {"Dense_0": {"kernel": np.float32(kernel), "bias": np.float32(bias)}}
+    state = tx.init(params)
+    linear = torch.nn.Linear(5, 3)  # torch's weight is the transposed kernel
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(kernel.T))
+        linear.bias.copy_(torch.tensor(bias))
+    torch_opt = torch.optim.AdamW(linear.parameters(), lr=float(schedule(0)))
+    for step, (gk, gb) in enumerate(grads):
+        g = {"Dense_0": {"kernel": np.float32(gk), "bias": np.float32(gb)}}
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        for group in torch_opt.param_groups:
+            group["lr"] = float(schedule(step))
+        linear.weight.grad = torch.tensor(np.float32(gk.T))
+        linear.bias.grad = torch.tensor(np.float32(gb))
+        torch_opt.step()
+    np.testing.assert_allclose(params["Dense_0"]["kernel"], linear.weight.detach().numpy().T,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(params["Dense_0"]["bias"], linear.bias.detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert float(schedule(1)) > 0  # the steps really moved the weights

@@ -10,8 +10,11 @@ import pytest
 from lqae_vlap.ops.word_frequency import (
     count_token_frequencies,
     load_marginal,
+    marginal_key,
     save_marginal,
     smooth_frequencies,
+    tokenizer_identity,
+    word_marginal,
 )
 from tests.helpers import minilm_tokenizer
 
@@ -116,7 +119,7 @@ META = {
 def test_save_load_round_trip(tmp_path):
     probs = smooth_frequencies(np.random.default_rng(0).integers(0, 50, 101))
     written = save_marginal(tmp_path / "run" / "word_marginal", probs, META)
-    assert written == tmp_path / "run" / "word_marginal.npy"
+    assert written == str(tmp_path / "run" / "word_marginal.npy")
     assert (tmp_path / "run" / "word_marginal.json").is_file()
     for path in (written, tmp_path / "run" / "word_marginal"):
         loaded, meta = load_marginal(path, vocab_size=101)
@@ -151,25 +154,169 @@ def test_save_errors(tmp_path):
         save_marginal(tmp_path / "m", probs, {**META, "extra": object()})
 
 
-def test_word_marginal_of_each_source(tokenizer, tmp_path):
-    """config.word_marginal.source: 'uniform', 'count' (counted now, each caption after a space,
-    as it follows the prompt) and a saved file, each saying where it came from."""
-    from lqae_vlap.ops.word_frequency import word_marginal
+def test_count_by_hand(tokenizer):
+    """Two captions counted by hand: ' a dog' and ' a dog and a cat' (lower-cased WordPiece)."""
+    ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ("a", "dog", "and", "cat")}
+    counts = count_token_frequencies([" a dog", " A dog and a CAT"], tokenizer,
+                                     tokenizer.vocab_size)
+    want = np.zeros(tokenizer.vocab_size, np.int64)
+    for word, n in {"a": 3, "dog": 2, "and": 1, "cat": 1}.items():
+        want[ids[word]] = n
+    np.testing.assert_array_equal(counts, want)
 
+
+class _PythonCallOnly:
+    """A tokenizer seen only through its Python __call__ (no Rust backend to call directly)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, texts, add_special_tokens):
+        return self.tok(texts, add_special_tokens=add_special_tokens)
+
+
+def _byte_level_bpe():
+    """A tiny byte-level BPE (the kind OPT's GPT-2 tokenizer is), trained here on CORPUS."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte_level_bpe"])
+def test_fast_backend_counts_equal_the_python_call(tokenizer, kind):
+    """The counter calls the Rust backend's encode_batch_fast directly; the ids are those of the
+    tokenizer's own batched __call__ (what training tokenises captions with)."""
+    tok = tokenizer if kind == "wordpiece" else _byte_level_bpe()
+    texts = [" " + c for c in CORPUS] * 3
+    vocab = len(tok)
+    fast = count_token_frequencies(texts, tok, vocab, batch_size=4)
+    slow = count_token_frequencies(texts, _PythonCallOnly(tok), vocab, batch_size=4)
+    np.testing.assert_array_equal(fast, slow)
+    assert fast.sum() > len(texts)  # the captions really were tokenised
+    # A backend left truncating by an earlier call is not trusted: the Python call resets it.
+    tok(texts[:1], truncation=True, max_length=2)
+    tok.backend_tokenizer.enable_truncation(2)
+    np.testing.assert_array_equal(count_token_frequencies(texts, tok, vocab), fast)
+
+
+def test_tokenizer_identity_follows_the_ids(tokenizer, tmp_path):
+    same = minilm_tokenizer(eos_token=None)
+    a, b = tokenizer_identity(tokenizer, "one/path"), tokenizer_identity(same, "another/path")
+    assert a["sha256"] == b["sha256"] and a["name"] == "one/path"
+    other = minilm_tokenizer(eos_token=None)
+    other.add_tokens(["blicket"])  # one more word: other ids, another identity
+    assert tokenizer_identity(other)["sha256"] != a["sha256"]
+    assert tokenizer_identity(_byte_level_bpe())["sha256"] != a["sha256"]
+
+
+DATASET = {"name": "cc3m", "split": "train", "path": "/data/cc3m", "num_texts": 3,
+           "label": "CC3M train"}
+LABEL = "OPT tokenizer (facebook/opt-1.3b)"
+
+
+def _frequency(tok, captions, cache, **kw):
+    args = dict(tokenizer=tok, captions=captions, dataset=DATASET, tokenizer_name="minilm",
+                tokenizer_label=LABEL, cache_dir=str(cache))
+    return word_marginal("frequency", tok.vocab_size, **{**args, **kw})
+
+
+def test_frequency_is_counted_once_saved_and_reused(tokenizer, tmp_path):
+    vocab, calls = tokenizer.vocab_size, []
+
+    def captions():
+        calls.append(1)
+        return CORPUS[:3]
+
+    probs, line = _frequency(tokenizer, captions, tmp_path)
+    want = smooth_frequencies(count_token_frequencies([" " + c for c in CORPUS[:3]], tokenizer,
+                                                      vocab))
+    np.testing.assert_allclose(probs, want, rtol=1e-6)
+    assert probs.dtype == np.float32 and len(calls) == 1
+    saved = sorted(tmp_path.iterdir())
+    assert [p.suffix for p in saved] == [".json", ".npy"]
+    npy = saved[1]
+    assert npy.name.startswith("cc3m-train-minilm-v30522-")
+    # The start-up line: what was counted, with which tokenizer, how many words, where it is.
+    assert line.startswith(f"CC3M train, {LABEL}, 30,522 words, counted over 3 captions in ")
+    assert line.endswith(f" s, saved at {npy}") and "\n" not in line
+    # Provenance: data, split, tokenizer, smoothing, the key it is found by.
+    probs_saved, meta = load_marginal(npy, vocab_size=vocab)
+    np.testing.assert_array_equal(probs_saved, want)
+    ident = tokenizer_identity(tokenizer, "minilm")
+    assert meta["key"] == marginal_key(DATASET, ident, vocab, 1.0, 1.0)
+    assert meta["dataset"]["name"] == "cc3m" and meta["dataset"]["split"] == "train"
+    assert meta["tokenizer"] == ident and meta["smoothing"] == {"alpha": 1.0, "power": 1.0}
+    assert meta["num_texts"] == 3 and meta["vocab_size"] == vocab
+
+    # The next run finds it: nothing counted, nothing rewritten.
+    mtime = npy.stat().st_mtime_ns
+    again, line2 = _frequency(tokenizer, captions, tmp_path)
+    np.testing.assert_array_equal(again, probs)
+    assert len(calls) == 1 and npy.stat().st_mtime_ns == mtime
+    assert line2 == (f"CC3M train, {LABEL}, 30,522 words, loaded from {npy} "
+                     f"(counted {meta['counted_at']})")
+
+    # A damaged file is counted again and rewritten, not a failed run.
+    npy.write_bytes(b"not a .npy")
+    again, _ = _frequency(tokenizer, captions, tmp_path)
+    np.testing.assert_array_equal(again, probs)
+    assert len(calls) == 2 and np.array_equal(load_marginal(npy)[0], want)
+
+    # Another smoothing, another number of captions or another tokenizer: counted anew, saved
+    # beside it.
+    _frequency(tokenizer, captions, tmp_path, alpha=0.5)
+    _frequency(tokenizer, captions, tmp_path, dataset={**DATASET, "num_texts": 4})
+    other = minilm_tokenizer(eos_token=None)
+    other.add_tokens(["blicket"])
+    _frequency(other, captions, tmp_path)
+    assert len(calls) == 5 and len(list(tmp_path.glob("*.npy"))) == 4
+
+
+def test_frequency_without_captions_says_how_to_provide_them(tokenizer, tmp_path):
+    for captions in (None, lambda: None):
+        with pytest.raises(ValueError) as e:
+            _frequency(tokenizer, captions, tmp_path)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("config.word_marginal.source='frequency'")
+        for way in ("--config.word_marginal.source=/path/to/marginal.npy",
+                    "--config.data.train_path", "--config.word_marginal.source=uniform"):
+            assert way in msg
+    assert list(tmp_path.iterdir()) == []
+    # An unwritable cache costs the file, not the run, and the line says so.
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    probs, line = _frequency(tokenizer, CORPUS[:3], blocked / "cache")
+    assert "NOT saved at" in line and "word_marginal.cache_dir" in line
+    assert abs(float(probs.sum()) - 1.0) < 1e-5
+
+
+def test_word_marginal_uniform_count_and_path(tokenizer, tmp_path):
     vocab = tokenizer.vocab_size
-    probs, where = word_marginal("uniform", vocab)
-    assert where == "uniform" and probs.dtype == np.float32
+    probs, line = word_marginal("uniform", vocab)
+    assert probs.dtype == np.float32 and line.startswith("uniform over 30,522 words")
     np.testing.assert_allclose(probs, 1.0 / vocab)
-    probs, where = word_marginal("count", vocab, tokenizer=tokenizer, captions=CORPUS[:3],
-                                 alpha=0.5, power=0.75)
+    probs, line = word_marginal("count", vocab, tokenizer=tokenizer, captions=CORPUS[:3],
+                                dataset=DATASET, tokenizer_label=LABEL, alpha=0.5, power=0.75)
     want = smooth_frequencies(count_token_frequencies([" " + c for c in CORPUS[:3]], tokenizer,
                                                       vocab), alpha=0.5, power=0.75)
     np.testing.assert_allclose(probs, want, rtol=1e-6)
-    assert where == "counted over 3 training captions"
-    with pytest.raises(ValueError, match="lists its captions"):
-        word_marginal("count", vocab, tokenizer=tokenizer, captions=None)
+    assert line.startswith(f"CC3M train, {LABEL}, 30,522 words, counted over 3 captions in ")
+    assert line.endswith("(not saved: word_marginal.source='count')")
+    assert list(tmp_path.iterdir()) == []
     path = save_marginal(tmp_path / "m", want, meta={"tokenizer": "minilm", "dataset": "corpus",
                                                      "num_texts": 3, "smoothing": "test"})
-    probs, where = word_marginal(str(path), vocab)
+    probs, line = word_marginal(str(path), vocab)
     np.testing.assert_allclose(probs, want, rtol=1e-6)
-    assert where == f"{path} (corpus)"
+    assert line == f"corpus, tokenizer minilm, 30,522 words, loaded from {path}"
+    with pytest.raises(ValueError, match="source='frequncy' is not known"):
+        word_marginal("frequncy", vocab)
+    with pytest.raises(FileNotFoundError, match="no word marginal at"):
+        word_marginal(str(tmp_path / "missing.npy"), vocab)

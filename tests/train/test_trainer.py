@@ -99,3 +99,25 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, tiny_mlm_dir):
     logged = sorted({r["step"] for r in records if "loss" in r})
     assert logged[-1] == steps and set(range(1, steps + 1)) <= set(logged)
     assert os.listdir(tmp_path / "killed" / "tensorboard")
+
+
+def test_weight_decay_mask_matrices_or_all():
+    """'matrices' (the default) decays kernels only; 'all' every leaf (torch's AdamW on
+    model.parameters()); anything else is refused by name."""
+    import ml_collections
+    import optax
+
+    params = {"Dense_0": {"kernel": np.full((2, 2), 1.0, np.float32),
+                          "bias": np.full((2,), 1.0, np.float32)}}
+    zeros = jax.tree.map(np.zeros_like, params)
+    base = dict(lr=0.5, b1=0.9, b2=0.999, weight_decay=0.1, warmup_steps=0)
+    for which, bias_factor in ((None, 1.0), ("matrices", 1.0), ("all", 1 - 0.5 * 0.1)):
+        optim = ml_collections.ConfigDict(base if which is None
+                                          else {**base, "weight_decay_mask": which})
+        tx, _ = trainer.make_optimizer(optim, total_steps=4, global_batch_size=1)
+        new = optax.apply_updates(params, tx.update(zeros, tx.init(params), params)[0])
+        np.testing.assert_allclose(new["Dense_0"]["kernel"], 1 - 0.5 * 0.1, rtol=1e-6)
+        np.testing.assert_allclose(new["Dense_0"]["bias"], bias_factor, rtol=1e-6)
+    with pytest.raises(ValueError, match="weight_decay_mask='biases' is not known"):
+        trainer.make_optimizer(ml_collections.ConfigDict({**base, "weight_decay_mask": "biases"}),
+                               total_steps=4, global_batch_size=1)
