@@ -106,9 +106,12 @@ def get_config(arg=None):
     # Training pairs. 'cc3m': img2dataset output folders (train_path: CC3M's training TSV,
     # eval_path: its validation TSV); 'coco_captions': TFDS (data_dir, Karpathy splits
     # train_split / eval_split); 'jsonl': folders of {"image", "caption"} lines. index_cache_dir
-    # keeps the sources' caption indexes between runs.
+    # keeps the sources' caption indexes between runs. on_bad_image: 'skip' replaces an example
+    # whose image is missing or cannot be decoded by the next readable one and counts it
+    # (data/images.py); 'fail' stops at the first.
     c.data = dict(name="cc3m", train_path="", eval_path="", data_dir="", train_split="train",
-                  eval_split="val", index_cache_dir="", batch_size=256, seed=0, num_workers=16)
+                  eval_split="val", index_cache_dir="", batch_size=256, seed=0, num_workers=16,
+                  on_bad_image="skip")
     # The frozen CLIP's features computed once and memory-mapped (data/feature_cache.py), keyed
     # by model + preprocessing + data. CC3M x 50 tokens x 768 is ~0.5 TB in float32 (float16
     # halves it, at ~1e-3 relative change of the features), so it is off by default.
