@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -131,35 +130,18 @@ def load_pretrained(path_or_name: str | os.PathLike | None = None, *, dtype: Any
     return family_module(name).load(folder, **kw)
 
 
-def _import_transformers() -> None:
-    """Imports transformers without its "PyTorch was not found" advice: the tokenizers and configs
-    used here need no torch, which core installs do not have (later advice is left alone)."""
-    if "transformers" in sys.modules:
-        return
-    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
-    before = os.environ.get(quiet)
-    os.environ[quiet] = "1"
-    try:
-        importlib.import_module("transformers")
-    finally:
-        if before is None:
-            del os.environ[quiet]
-        else:
-            os.environ[quiet] = before
-
-
 def load_tokenizer(path_or_name: str | os.PathLike) -> Any:
     """The checkpoint's tokenizer (transformers AutoTokenizer, local files only; for a GGUF file,
     built from its metadata without torch: ``gguf.load_tokenizer``)."""
-    _import_transformers()
+    from lqae_vlap.models import hf_weights  # noqa: PLC0415  (keeps `import models` light)
+
+    hf_weights.import_transformers()
     gguf = _gguf_file(Path(path_or_name).expanduser())
     if gguf is not None:
         from lqae_vlap.models import gguf as gguf_lib  # noqa: PLC0415
 
         return gguf_lib.load_tokenizer(gguf)
     from transformers import AutoTokenizer  # noqa: PLC0415
-
-    from lqae_vlap.models import hf_weights  # noqa: PLC0415
 
     return AutoTokenizer.from_pretrained(str(hf_weights.resolve_checkpoint(path_or_name)),
                                          local_files_only=True)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,23 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     return folder
 
 
+def import_transformers() -> None:
+    """Imports transformers without its "PyTorch was not found" advice: the tokenizers and configs
+    used here need no torch, which core installs do not have (later advice is left alone)."""
+    if "transformers" in sys.modules:
+        return
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(quiet)
+    os.environ[quiet] = "1"
+    try:
+        importlib.import_module("transformers")
+    finally:
+        if before is None:
+            del os.environ[quiet]
+        else:
+            os.environ[quiet] = before
+
+
 def read_hf_config(folder: str | os.PathLike) -> Any:
     """The folder's config.json as a transformers config object (no network).
 
@@ -97,6 +116,7 @@ def read_hf_config(folder: str | os.PathLike) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
     read_config_json(path)  # transformers' own message for bad JSON is an OSError without where
+    import_transformers()
     from transformers import AutoConfig  # noqa: PLC0415  (heavy import, only when loading)
 
     try:
@@ -472,6 +492,7 @@ def as_hf_config(hf_config: Any) -> Any:
     if "model_type" not in fields:
         raise ValueError(f"an architecture needs 'model_type' beside its Hugging Face config "
                          f"fields; got keys {sorted(fields)}")
+    import_transformers()
     from transformers import AutoConfig  # noqa: PLC0415  (heavy import, only when loading)
 
     return AutoConfig.for_model(**fields)
