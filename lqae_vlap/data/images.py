@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 ON_BAD_IMAGE = ("skip", "fail")
 PRINT_FIRST = 10
@@ -57,6 +57,9 @@ def decode_image(data: Any, where: str = "an image") -> np.ndarray:
         try:
             with Image.open(io.BytesIO(bytes(data))) as img:
                 return np.asarray(img.convert("RGB"))
+        except UnidentifiedImageError as e:  # its message names an in-memory buffer, not the file
+            raise BadImage(where, "UnidentifiedImageError: not an image PIL can read (corrupt, or "
+                           "not an image file)") from e
         except _DECODE_ERRORS as e:
             raise BadImage(where, _reason(e)) from e
     image = np.asarray(data)
