@@ -135,7 +135,7 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not text (byte {e.start} is not UTF-8); it is damaged: fix "
                          "it or re-download the checkpoint") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; "
+        raise ValueError(f"{path} is not valid JSON: {e.msg} (line {e.lineno} column {e.colno}); "
                          "fix it or re-download the checkpoint") from e
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of config "
