@@ -25,8 +25,10 @@ def get_config(arg=None):
     c.seed = 0
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: the rest of the devices
 
+    # on_bad_image: 'skip' replaces an unreadable image by the next readable example and counts
+    # it (data/images.py); 'fail' stops at the first.
     c.data = dict(name="imagenet", batch_size=512, seed=0, num_workers=16,
-                  data_dir="", manual_dir="")
+                  data_dir="", manual_dir="", on_bad_image="skip")
 
     c.model = dict(
         lm_path="roberta-base",  # HF hub name or local folder (config.json + weights)

@@ -14,6 +14,10 @@ Processes. Process ``k`` of ``P`` loads positions ``j`` in ``[k * G/P, (k+1) * G
 batch, so concatenating the processes' batches in process order gives the global batch (the layout
 ``jax.make_array_from_process_local_data`` expects for a batch sharded along its first axis).
 
+Unreadable images. A source may replace an example whose image cannot be read by another chosen
+from its index alone (``data/images.py``), which keeps batches pure functions of the step; the
+count is ``num_bad_images``.
+
 Augmentation. ``preprocess(example, rng)`` receives a generator seeded from
 ``(seed, global position p)``: the same example at the same position gets the same crop on every
 run, whatever the process count or worker count.
@@ -62,6 +66,8 @@ class IndexedBatches:
       num_workers: threads that load and preprocess examples in parallel (0: in the caller's thread).
         PIL decoding and resizing release the GIL, so threads do scale for image work.
       prefetch: batches :meth:`iterate` prepares ahead in a background thread (0: none).
+      batch_size_name: what the user sets ``global_batch_size`` with (e.g.
+        'config.eval.batch_size'), named in the errors about it.
     """
 
     def __init__(
@@ -76,7 +82,9 @@ class IndexedBatches:
         preprocess: Preprocess | None = None,
         num_workers: int = 0,
         prefetch: int = 2,
+        batch_size_name: str = "global_batch_size",
     ) -> None:
+        name = batch_size_name
         try:
             n = len(source)
         except TypeError as e:
@@ -86,7 +94,7 @@ class IndexedBatches:
         if n == 0:
             raise ValueError("source is empty (len 0); check the split name and the data directory.")
         if global_batch_size <= 0:
-            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+            raise ValueError(f"{name} must be positive, got {global_batch_size}")
         if process_count <= 0 or not 0 <= process_index < process_count:
             raise ValueError(
                 f"need 0 <= process_index < process_count, got process_index={process_index}, "
@@ -94,13 +102,13 @@ class IndexedBatches:
             )
         if global_batch_size % process_count:
             raise ValueError(
-                f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}; "
+                f"{name}={global_batch_size} is not divisible by process_count {process_count}; "
                 f"every process loads an equal share, so pick a multiple of {process_count}."
             )
         if global_batch_size > n:
             raise ValueError(
-                f"global_batch_size {global_batch_size} is larger than the source ({n} examples): one batch "
-                "would hold the same example more than once. Use a batch of at most the dataset size or a "
+                f"{name}={global_batch_size} is larger than the source ({n} examples): one batch "
+                f"would hold the same example more than once. Set {name} to at most {n} or use a "
                 "larger split."
             )
         if seed < 0:
@@ -123,6 +131,13 @@ class IndexedBatches:
         # A batch touches at most two epochs, and prefetching runs a few steps ahead: a tiny cache
         # saves recomputing an ImageNet-sized permutation (~20 ms) for every batch.
         self._epoch_order = functools.lru_cache(maxsize=4)(self._compute_epoch_order)
+
+    @property
+    def num_bad_images(self) -> int:
+        """Examples whose image could not be read, found so far by the source (0 for sources
+        that never have any): ``data/images.py`` ReplaceBadImages, or a feature cache's record
+        of them. For the metrics (``data/bad_images``)."""
+        return int(getattr(self.source, "num_bad_images", 0))
 
     @property
     def steps_per_epoch(self) -> float:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from lqae_vlap.data import demo_images
+from lqae_vlap.data.images import read_image_file
 
 __all__ = ["digit_caption", "DigitCaptions", "JsonlCaptions", "tokenize_captions", "pad_id",
            "caption_example_fn"]
@@ -121,9 +121,7 @@ class JsonlCaptions:
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, caption = self._entry(index)
         path = Path(image) if os.path.isabs(image) else self.folder / image
-        with Image.open(path) as im:
-            pixels = np.asarray(im.convert("RGB"), np.uint8)
-        return {"image": pixels, "caption": caption}
+        return {"image": read_image_file(path), "caption": caption}
 
     @property
     def captions(self) -> list[str]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lqae_vlap.data.imagenet import decode_image
+from lqae_vlap.data.images import BadImage, decode_image
 
 LAYOUTS = ("webdataset", "files")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -264,15 +264,19 @@ class Cc3m:
         i = self._check(index)
         shard = self.shards[int(self._shard[i])]
         if self.layout == "files":
-            with open(shard / f"{self._keys[i]}.{self._exts[i]}", "rb") as f:
-                return f.read()
+            path = shard / f"{self._keys[i]}.{self._exts[i]}"
+            try:
+                return path.read_bytes()
+            except OSError as e:
+                raise BadImage(str(path), f"{type(e).__name__}: {e.strerror or e}") from e
         # A fresh handle per read keeps concurrent reads from IndexedBatches' threads independent.
         with open(shard, "rb") as f:
             f.seek(int(self._offset[i]))
             data = f.read(int(self._size[i]))
         if len(data) != int(self._size[i]):
-            raise OSError(f"Cc3m: {shard} is shorter than its index says (truncated or replaced "
-                          "since the index was built); delete the cached index to rebuild it.")
+            raise BadImage(f"{shard} sample {self._keys[i]}",
+                           "the shard is shorter than its index says (truncated or replaced since "
+                           "the index was built); delete the cached index to rebuild it")
         return data
 
     def fields_without_image(self, index: int) -> dict[str, Any]:
@@ -282,4 +286,5 @@ class Cc3m:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = self._check(index)
-        return {"image": decode_image(self.image_bytes(i)), **self.fields_without_image(i)}
+        where = f"{self.shards[int(self._shard[i])]} sample {self._keys[i]}"
+        return {"image": decode_image(self.image_bytes(i), where), **self.fields_without_image(i)}

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from lqae_vlap.data.imagenet import decode_image
+from lqae_vlap.data.images import decode_image
 
 DATASET_NAME = "coco_captions"
 SPLITS = ("train", "restval", "val", "test")
@@ -234,4 +234,5 @@ class CocoCaptions:
         i = self._check(index)
         image = int(self.image_of_pair[i]) if self.mode == "pairs" else i
         record = self.data_source[image]
-        return {"image": decode_image(record["image"]), **self.fields_without_image(i)}
+        where = f"COCO {self.split} image id {self.image_ids[image]}"
+        return {"image": decode_image(record["image"], where), **self.fields_without_image(i)}

@@ -11,11 +11,19 @@ dataset, split and length, and the stored dtype. Anything that changes the featu
 key; anything the key omits is the caller's promise that it does not matter.
 
 Files in ``cache_dir``: ``<key>.npy`` (the features, [N, ...] as ``feature_fn`` returns them per
-example, typically [N, T, Dv]) and ``<key>.json`` (the key's parts, shape, dtype). The ``.npy`` is
+example, typically [N, T, Dv]) and ``<key>.json`` (the key's parts, shape, dtype, the sha256 of the
+``.npy`` and the examples whose unreadable image was replaced, ``data/images.py``). The ``.npy`` is
 written under a temporary name and renamed only when complete, after its ``.json``: an interrupted
 run never leaves a file that looks complete (a killed run leaves ``<key>.npy.tmp-<pid>``, which is
 safe to delete). In a multi-host run, compute on one host first (or let each host compute its own
 copy on local disk); two hosts writing the same key race only for the final rename, which is atomic.
+
+Checksums. Opening a cache reads the whole ``.npy`` once and compares its sha256 with the one
+recorded when it was written (1.8 GB/s from the page cache on one core, else the disk's speed):
+same-size garbage, a truncated or a replaced file is named, with the command that rebuilds it,
+instead of training on it. A verified file's size, mtime and inode go into ``<key>.verified``
+(once the file is over 2 s old: mtimes are coarse); later opens of the unchanged file skip the
+full read (any write to the file changes its mtime and brings the full check back).
 
 ``CachedFeatures`` then wraps the original source: its examples are the source's fields minus
 'image', plus 'vision_features'.
@@ -28,6 +36,8 @@ import json
 import operator
 import os
 import re
+import shlex
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +51,7 @@ REQUIRED_PARTS = ("vision", "preprocess", "dataset", "split", "num_examples", "d
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".npz", ".gguf", ".pt", ".pth", ".h5")
 _MIB = 1 << 20
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_RACY_S = 2
 
 __all__ = ["cache_key", "CacheKey", "vision_identity", "weights_fingerprint", "FeatureCache",
            "CachedFeatures", "cache_sources", "REQUIRED_PARTS"]
@@ -138,10 +149,56 @@ def vision_identity(model_path: str | os.PathLike | None = None, *,
     return out
 
 
-def _corrupt(path: Path, problem: str) -> RuntimeError:
-    return RuntimeError(f"corrupt feature cache: {path} {problem}. Delete it and its .json "
-                        f"(rm {path} {path.with_suffix('.json')}); the features are recomputed on "
-                        "the next run.")
+def _rerun() -> str:
+    """The command that started this run, when it is the CLI (the cache is rebuilt by it)."""
+    if sys.argv and sys.argv[0].replace(os.sep, "/").endswith("lqae_vlap/main.py"):
+        return "python -m lqae_vlap.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return ""
+
+
+def _corrupt(path: Path, problem: str) -> ValueError:
+    # A ValueError: main prints it as one line (it is bad input, not a bug).
+    files = " ".join(shlex.quote(str(p)) for p in
+                     (path, path.with_suffix(".json"), path.with_suffix(".verified")))
+    rerun = _rerun()
+    how = (f"rm -f {files} && {rerun}" if rerun else
+           f"rm -f {files}, then run again")
+    return ValueError(f"corrupt feature cache: {path} {problem}. Rebuild it: {how} (the features "
+                      "are recomputed and stored)")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 16 * _MIB) -> str:
+    """sha256 of a file's bytes, read in chunks (a cache file can be far larger than memory)."""
+    digest = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _write_stamp(path: Path, sha256: str) -> None:
+    """Records that ``path`` as it is now (size, mtime, inode) has the bytes of ``sha256``.
+
+    Not for a file modified in the last ``_RACY_S`` seconds: mtimes are coarse (a few ms), so a
+    write just after this check could leave the same mtime (git's "racily clean" index entries);
+    such a file is verified in full again at its next open.
+    """
+    if time.time_ns() - path.stat().st_mtime_ns < _RACY_S * 1e9:
+        return
+    stamp_path = path.with_suffix(".verified")
+    tmp = stamp_path.with_name(f"{stamp_path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({**_stamp(path), "sha256": sha256}), encoding="utf-8")
+        os.replace(tmp, stamp_path)
+    except OSError:  # a read-only cache is still usable; it is verified in full at every open
+        tmp.unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -156,19 +213,19 @@ class FeatureCache:
             raise ValueError(f"FeatureCache: {key!r} is not a cache key; make one with cache_key(...).")
         return self.cache_dir / f"{key}.npy", self.cache_dir / f"{key}.json"
 
-    def get(self, key: str) -> np.ndarray | None:
-        """The stored features of ``key`` (read-only memory map), or None when not computed."""
+    def get(self, key: str, verify: bool = True) -> np.ndarray | None:
+        """The stored features of ``key`` (read-only memory map), or None when not computed.
+
+        verify: compare the file's sha256 with the recorded one (module docstring); a damaged
+        file raises a ValueError that names it and the command that rebuilds it.
+        """
         path, meta_path = self.paths(key)
         if not path.is_file():
             return None
         if not meta_path.is_file():
             raise _corrupt(path, f"has no metadata file {meta_path.name}")
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-            expected = (tuple(meta["shape"]), np.dtype(meta["dtype"]), meta["key"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise _corrupt(path, f"has an unreadable metadata file {meta_path.name} ({e!r})") from e
+        meta = self._metadata(path, meta_path)
+        expected = (tuple(meta["shape"]), np.dtype(meta["dtype"]), meta["key"])
         try:
             features = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -178,7 +235,48 @@ class FeatureCache:
         if (features.shape, features.dtype) != expected[:2]:
             raise _corrupt(path, f"holds {features.dtype} {features.shape} but its metadata says "
                            f"{expected[1]} {expected[0]}")
+        if verify:
+            self._verify(path, meta)
         return features
+
+    @staticmethod
+    def _metadata(path: Path, meta_path: Path) -> dict[str, Any]:
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            meta["shape"], meta["dtype"] = list(meta["shape"]), np.dtype(meta["dtype"]).name
+            if not isinstance(meta["key"], str):
+                raise TypeError(f"key {meta['key']!r} is not a string")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise _corrupt(path, f"has an unreadable metadata file {meta_path.name} ({e!r})") from e
+        return meta
+
+    def metadata(self, key: str) -> dict[str, Any]:
+        """The ``.json`` written beside ``key``'s features (after ``get`` found them)."""
+        path, meta_path = self.paths(key)
+        return self._metadata(path, meta_path)
+
+    @staticmethod
+    def _verify(path: Path, meta: dict[str, Any]) -> None:
+        """The file's sha256 against the one recorded at writing, unless ``<key>.verified`` says
+        this very file (size, mtime, inode) was verified before."""
+        recorded = meta.get("sha256")
+        if not isinstance(recorded, str):
+            raise _corrupt(path, "has no checksum in its metadata (written before checksums were "
+                           "recorded, or the metadata was edited), so it cannot be verified")
+        stamp_path = path.with_suffix(".verified")
+        stamp = {**_stamp(path), "sha256": recorded}
+        try:
+            if json.loads(stamp_path.read_text(encoding="utf-8")) == stamp:
+                return
+        except (OSError, ValueError):
+            pass  # no stamp yet, or a damaged one: verify in full
+        actual = file_sha256(path)
+        if actual != recorded:
+            raise _corrupt(path, f"does not match the checksum recorded when it was written "
+                           f"(sha256 {actual[:12]}... instead of {recorded[:12]}...): its bytes "
+                           "changed on disk (damaged, overwritten or truncated)")
+        _write_stamp(path, recorded)
 
     def get_or_compute(self, key: str, source: Any,
                        feature_fn: Callable[[np.ndarray], Any], *, batch_size: int,
@@ -224,8 +322,12 @@ class FeatureCache:
         try:
             shape = self._compute(tmp, source, feature_fn, min(int(batch_size), n), preprocess,
                                   stored, num_workers)
+            replaced = dict(getattr(source, "replacements", None) or {})
             meta = {"key": str(key), "parts": parts, "shape": list(shape), "dtype": stored.name,
-                    "num_examples": n, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    "num_examples": n, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "sha256": file_sha256(tmp),
+                    # example -> the example whose image stands in for its unreadable one
+                    "replaced": {str(i): int(j) for i, j in sorted(replaced.items())}}
             meta_tmp = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
             with open(meta_tmp, "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=1)
@@ -235,7 +337,7 @@ class FeatureCache:
             for leftover in (tmp, meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")):
                 leftover.unlink(missing_ok=True)
             raise
-        result = self.get(key)
+        result = self.get(key, verify=False)  # its bytes were just hashed
         assert result is not None
         return result
 
@@ -289,15 +391,25 @@ class CachedFeatures:
 
     ``src[i] -> source's fields minus 'image' + {'vision_features': features[i]}`` ([T, Dv]). The
     fields come from ``source.fields_without_image(i)`` when the source has it (no image is read);
-    other attributes (``captions``, ``references``, ...) are the source's.
+    other attributes (``captions``, ``references``, ...) are the source's. ``replaced``: example ->
+    the example whose image stood in for its unreadable one when the features were computed
+    (``images.ReplaceBadImages``); such an example takes that one's fields too, as it would
+    without the cache.
     """
 
-    def __init__(self, source: Any, features: np.ndarray) -> None:
+    def __init__(self, source: Any, features: np.ndarray,
+                 replaced: Mapping[int, int] | None = None) -> None:
         if len(source) != len(features):
             raise ValueError(f"CachedFeatures: the source has {len(source)} examples but the "
                              f"features {len(features)} rows; were they computed for another split?")
         self.source = source
         self.features = features
+        self.replaced = {int(i): int(j) for i, j in (replaced or {}).items()}
+
+    @property
+    def num_bad_images(self) -> int:
+        """Examples whose image could not be read when the features were computed."""
+        return len(self.replaced)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -306,16 +418,17 @@ class CachedFeatures:
         i = operator.index(index)
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {index} out of range for CachedFeatures of length {len(self)}")
+        j = self.replaced.get(i % len(self), i)
         fields = getattr(self.source, "fields_without_image", None)
         if fields is not None:
-            example = dict(fields(i))
+            example = dict(fields(j))
         else:
-            example = {k: v for k, v in self.source[i].items() if k != "image"}
+            example = {k: v for k, v in self.source[j].items() if k != "image"}
         example["vision_features"] = np.asarray(self.features[i])
         return example
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("source", "features"):  # not set yet (e.g. while unpickling)
+        if name in ("source", "features", "replaced"):  # not set yet (e.g. while unpickling)
             raise AttributeError(name)
         return getattr(self.source, name)
 
@@ -347,5 +460,10 @@ def cache_sources(sources: Mapping[str, Any], cache_dir: str | os.PathLike, *,
             key = cache_key(**parts, split=name, num_examples=len(src), dtype=dtype)
             feats = cache.get_or_compute(key, src, encode, batch_size=int(batch_size),
                                          preprocess=preprocess, num_workers=int(num_workers))
-            wrapped[id(src)] = CachedFeatures(src, feats)
+            replaced = cache.metadata(key).get("replaced") or {}
+            if replaced:
+                print(f"data: {name}: {len(replaced)} examples with an unreadable image are "
+                      f"replaced in the cached features (listed in {cache.paths(key)[1]})",
+                      flush=True)
+            wrapped[id(src)] = CachedFeatures(src, feats, replaced)
     return {name: None if src is None else wrapped[id(src)] for name, src in sources.items()}

@@ -22,15 +22,14 @@ The release fed the model [0, 1] pixels (image_normalization 'none'); this proje
 
 from __future__ import annotations
 
-import io
 import operator
 import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from lqae_vlap.data.images import decode_image
 from lqae_vlap.data.preprocess import center_crop, random_resized_crop, resize_shorter_side
 
 DATASET_NAME = "imagenet2012"
@@ -55,26 +54,6 @@ def _import_tfds() -> Any:
 def _base_split(split: str) -> str:
     # TFDS slicing syntax ('train[:10000]', 'train[99%:]') selects part of a named split.
     return split.split("[", 1)[0].strip()
-
-
-def decode_image(data: Any) -> np.ndarray:
-    """JPEG/PNG bytes (or an already decoded array) -> RGB uint8 [H, W, 3].
-
-    ``convert('RGB')`` also handles the few greyscale and CMYK files in ImageNet.
-    """
-    if isinstance(data, (bytes, bytearray, memoryview, np.bytes_)):
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            return np.asarray(img.convert("RGB"))
-    image = np.asarray(data)
-    if image.dtype == object and image.ndim == 0:  # a bytes scalar wrapped by NumPy
-        return decode_image(image.item())
-    if image.dtype != np.uint8:
-        raise TypeError(f"expected encoded image bytes or a uint8 array, got dtype {image.dtype}")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 3):
-        raise ValueError(f"expected an image [H, W, 1 or 3], got shape {image.shape}")
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
 class ImageNetSource:
@@ -104,7 +83,7 @@ class ImageNetSource:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {index} out of range for an ImageNet split of {len(self)} examples")
         record = self.data_source[i % len(self)]
-        image = decode_image(record["image"])
+        image = decode_image(record["image"], f"ImageNet record {i % len(self)}")
         if not self.train:
             image = eval_crop(image, self.image_size)
         return {"image": image, "label": np.int32(record["label"])}

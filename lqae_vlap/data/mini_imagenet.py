@@ -20,8 +20,8 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
-from PIL import Image
 
+from lqae_vlap.data.images import read_image_file
 from lqae_vlap.data.preprocess import center_crop, resize_shorter_side
 
 SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "validation": "val.csv", "test": "test.csv"}
@@ -101,7 +101,5 @@ class MiniImageNet:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is listed in {SPLIT_FILES[self.split]} but missing; "
                                     "check that images/ holds the whole split")
-        with Image.open(path) as img:
-            image = np.asarray(img.convert("RGB"), np.uint8)
-        image = center_crop(resize_shorter_side(image, self.image_size), self.image_size)
+        image = center_crop(resize_shorter_side(read_image_file(path), self.image_size), self.image_size)
         return {"image": image, "label": self.labels[i]}

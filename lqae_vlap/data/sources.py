@@ -14,6 +14,11 @@ Examples carry what their data has: 'image' (uint8) always, 'label' with ``src.c
 labelled data, 'caption' on captioned data; the digits carry both, so both methods run on them.
 Each method says which names it can train on (a method needing captions refuses ImageNet).
 ``eval_images`` and ``vqa_questions`` open the evaluation-only sources a VLAP config names.
+
+Sources read from files are wrapped in ``images.ReplaceBadImages``: an example whose image is
+missing or cannot be decoded is replaced by the next readable one and counted
+(``config.data.on_bad_image='skip'``, the default), or stops the run ('fail'). The in-memory
+digits never are.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import ml_collections
 
 from lqae_vlap.data import captions as captions_lib
+from lqae_vlap.data import images as images_lib
 
 Splits = dict[str, Any]
 
@@ -90,19 +96,38 @@ def open_sources(d: ml_collections.ConfigDict, image_size: int,
     splits = SOURCES[d.name](d, int(image_size))
     splits.setdefault("train_eval", splits["train"])
     splits.setdefault("images", splits["validation"])
+    if d.name in FILE_BACKED:
+        splits = replace_bad_images(splits, d.get("on_bad_image", "skip"))
     return splits
+
+
+FILE_BACKED = ("imagenet", "jsonl", "coco_captions", "cc3m")
+
+
+def replace_bad_images(splits: Splits, on_bad_image: str) -> Splits:
+    """Each split in ``images.ReplaceBadImages`` (one wrapper per source object, so a source
+    listed under two names stays one object with one count)."""
+    wrapped: dict[int, Any] = {}
+    for name, src in splits.items():
+        if src is not None and id(src) not in wrapped:
+            wrapped[id(src)] = images_lib.ReplaceBadImages(src, on_bad_image, name=name)
+    return {name: None if src is None else wrapped[id(src)] for name, src in splits.items()}
 
 
 def eval_images(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> Any:
     """``config.eval.source``'s held-out images with their references (e.g. COCO's Karpathy
     test split while training on CC3M), or None for '' (the training data's own)."""
+    on_bad = d.get("on_bad_image", "skip")
     if source.name == "coco_captions":
         from lqae_vlap.data.coco_captions import CocoCaptions  # noqa: PLC0415
 
-        return CocoCaptions(source.split, data_dir=d.get("data_dir") or None, mode="images",
-                            index_cache_dir=d.get("index_cache_dir") or None)
+        return images_lib.ReplaceBadImages(
+            CocoCaptions(source.split, data_dir=d.get("data_dir") or None, mode="images",
+                         index_cache_dir=d.get("index_cache_dir") or None), on_bad, name="images")
     if source.name == "jsonl":
-        return captions_lib.ImagesWithReferences(captions_lib.JsonlCaptions(source.path))
+        return images_lib.ReplaceBadImages(
+            captions_lib.ImagesWithReferences(captions_lib.JsonlCaptions(source.path)), on_bad,
+            name="images")
     if source.name:
         raise ValueError(f"config.eval.source.name={source.name!r} is not known; use '' (the "
                          "training data's held-out split), 'coco_captions' or 'jsonl'")
@@ -112,8 +137,10 @@ def eval_images(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
 VQA_SOURCES = ("", "digits", "vqav2")
 
 
-def vqa_questions(vqa: ml_collections.ConfigDict, image_size: int) -> Any:
-    """``config.eval.vqa.source``'s questions, or None for '' (no VQA)."""
+def vqa_questions(vqa: ml_collections.ConfigDict, image_size: int,
+                  on_bad_image: str = "skip") -> Any:
+    """``config.eval.vqa.source``'s questions, or None for '' (no VQA); VQAv2's images are read
+    from files, so ``on_bad_image`` applies to them (``images.ReplaceBadImages``)."""
     if vqa.source not in VQA_SOURCES:
         raise ValueError(f"config.eval.vqa.source={vqa.source!r} is not known; use one of "
                          f"{VQA_SOURCES} ('' = no VQA)")
@@ -124,5 +151,7 @@ def vqa_questions(vqa: ml_collections.ConfigDict, image_size: int) -> Any:
     if vqa.source == "vqav2":
         from lqae_vlap.data.vqa_source import VqaV2Source  # noqa: PLC0415
 
-        return VqaV2Source(vqa.questions, vqa.annotations or None, vqa.image_dir)
+        return images_lib.ReplaceBadImages(
+            VqaV2Source(vqa.questions, vqa.annotations or None, vqa.image_dir), on_bad_image,
+            name="vqa")
     return None

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lqae_vlap.data import demo_images
-from lqae_vlap.data.imagenet import decode_image
+from lqae_vlap.data.images import read_image_file
 
 N_HUMAN_ANSWERS = 10  # human answers per annotated VQAv2 question
 DEFAULT_IMAGE_PATTERN = "COCO_{subtype}_{image_id:012d}.jpg"
@@ -194,9 +194,7 @@ class VqaV2Source(_Questions):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         fields = self.fields_without_image(index)
-        path = self.image_path(int(fields["image_id"]))
-        with open(path, "rb") as f:
-            return {"image": decode_image(f.read()), **fields}
+        return {"image": read_image_file(self.image_path(int(fields["image_id"]))), **fields}
 
 
 class DigitQuestions(_Questions):

@@ -133,13 +133,16 @@ def load_pretrained(path_or_name: str | os.PathLike | None = None, *, dtype: Any
 
 def load_tokenizer(path_or_name: str | os.PathLike) -> Any:
     """The checkpoint's tokenizer (transformers AutoTokenizer, local files only; for a GGUF file,
-    read from its metadata)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    built from its metadata without torch: ``gguf.load_tokenizer``)."""
+    from lqae_vlap.models import hf_weights  # noqa: PLC0415  (keeps `import models` light)
 
-    from lqae_vlap.models import hf_weights  # noqa: PLC0415
-
+    hf_weights.import_transformers()
     gguf = _gguf_file(Path(path_or_name).expanduser())
     if gguf is not None:
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        from lqae_vlap.models import gguf as gguf_lib  # noqa: PLC0415
+
+        return gguf_lib.load_tokenizer(gguf)
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
     return AutoTokenizer.from_pretrained(str(hf_weights.resolve_checkpoint(path_or_name)),
                                          local_files_only=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -146,18 +147,28 @@ class _MsgpackWalker:
         if self.f.tell() != start + length or not isinstance(blob, _Blob):
             raise ValueError(f"{self.path}: malformed flax array at offset {start}")
         dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-        return _FlaxArray(tuple(int(d) for d in shape), dtype, (blob,))
+        shape = tuple(int(d) for d in shape)
+        if blob.length != np.dtype(dtype).itemsize * math.prod(shape):
+            raise ValueError(f"{self.path}: the array at offset {start} is {np.dtype(dtype).name} "
+                             f"{shape} but holds {blob.length:,} bytes; the file is damaged: "
+                             "re-download the checkpoint")
+        return _FlaxArray(shape, dtype, (blob,))
 
 
-def _unchunk(node: Any) -> Any:
+def _unchunk(node: Any, path: Path) -> Any:
     """flax's chunked-array dicts -> one _FlaxArray (the walk's counterpart of msgpack_restore)."""
     if not isinstance(node, dict):
         return node
     if "__msgpack_chunked_array__" in node:
         shape = tuple(int(node["shape"][str(i)]) for i in range(len(node["shape"])))
         chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
-        return _FlaxArray(shape, chunks[0].dtype, tuple(b for c in chunks for b in c.blobs))
-    return {k: _unchunk(v) for k, v in node.items()}
+        array = _FlaxArray(shape, chunks[0].dtype, tuple(b for c in chunks for b in c.blobs))
+        if sum(b.length for b in array.blobs) != np.dtype(array.dtype).itemsize * math.prod(shape):
+            raise ValueError(f"{path}: a chunked array of shape {shape} holds "
+                             f"{sum(b.length for b in array.blobs):,} bytes, not what its shape "
+                             "needs; the file is damaged: re-download the checkpoint")
+        return array
+    return {k: _unchunk(v, path) for k, v in node.items()}
 
 
 def _read_flax_array(path: Path, array: _FlaxArray) -> np.ndarray:
@@ -172,8 +183,13 @@ def _read_flax_array(path: Path, array: _FlaxArray) -> np.ndarray:
 
 def _flax_msgpack_tree(path: Path) -> dict[tuple[str, ...], _FlaxArray]:
     """The flattened {flax path: _FlaxArray} of one flax msgpack file; no tensor is read."""
-    with open(path, "rb") as f:
-        tree = _unchunk(_MsgpackWalker(f, path).value())
+    try:
+        with open(path, "rb") as f:
+            tree = _unchunk(_MsgpackWalker(f, path).value(), path)
+    except (UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError,
+            RecursionError) as e:  # garbage bytes that happen to parse as msgpack for a while
+        raise ValueError(f"{path} is not a flax checkpoint or is damaged ({type(e).__name__} "
+                         "while reading its structure); re-download the checkpoint") from e
     flat = traverse_util.flatten_dict(tree) if isinstance(tree, dict) else {}
     bad = sorted("/".join(k) for k, v in flat.items() if not isinstance(v, _FlaxArray))
     if not flat or bad:

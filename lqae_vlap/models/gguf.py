@@ -186,21 +186,81 @@ def llama3_scaling_from_rope_freqs(reader: Any, arch: str, config: dict[str, Any
     return scaling
 
 
+# tokenizer.ggml.<key> -> the tokenizer_config name of the special token it holds the id of
+# (transformers/integrations/gguf/gguf_tokenizer_mapping.py: _SPECIAL_TOKENS).
+_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                      "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def tokenizer_metadata(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(architecture, tokenizer fields, tokenizer_config) of a GGUF file, as transformers'
+    ``integrations.gguf.get_gguf_tokenizer`` returns them, read with the numpy-only ``gguf``
+    package instead of transformers' reader, which imports torch."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (  # noqa: PLC0415
+        GGUF_TOKENIZER_MAPPING)
+
+    reader = _reader(path)
+    metadata = {k: f.contents() for k, f in reader.fields.items()
+                if k.startswith("tokenizer.") or k == "general.architecture"}
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise ValueError(f"{path} holds no tokenizer (no tokenizer.ggml.tokens); pass "
+                         "config.model.tokenizer_path, a folder with the model's tokenizer files")
+    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                       if f"tokenizer.{key}" in metadata}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    # As transformers' get_gguf_tokenizer: llama.cpp adds BOS to a sentencepiece vocabulary that
+    # does not say otherwise; gemma4's chat template writes <bos> itself.
+    if tokenizer.get("tokenizer_type") == "llama":
+        tokenizer_config.setdefault("add_bos_token", True)
+    elif tokenizer.get("tokenizer_type") == "gemma4":
+        tokenizer_config["add_bos_token"] = False
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return metadata.get("general.architecture", ""), tokenizer, tokenizer_config
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer a GGUF file's metadata describes, as transformers' ``AutoTokenizer`` builds it
+    from ``gguf_file=`` (the same ids, special tokens and decoding), without importing torch: a
+    ``PreTrainedTokenizerFast`` over transformers' own GGUF tokenizer conversion."""
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (  # noqa: PLC0415
+        convert_gguf_tokenizer)
+
+    architecture, fields, tokenizer_config = tokenizer_metadata(path)
+    backend, extra = convert_gguf_tokenizer(architecture, fields)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+
+
+def _reader(path: str | os.PathLike) -> Any:
+    """A GGUFReader over ``path``; a missing, truncated or foreign file is named in a ValueError."""
+    try:
+        from gguf import GGUFReader  # noqa: PLC0415  (optional dependency)
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from e
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist; pass the path of a .gguf file")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # noqa: BLE001  (gguf raises ValueError, struct/numpy errors on damage)
+        raise ValueError(f"{path} cannot be read as a GGUF file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or damaged: "
+                         "re-download it") from e
+
+
 def open_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], StateDict]:
     """(HF-style config dict, lazy float32 state dict in HF LlamaForCausalLM naming) of a GGUF file.
 
     Each tensor is dequantised (and q/k un-permuted) only when read, so peak host memory is one
     float32 tensor on top of the memory-mapped file.
     """
-    try:
-        from gguf import GGUFReader  # noqa: PLC0415  (optional dependency)
-        from gguf.quants import dequantize  # noqa: PLC0415
-    except ImportError as e:
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from e
+    reader = _reader(path)
+    from gguf.quants import dequantize  # noqa: PLC0415  (present: _reader imported gguf)
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist; pass the path of a .gguf file")
-    reader = GGUFReader(path)
     config = read_config(reader)
     heads = {"self_attn.q_proj": config["num_attention_heads"],
              "self_attn.k_proj": config.get("num_key_value_heads", config["num_attention_heads"])}

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,14 +88,59 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     return folder
 
 
+def import_transformers() -> None:
+    """Imports transformers without its "PyTorch was not found" advice: the tokenizers and configs
+    used here need no torch, which core installs do not have (later advice is left alone)."""
+    if "transformers" in sys.modules:
+        return
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(quiet)
+    os.environ[quiet] = "1"
+    try:
+        importlib.import_module("transformers")
+    finally:
+        if before is None:
+            del os.environ[quiet]
+        else:
+            os.environ[quiet] = before
+
+
 def read_hf_config(folder: str | os.PathLike) -> Any:
-    """The folder's config.json as a transformers config object (no network)."""
+    """The folder's config.json as a transformers config object (no network).
+
+    Raises FileNotFoundError when there is none, and ValueError naming the file when it is not a
+    JSON object (with the JSON error's line and column) or transformers cannot read it.
+    """
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
+    read_config_json(path)  # transformers' own message for bad JSON is an OSError without where
+    import_transformers()
     from transformers import AutoConfig  # noqa: PLC0415  (heavy import, only when loading)
 
-    folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
-    return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: transformers cannot read this config ({type(e).__name__}: "
+                         f"{e}); fix it or re-download the checkpoint") from e
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's config.json as a dict; ValueError naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not text (byte {e.start} is not UTF-8); it is damaged: fix "
+                         "it or re-download the checkpoint") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} (line {e.lineno} column {e.colno}); "
+                         "fix it or re-download the checkpoint") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of config "
+                         "fields; fix it or re-download the checkpoint")
+    return config
 
 
 class StateDict(Mapping):
@@ -133,21 +180,68 @@ def _read_bytes(path: Path, start: int, end: int, dtype: Any, shape: tuple[int, 
     with open(path, "rb") as f:
         f.seek(start)
         buf = f.read(end - start)
+    if len(buf) != end - start:  # the file shrank after its header was checked
+        raise ValueError(f"{path} is truncated: a tensor's bytes end at offset {end:,}, the file "
+                         f"holds {start + len(buf):,}; re-download it")
     return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(header length n, the header's tensors) of a safetensors file, checked against its size:
+    every tensor's ``data_offsets`` lie in the data region and span dtype size x prod(shape)."""
+    size = path.stat().st_size
+    redownload = "re-download it"
+    if size < 8:
+        raise ValueError(f"{path} is {size} bytes, too short for a safetensors file (an 8-byte "
+                         f"header length, then a JSON header); it is damaged: {redownload}")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ValueError(f"{path} is truncated or not a safetensors file: its first 8 bytes "
+                             f"say a {n:,}-byte header, the file holds {size:,} bytes; {redownload}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({e}); it is "
+                         f"damaged: {redownload}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is a JSON "
+                         f"{type(header).__name__}, not an object; {redownload}")
+    header.pop("__metadata__", None)
+    data_size, end_max = size - 8 - n, 0
+    for key, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (isinstance(dtype, str) and isinstance(shape, list)
+                  and all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(start, int)
+                  and isinstance(end, int) and 0 <= start <= end)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}: the header entry of tensor {key!r} is malformed ({info!r:.200}); "
+                             f"the file is damaged: {redownload}")
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}, which this reader "
+                             f"does not handle (known: {sorted(_SAFETENSORS_DTYPES)})")
+        want = np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize * math.prod(shape)
+        if end - start != want:
+            raise ValueError(f"{path}: tensor {key!r} ({dtype} {tuple(shape)}) needs {want:,} bytes "
+                             f"but its header gives it {end - start:,}; the file is damaged: "
+                             f"{redownload}")
+        end_max = max(end_max, end)
+    if end_max > data_size:
+        raise ValueError(f"{path} is truncated: its header says {end_max:,} bytes of tensors, the "
+                         f"file holds {data_size:,}; {redownload}")
+    return n, header
 
 
 def _safetensors_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
     # The format is an 8-byte header length, a JSON header, then raw little-endian bytes; reading
     # it directly handles bfloat16 (safetensors' numpy API cannot) without torch or a device.
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+    n, header = _safetensors_header(path)
     entries = {}
     for key, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which this reader "
-                             f"does not handle (known: {sorted(_SAFETENSORS_DTYPES)})")
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
         entries[key] = (shape, functools.partial(_read_bytes, path, 8 + n + start, 8 + n + end,
@@ -167,17 +261,34 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
 def _torch_bin_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
     import torch  # noqa: PLC0415  (only the legacy .bin format needs torch)
 
-    try:  # mmap keeps a big .bin on disk until each tensor is asked for
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # pre-zipfile (torch < 1.6) files cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        try:  # mmap keeps a big .bin on disk until each tensor is asked for
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # pre-zipfile (torch < 1.6) files cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean a damaged file)
+        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or "
+                         "damaged: re-download it") from e
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; "
+                         "pass a checkpoint saved with model.save_pretrained")
     return {k: (tuple(v.shape), functools.partial(_torch_to_numpy, v)) for k, v in state.items()}
 
 
 def _sharded(folder: Path, index_name: str, reader: Callable) -> dict:
-    weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+    index = folder / index_name
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a shard index (a JSON object with a 'weight_map' of "
+                         f"tensor -> file; {type(e).__name__}: {e}); re-download it") from e
     entries = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise FileNotFoundError(f"{index} lists shard {shard!r}, which is not in {folder}; "
+                                    "download every shard of the checkpoint")
         entries.update(reader(folder / shard))
     return entries
 
@@ -381,6 +492,7 @@ def as_hf_config(hf_config: Any) -> Any:
     if "model_type" not in fields:
         raise ValueError(f"an architecture needs 'model_type' beside its Hugging Face config "
                          f"fields; got keys {sorted(fields)}")
+    import_transformers()
     from transformers import AutoConfig  # noqa: PLC0415  (heavy import, only when loading)
 
     return AutoConfig.for_model(**fields)

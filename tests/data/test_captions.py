@@ -1,6 +1,7 @@
 """Caption sources and tokenisation (data/captions.py), with MiniLM's real tokenizer as reference."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 
 from lqae_vlap.data import captions
 from lqae_vlap.data.demo_images import DemoImages
+from lqae_vlap.data.images import BadImage
 from tests.helpers import minilm_tokenizer
 
 
@@ -68,7 +70,8 @@ def test_jsonl_folder_reader(tmp_path):
         assert src.fields_without_image(i) == {"caption": f"caption {i}"}
     (tmp_path / "imgs" / "0.png").unlink()  # the fields never open the image
     assert src.fields_without_image(0) == {"caption": "caption 0"}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(BadImage, match=re.escape(f"bad image {tmp_path / 'imgs' / '0.png'}: "
+                                                 "FileNotFoundError: No such file or directory")):
         src[0]
     with pytest.raises(IndexError, match="out of range"):
         src.fields_without_image(3)

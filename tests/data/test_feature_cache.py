@@ -168,14 +168,14 @@ def test_corrupt_files_are_named_with_the_fix(tmp_path):
     cache = FeatureCache(tmp_path)
     cache.get_or_compute(key, src, Counting(), batch_size=4, preprocess=PRE)
     np.save(tmp_path / f"{key}.npy", np.zeros((N, 3, DV), np.float32))  # wrong shape
-    with pytest.raises(RuntimeError, match=f"corrupt feature cache: .*{key}.npy holds float32 "
-                                           r"\(11, 3, 6\).*Delete it"):
+    with pytest.raises(ValueError, match=f"corrupt feature cache: .*{key}.npy holds float32 "
+                                         r"\(11, 3, 6\).*Rebuild it: rm -f "):
         cache.get_or_compute(key, src, Counting(), batch_size=4, preprocess=PRE)
     (tmp_path / f"{key}.npy").write_bytes(b"not an npy file")
-    with pytest.raises(RuntimeError, match="cannot be read as .npy.*Delete it"):
+    with pytest.raises(ValueError, match="cannot be read as .npy.*Rebuild it: rm -f "):
         cache.get(key)
     (tmp_path / f"{key}.json").unlink()
-    with pytest.raises(RuntimeError, match="has no metadata file.*Delete it"):
+    with pytest.raises(ValueError, match="has no metadata file.*Rebuild it: rm -f "):
         cache.get(key)
     with pytest.raises(ValueError, match="not a cache key"):
         cache.get("../etc/passwd")
