@@ -139,6 +139,7 @@ class Prepared:
     temp_bytes: int
     argument_bytes: int
     flops: float  # per step, every loop iteration counted (see ``prepare``)
+    flops_as_configured: float  # the lowered step as configured (loop bodies once)
     flops_compiled: float  # the optimised program's own count (loop bodies once)
     describe: str
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # of the last step
@@ -186,7 +187,7 @@ def prepare(config: ml_collections.ConfigDict, build, *, vocab_hint: int = 0,
     compile_s = time.perf_counter() - t
     memory = compiled.memory_analysis()
     flops_compiled = _flops(compiled.cost_analysis())
-    flops = _flops(lowered.cost_analysis())
+    flops = flops_as_configured = _flops(lowered.cost_analysis())
     overrides = config.get("plan", {}).get("flops_overrides", {})
     if overrides:
         counting = config.copy_and_resolve_references()
@@ -200,6 +201,7 @@ def prepare(config: ml_collections.ConfigDict, build, *, vocab_hint: int = 0,
     prepared = Prepared(step=step, state=state, frozen=frozen, batch=batch, compile_s=compile_s,
                         temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0)),
                         argument_bytes=int(getattr(memory, "argument_size_in_bytes", 0)),
-                        flops=flops, flops_compiled=flops_compiled, describe=method.describe)
+                        flops=flops, flops_as_configured=flops_as_configured,
+                        flops_compiled=flops_compiled, describe=method.describe)
     prepared.run(1)  # warm-up: the first call also transfers and allocates
     return prepared
