@@ -134,6 +134,63 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, Any]:
                 theirs_row0=theirs[0, :n].tolist())
 
 
+def run(name: str, preset: tuple[str, dict[str, Any]], dtype: str, batches: list[int],
+        new_tokens: int, prompt_len: int, reps: int, torch_device: str = "cpu",
+        sanity_float32: bool = True) -> dict[str, Any]:
+    """Times ours and transformers on random weights of ``preset`` = (family, HF config fields).
+
+    torch_device: where transformers runs ('cuda' on a GPU machine; ours runs on JAX's default
+    device). sanity_float32: compare both sides' first tokens in float32 (for another dtype an
+    extra float32 load and run of both); False compares the first timed outputs in ``dtype``
+    instead (free, but bfloat16 rounding may legitimately make greedy paths part early).
+    Returns the results dict (rows: batch, seconds and tokens/s per side, ratio).
+    """
+    family, cfg = preset
+    jdtype, tdtype = DTYPES[dtype]
+    lo, hi = PROMPT_IDS[family]
+    hi = min(hi, cfg["vocab_size"])
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(lo, hi, (b, prompt_len)).astype(np.int64) for b in batches}
+    model = random_model(family, cfg)
+    results: dict[str, Any] = dict(
+        preset=name, dtype=dtype, new_tokens=new_tokens, prompt_len=prompt_len,
+        reps=reps, jax=jax.__version__, torch=torch.__version__,
+        transformers=T.__version__, device=str(jax.devices()[0].device_kind),
+        torch_device=torch_device, cpu=platform.processor(), cpu_count=os.cpu_count(), rows=[],
+        sanity_dtype="float32" if sanity_float32 else dtype)
+    if not sanity_float32:
+        model = model.to(tdtype)  # half the bytes to write and read back
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        check_prompts = prompts[batches[0]][:2]
+        if dtype != "float32" and sanity_float32:
+            results["sanity"] = sanity_check(family, folder, model, check_prompts)
+            print("sanity (float32, first tokens):", results["sanity"], flush=True)
+        ours = Ours(family, folder, jdtype, new_tokens)
+    model = model.to(torch_device, tdtype)
+    on_gpu = torch_device.startswith("cuda")
+    sync_torch = (lambda x: torch.cuda.synchronize()) if on_gpu else (lambda x: x)
+
+    for b in batches:
+        ids_j = jnp.asarray(prompts[b], jnp.int32)
+        ids_t = torch.from_numpy(prompts[b]).to(torch_device)
+        if "sanity" not in results:
+            # The timed outputs double as the sanity check (float32 here, or asked for).
+            results["sanity"] = compare(
+                np.asarray(ours(ids_j)),
+                torch_generate(model, family, ids_t, new_tokens).cpu().numpy())
+            print(f"sanity ({dtype}, first tokens):", results["sanity"], flush=True)
+        t_ours = median_seconds(lambda: ours(ids_j), jax.block_until_ready, reps)
+        t_hf = median_seconds(lambda: torch_generate(model, family, ids_t, new_tokens),
+                              sync_torch, reps)
+        row = dict(batch=b, ours_s=t_ours, hf_s=t_hf, ours_tok_s=b * new_tokens / t_ours,
+                   hf_tok_s=b * new_tokens / t_hf, ratio=t_hf / t_ours)
+        results["rows"].append(row)
+        print(f"{name} batch {b}: ours {row['ours_tok_s']:.1f} tok/s, transformers "
+              f"{row['hf_tok_s']:.1f} tok/s", flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="opt-125m")
@@ -157,41 +214,9 @@ def main() -> None:
     if args.torch_threads < 1:
         ap.error(f"--torch-threads must be >= 1, got {args.torch_threads}")
     torch.set_num_threads(args.torch_threads)
-    family, cfg = PRESETS[args.preset]
-    jdtype, tdtype = DTYPES[args.dtype]
-    lo, hi = PROMPT_IDS[family]
-    rng = np.random.default_rng(0)
-    prompts = {b: rng.integers(lo, hi, (b, args.prompt_len)).astype(np.int64) for b in batches}
-    model = random_model(family, cfg)
-    results: dict[str, Any] = dict(
-        preset=args.preset, dtype=args.dtype, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
-        reps=args.reps, torch_threads=args.torch_threads, jax=jax.__version__, torch=torch.__version__,
-        transformers=T.__version__, device=str(jax.devices()[0].device_kind), cpu=platform.processor(),
-        cpu_count=os.cpu_count(), rows=[])
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        check_prompts = prompts[batches[0]][:2]
-        if args.dtype != "float32":
-            results["sanity"] = sanity_check(family, folder, model, check_prompts)
-            print("sanity (float32, first tokens):", results["sanity"], flush=True)
-        ours = Ours(family, folder, jdtype, args.new_tokens)
-    model = model.to(tdtype)
-
-    for b in batches:
-        ids_j, ids_t = jnp.asarray(prompts[b], jnp.int32), torch.from_numpy(prompts[b])
-        if args.dtype == "float32" and "sanity" not in results:
-            # The timed float32 outputs double as the sanity check.
-            results["sanity"] = compare(np.asarray(ours(ids_j)),
-                                        torch_generate(model, family, ids_t, args.new_tokens).numpy())
-            print("sanity (float32, first tokens):", results["sanity"], flush=True)
-        t_ours = median_seconds(lambda: ours(ids_j), jax.block_until_ready, args.reps)
-        t_hf = median_seconds(lambda: torch_generate(model, family, ids_t, args.new_tokens),
-                              lambda x: x, args.reps)
-        row = dict(batch=b, ours_s=t_ours, hf_s=t_hf, ours_tok_s=b * args.new_tokens / t_ours,
-                   hf_tok_s=b * args.new_tokens / t_hf, ratio=t_hf / t_ours)
-        results["rows"].append(row)
-        print(f"batch {b}: ours {row['ours_tok_s']:.1f} tok/s, transformers {row['hf_tok_s']:.1f} "
-              f"tok/s", flush=True)
+    results = run(args.preset, PRESETS[args.preset], args.dtype, batches, args.new_tokens,
+                  args.prompt_len, args.reps)
+    results["torch_threads"] = args.torch_threads
 
     print(f"\n{args.new_tokens} new tokens after a {args.prompt_len}-token prompt, greedy, "
           f"median of {args.reps}, on {results['device']} ({os.cpu_count()} CPU cores visible, "
