@@ -3,11 +3,37 @@
     python -m lqae_vlap.main --config=configs/lqae_roberta.py --workdir=$WORKDIR \
         --config.data.manual_dir=/path/to/imagenet_tars --config.data.data_dir=/path/to/tfds
 
-Settings from arXiv 2302.00902 and its released run (see ../shared/reference/methods.md):
-batch 512, AdamW (0.9, 0.95), lr 1.5e-4 per 256 images (3e-4 at 512), 5 warm-up epochs then
-cosine, weight decay 5e-4 (not on biases, norms, embeddings), 100 epochs, commitment 0.005,
-mask ratio 0.5, masked-LM weight 1e-4, both reconstructions weight 1.0. The released code adds its
-commitment term twice (0.005 acts as 0.01): set --config.loss.commitment=0.01 to match it.
+Settings from arXiv 2302.00902 and its released run (the authors' language-quantized-autoencoders,
+one release commit; README training command, lqae/main/lqae_main.py, lqae/models/lqae.py,
+lqae/models/base_vit.py, lqae/data/data.py). Following the released run:
+  * losses (README flags, lqae_main.py get_loss): reconstruction through the frozen LM weight 1.0
+    (bert_channel_image_loss_weight), straight from the quantized words 0.0
+    (nochannel_image_loss_weight): ``loss.recon_lm=1.0, loss.recon_quantized=0.0``, so every
+    gradient to the encoder's words passes through the LM (the paper's abstract: the decoder
+    reconstructs "from BERT predicted text token embeddings"); commitment 0.005
+    (quantizer_loss_commitment), masked-LM 1e-4 (bert_mask_loss_weight) on the masked positions,
+    mask ratio 0.5 (bert_min_ratio = bert_max_ratio); option: --config.loss.recon_quantized=1.0
+    adds the direct reconstruction (this project's earlier default);
+  * quantizer (LanguageQuantizer.__call__, l2_normalize=True, top_k_value=1): nearest word by
+    cosine, the raw word vector passed on, straight-through and commitment on the RAW encoder
+    output: ``quantizer.straight_through_on='raw'``; option 'normalized' (L2-normalise the encoder
+    output first, this project's earlier default);
+  * ViT (base_vit.py): ``model.architecture='released'`` (models/vit_released.py: bias-free conv
+    patches, NormFormer blocks, GLU + 3x3 depthwise conv, no biases, normal(0.02)), every block
+    rematerialised (``model.remat=True``), width 768 = RoBERTa's, 12 layers, 12 heads, GLU width
+    3072, patch 16; option 'plain' (models/vit.py, a pre-LayerNorm ViT-Base as the paper's text
+    reads);
+  * pixels (data.py ImageNetDataset, image_normalization='none'): floats in [0, 1]
+    (``model.pixel_range=(0.0, 1.0)``), RandomResizedCrop(256, scale (0.2, 1.0), bicubic) +
+    horizontal flip for training, resize + centre crop for evaluation (data/imagenet.py); option
+    --config.model.pixel_range="(-1.0, 1.0)";
+  * optimiser (lqae_main.py): batch 512, AdamW (0.9, 0.95), lr 1.5e-4 per 256 images (3e-4 at
+    512), 5 warm-up epochs then cosine to 0, weight decay 5e-4, 100 epochs, no gradient clipping
+    (clip_gradient=1e9: ``optim.grad_clip=0.0``).
+Known differences kept: the released code adds its commitment term twice (0.005 acts as 0.01):
+set --config.loss.commitment=0.01 to match it; its AdamW decays every parameter (the
+get_weight_decay_mask it defines is never passed to optax.adamw), ours skips biases, norms and
+embeddings (train/trainer.py decay_mask).
 
 ``get_config(arg)``: arg is the image size (default 256), e.g. ``configs/lqae_roberta.py:224``.
 """
@@ -34,14 +60,19 @@ def get_config(arg=None):
         lm_path="roberta-base",  # HF hub name or local folder (config.json + weights)
         lm_dtype="float32",
         dtype="float32",  # compute dtype of the trainable ViTs
-        image_size=image_size, patch_size=16, channels=3, remat=False,
+        # released | plain (see the docstring); remat: every block rematerialised, as released.
+        architecture="released", remat=True,
+        # Floats the ViT reads and the reconstruction targets: [0, 1] as the released loader.
+        pixel_range=(0.0, 1.0),
+        image_size=image_size, patch_size=16, channels=3,
         encoder=dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
         decoder=dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     )
-    # Nearest word by cosine; the encoder output is L2-normalised (l2_normalize=True in the
-    # released run) and the RAW word vector goes on through the straight-through estimator.
-    c.quantizer = dict(metric="cosine", l2_normalize=True, chunk_size=8192)
-    c.loss = dict(recon_quantized=1.0, recon_lm=1.0, commitment=0.005, mlm=1e-4,
+    # Nearest word by cosine (the released l2_normalize=True normalises the search's copies); the
+    # RAW word vector goes on, and the straight-through and commitment see the raw encoder output.
+    c.quantizer = dict(metric="cosine", straight_through_on="raw", chunk_size=8192)
+    # As released: the image is reconstructed only through the frozen LM.
+    c.loss = dict(recon_quantized=0.0, recon_lm=1.0, commitment=0.005, mlm=1e-4,
                   mask_ratio_min=0.5, mask_ratio_max=0.5)
 
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.data.batch_size

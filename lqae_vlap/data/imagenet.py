@@ -13,11 +13,13 @@ wants ``importlib_resources``: ``pip install tensorflow importlib_resources``); 
 copy needs neither. A copy already prepared as TFRecord can be converted
 with ``tfds convert_format --dataset_version_dir=... --out_file_format=array_record``.
 
-Augmentation, as the LQAE release (``lqae/data/data.py``, transform_type 'pretrain' and 'test'):
+Augmentation, as the LQAE release (``lqae/data/data.py`` ImageNetDataset, transform_type
+'pretrain' and 'test'):
   train: RandomResizedCrop(S, scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic) + horizontal flip (p=0.5).
   eval:  resize the shorter side to S (bicubic) + center crop S x S (no 256/224-style margin).
-The release fed the model [0, 1] pixels (image_normalization 'none'); this project's shared
-``to_float`` gives [-1, 1], an affine change the ViT's first Dense absorbs.
+Pixels leave here as uint8; the method turns them into floats on the device. The release fed the
+model ToTensor's [0, 1] pixels with no mean/std (image_normalization 'none'), which is LQAE's
+``config.model.pixel_range=(0.0, 1.0)`` in configs/lqae_roberta.py (methods/lqae.py, ops/pixels.py).
 """
 
 from __future__ import annotations

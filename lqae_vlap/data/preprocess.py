@@ -2,9 +2,10 @@
 
 Images travel through the data pipeline as uint8 ``[H, W, 3]`` (4x smaller than float32 in the
 prefetch queue and on the host-to-device copy) and become float only at the model's door through
-``ops/pixels.py``'s ``to_float``. The geometry follows torchvision's conventions on PIL images, which is what the
-LQAE release used (``lqae/data/data.py``): ``RandomResizedCrop`` + ``RandomHorizontalFlip`` for
-training and ``Resize(shorter side) + CenterCrop`` for evaluation, bicubic, on PIL.
+``ops/pixels.py``'s ``to_float`` (LQAE: in ``config.model.pixel_range``, [0, 1] as released).
+The geometry follows torchvision's conventions on PIL images, which is what the LQAE release
+used (``lqae/data/data.py``): ``RandomResizedCrop`` + ``RandomHorizontalFlip`` for training and
+``Resize(shorter side) + CenterCrop`` for evaluation, bicubic, on PIL.
 
 Every random choice draws from a ``np.random.Generator`` handed in by the caller, so the batch
 iterator (``data/batches.py``) can make augmentation a pure function of (seed, example position).

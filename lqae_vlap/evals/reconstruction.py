@@ -127,10 +127,11 @@ def codebook_stats(indices: np.ndarray, vocab: int) -> dict[str, float]:
             "perplexity": float(perplexity(idx, int(vocab)))}
 
 
-def png_grid(rows: Sequence[np.ndarray], path: str | os.PathLike, pad: int = 2) -> np.ndarray:
+def png_grid(rows: Sequence[np.ndarray], path: str | os.PathLike, pad: int = 2,
+             value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """Writes rows of images as one PNG, e.g. [originals, reconstructions, LM-filled].
 
-    rows: each [n, H, W, C] float in [-1, 1] (C = 1 or 3), all of the same shape; out-of-range
+    rows: each [n, H, W, C] float in value_range (C = 1 or 3), all of the same shape; out-of-range
     values are clipped. pad: white pixels between images. Returns the grid, uint8 [rows*(H+pad)-pad,
     n*(W+pad)-pad, 3].
     """
@@ -146,7 +147,7 @@ def png_grid(rows: Sequence[np.ndarray], path: str | os.PathLike, pad: int = 2) 
     n, h, w, _ = shape
     grid = np.full((len(arrays) * (h + pad) - pad, n * (w + pad) - pad, 3), 255, np.uint8)
     for i, row in enumerate(arrays):
-        pixels = np.broadcast_to(to_uint8(row), (n, h, w, 3))  # grey rows become RGB
+        pixels = np.broadcast_to(to_uint8(row, value_range), (n, h, w, 3))  # grey -> RGB
         for j in range(n):
             grid[i * (h + pad): i * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = pixels[j]
     files.makedirs(os.path.dirname(files.normalize(path)))

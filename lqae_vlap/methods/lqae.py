@@ -3,11 +3,21 @@
 image -> ViT encoder -> nearest word of a frozen BERT/RoBERTa's embedding table (cosine search on
 L2-normalised vectors, the RAW word vector passed on with straight-through gradients) -> a random
 fraction of positions replaced by the LM's <mask> embedding -> the frozen LM fills them in -> a ViT
-decoder rebuilds the image, once from the quantized words and once from the LM's last hidden states.
+decoder rebuilds the image from the LM's last hidden states (and, when its weight is not 0, once
+more straight from the quantized words).
 
 Loss (weights in ``config.loss``; released-run values in configs/lqae_roberta.py):
   recon_quantized * mse(dec(q), x) + recon_lm * mse(dec(lm(mask(q))), x)
   + commitment * mean((sg(q) - z)^2) + mlm * CE(lm_logits[masked], word ids[masked])
+The released run (README flags, lqae/main/lqae_main.py get_loss) weighs the first term 0.0
+(``nochannel_image_loss_weight``) and the second 1.0 (``bert_channel_image_loss_weight``), so every
+gradient to the encoder's words passes through the frozen LM; with weight 0 the decoder is not run
+on q at all in training (the evaluations still show both reconstructions).
+
+z is the raw encoder output (``config.quantizer.straight_through_on='raw'``, as the released
+LanguageQuantizer, which L2-normalises only the copy it searches with) or z / |z| ('normalized').
+Pixels are floats in ``config.model.pixel_range``: (0, 1) in the released run (its ImageNet loader
+does ToTensor and no mean/std), both as the encoder's input and as the reconstruction target.
 
 The frozen LM sits outside the optimizer and outside autodiff (its weights are an argument that
 ``jax.grad`` does not differentiate); gradients still flow *through* it to the encoder.
@@ -32,9 +42,39 @@ from lqae_vlap.data import sources as sources_lib
 from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.methods import lqae_evals
 from lqae_vlap.methods.method import Method
-from lqae_vlap.models import roberta, vit
+from lqae_vlap.models import roberta, vit, vit_released
 from lqae_vlap.ops import losses, pixels
 from lqae_vlap.ops import quantize as quantize_lib
+
+
+# config.model.architecture -> (encoder, decoder) classes, which take the same arguments.
+ARCHITECTURES = {
+    # lqae/models/base_vit.py: NormFormer blocks, GLU + depthwise conv, no biases, remat per block.
+    "released": (vit_released.ReleasedViTEncoder, vit_released.ReleasedViTDecoder),
+    # A plain pre-LayerNorm ViT (big_vision / MAE), as the paper's "ViT-Base" reads.
+    "plain": (vit.ViTEncoder, vit.ViTDecoder),
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """One clear ValueError for an unknown architecture, pixel range or straight-through mode."""
+    m = config.model
+    if m.architecture not in ARCHITECTURES:
+        raise ValueError(f"config.model.architecture={m.architecture!r} is not one of "
+                         f"{sorted(ARCHITECTURES)}; 'released' is the authors' ViT, 'plain' a "
+                         "pre-LayerNorm ViT")
+    pixels.check_range(m.pixel_range, "config.model.pixel_range")
+    mode = config.quantizer.straight_through_on
+    if mode not in quantize_lib.STRAIGHT_THROUGH_ON:
+        raise ValueError(f"config.quantizer.straight_through_on={mode!r} is not one of "
+                         f"{quantize_lib.STRAIGHT_THROUGH_ON} ('raw' as released)")
+
+
+def to_model_pixels(images: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
+    """uint8 images -> float32 in config.model.pixel_range; float images pass as float32."""
+    if images.dtype == jnp.uint8:
+        return pixels.to_float(images, tuple(cfg.model.pixel_range))
+    return images.astype(jnp.float32)
 
 
 class LQAEModel(nn.Module):
@@ -46,17 +86,18 @@ class LQAEModel(nn.Module):
 
     def setup(self):
         m = self.config
-        self.encoder = vit.ViTEncoder(
+        encoder_cls, decoder_cls = ARCHITECTURES[m.architecture]
+        self.encoder = encoder_cls(
             image_size=m.image_size, patch_size=m.patch_size, width=m.encoder.width,
             depth=m.encoder.depth, num_heads=m.encoder.num_heads, mlp_dim=m.encoder.mlp_dim,
             out_dim=self.lm_width, dtype=self.dtype, remat=m.get("remat", False))
-        self.decoder = vit.ViTDecoder(
+        self.decoder = decoder_cls(
             image_size=m.image_size, patch_size=m.patch_size, channels=m.channels,
             width=m.decoder.width, depth=m.decoder.depth, num_heads=m.decoder.num_heads,
             mlp_dim=m.decoder.mlp_dim, dtype=self.dtype, remat=m.get("remat", False))
 
     def encode(self, images: jax.Array) -> jax.Array:
-        """images: [B, H, W, C] in [-1, 1] -> z: [B, N, lm_width]."""
+        """images: [B, H, W, C] float in config.pixel_range -> z: [B, N, lm_width]."""
         return self.encoder(images)
 
     def decode(self, tokens: jax.Array) -> jax.Array:
@@ -82,27 +123,27 @@ def random_mask(rng: jax.Array, batch: int, tokens: int, min_ratio: float,
 
 
 def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.MaskedLM,
-            cfg: ml_collections.ConfigDict, with_mlm: bool):
+            cfg: ml_collections.ConfigDict, with_mlm: bool, with_recon_q: bool = True):
     """The whole LQAE forward pass; returns a dict of intermediates (used by loss and evals).
 
-    images: [B, H, W, C] uint8 (converted here, on the device) or float in [-1, 1].
+    images: [B, H, W, C] uint8 (converted here, on the device) or float in config.model
+    .pixel_range. with_recon_q=False skips the decoder on the quantized words ('recon_q' None).
     """
-    if images.dtype == jnp.uint8:
-        images = pixels.to_float(images)
+    images = to_model_pixels(images, cfg)
     z = model.apply({"params": params}, images, method=LQAEModel.encode)
     b, n, _ = z.shape
     codebook = roberta.word_embedding_matrix(frozen["lm"])
-    if cfg.quantizer.l2_normalize:
-        # As the released run: the encoder output is unit-normalised before the straight-through
-        # and commitment terms, so its scale cannot drift while the search is scale-blind.
-        z = losses.l2_normalize(z).astype(z.dtype)
+    # Released (lqae/models/lqae.py LanguageQuantizer.__call__): the search is on L2-normalised
+    # copies (cosine), the straight-through and commitment on the raw z; 'normalized' is an option.
     q = quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
-                              chunk_size=cfg.quantizer.chunk_size)
+                              chunk_size=cfg.quantizer.chunk_size,
+                              straight_through_on=cfg.quantizer.straight_through_on)
     mask = random_mask(rng, b, n, cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max)
     mask_vec = codebook[frozen["mask_token_id"]].astype(q.quantized_st.dtype)
     lm_in = jnp.where(mask[..., None], mask_vec, q.quantized_st)
     lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=lm_in, with_lm_head=with_mlm)
-    recon_q = model.apply({"params": params}, q.quantized_st, method=LQAEModel.decode)
+    recon_q = (model.apply({"params": params}, q.quantized_st, method=LQAEModel.decode)
+               if with_recon_q else None)
     recon_lm = model.apply({"params": params}, lm_out["last_hidden_state"],
                            method=LQAEModel.decode)
     return dict(z=z, q=q, mask=mask, lm_out=lm_out, recon_q=recon_q, recon_lm=recon_lm)
@@ -111,20 +152,18 @@ def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.Masked
 def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
     w = cfg.loss
     with_mlm = w.mlm > 0
+    # A zero weight would still cost the decoder's forward and backward on q: skip the pass.
+    with_recon_q = w.recon_quantized != 0
     out = forward(params, frozen, batch["image"], rng, model=model, lm=lm, cfg=cfg,
-                  with_mlm=with_mlm)
-    x = batch["image"]
-    x = pixels.to_float(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-    rec_q = jnp.mean(jnp.square(out["recon_q"].astype(jnp.float32) - x))
+                  with_mlm=with_mlm, with_recon_q=with_recon_q)
+    x = to_model_pixels(batch["image"], cfg)
     rec_lm = jnp.mean(jnp.square(out["recon_lm"].astype(jnp.float32) - x))
     q = out["q"]
     mlm = (losses.masked_cross_entropy(out["lm_out"]["logits"], q.indices, out["mask"])
            if with_mlm else jnp.zeros(()))
-    loss = (w.recon_quantized * rec_q + w.recon_lm * rec_lm + w.commitment * q.commitment
-            + w.mlm * mlm)
+    loss = w.recon_lm * rec_lm + w.commitment * q.commitment + w.mlm * mlm
     vocab = roberta.word_embedding_matrix(frozen["lm"]).shape[0]
     aux = {
-        "recon_quantized": rec_q,
         "recon_lm": rec_lm,
         "commitment": q.commitment,
         "mlm": mlm,
@@ -132,6 +171,9 @@ def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
         "perplexity": quantize_lib.perplexity(q.indices, vocab),
         "mask_ratio": jnp.mean(out["mask"].astype(jnp.float32)),
     }
+    if with_recon_q:
+        aux["recon_quantized"] = jnp.mean(jnp.square(out["recon_q"].astype(jnp.float32) - x))
+        loss = loss + w.recon_quantized * aux["recon_quantized"]
     return loss, aux
 
 
@@ -157,6 +199,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
     ``jax.ShapeDtypeStruct``s and ``batch_spec`` the global batch's shapes.
     """
     m = config.model
+    check_config(config)
     dtype = jnp.dtype(m.get("dtype", "float32"))
     # A local folder is checked before any weight is read, a hub name once it is loaded.
     held = models.checkpoint_family(m.lm_path)
@@ -181,10 +224,10 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
         return model.init(rng, dummy)["params"]
 
     loss = functools.partial(loss_fn, model=model, lm=lm, cfg=config)
-    describe = (f"LQAE: ViT {m.encoder.width}x{m.encoder.depth} enc / {m.decoder.width}x"
-                f"{m.decoder.depth} dec, patch {m.patch_size} on {m.image_size}px, frozen "
-                f"{hf_config.model_type} from {m.lm_path} (vocab {lm.config.vocab_size}, width "
-                f"{lm_width})")
+    describe = (f"LQAE: {m.architecture} ViT {m.encoder.width}x{m.encoder.depth} enc / "
+                f"{m.decoder.width}x{m.decoder.depth} dec, patch {m.patch_size} on "
+                f"{m.image_size}px, frozen {hf_config.model_type} from {m.lm_path} (vocab "
+                f"{lm.config.vocab_size}, width {lm_width})")
     if abstract:
         frozen = {"lm": lm_params,
                   "mask_token_id": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}

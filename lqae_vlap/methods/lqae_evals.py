@@ -6,8 +6,10 @@ each split, computed once per run and shared), listed in ``EVALS``; the named on
 ``eval_<name>_<step>.json``, print their lines and return scalars (written to the metrics files).
 Each runs every ``config.eval.<name>.every`` steps (``runner.cadence``):
   reconstruction  MSE, PSNR and SSIM on validation images (from the quantized words, and after the
-                  frozen LM refills the masked half), codebook usage and perplexity, a PNG grid
-                  and the words of a few images;
+                  frozen LM refills the masked half), on pixels mapped to [0, 1] whatever the
+                  model's ``config.model.pixel_range`` (so runs with either range compare, and
+                  SSIM has its usual non-negative intensities), codebook usage and perplexity, a
+                  PNG grid and the words of a few images;
   fewshot         N-way K-shot classification by nearest class prototype of the frozen encoder
                   LM's features of each image's words, beside chance and the shuffled-words control;
   fewshot_llm     the same episodes by prompting a causal LLM (``eval.llm_path``: any
@@ -42,10 +44,12 @@ from lqae_vlap.ops import quantize as quantize_lib
 
 def encode_words(params, frozen, images, *, model, cfg) -> jax.Array:
     """images: [B, H, W, C] uint8 -> the words they become: token ids [B, N]."""
-    z = model.apply({"params": params}, pixels.to_float(images), method="encode")
+    z = model.apply({"params": params}, pixels.to_float(images, tuple(cfg.model.pixel_range)),
+                    method="encode")
     codebook = roberta.word_embedding_matrix(frozen["lm"])
     return quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
-                                 chunk_size=cfg.quantizer.chunk_size).indices
+                                 chunk_size=cfg.quantizer.chunk_size,
+                                 straight_through_on=cfg.quantizer.straight_through_on).indices
 
 
 class Evaluator:
@@ -119,6 +123,7 @@ def reconstruction(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, f
     source = ctx.sources["validation"]
     bs, n = int(cfg.eval.batch_size), int(cfg.eval.num_batches)
     rng = jax.random.PRNGKey(cfg.seed + 2)  # fixed masks: comparable across steps
+    value_range = tuple(cfg.model.pixel_range)
     sums: dict[str, float] = {}
     all_idx, first = [], None
     for b in range(n):
@@ -126,12 +131,12 @@ def reconstruction(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, f
         images = np.stack([source[i]["image"] for i in idx])
         out = jax.device_get(ctx.forward(ctx.params, ctx.frozen, images,
                                          jax.random.fold_in(rng, b)))
-        x = pixels.to_float(images)
+        x = images.astype(np.float64) / 255.0
         for tag, rec in (("quantized", out["recon_q"]), ("lm_filled", out["recon_lm"])):
-            rec = np.clip(rec, -1, 1)
+            rec = np.clip(pixels.to_unit(rec, value_range), 0.0, 1.0)
             metrics = {f"mse_{tag}": float(np.mean((rec - x) ** 2)),
-                       f"psnr_{tag}": recon_lib.psnr(rec, x, data_range=2.0)[1],
-                       f"ssim_{tag}": recon_lib.ssim(rec, x, data_range=2.0)[1]}
+                       f"psnr_{tag}": recon_lib.psnr(rec, x, data_range=1.0)[1],
+                       f"ssim_{tag}": recon_lib.ssim(rec, x, data_range=1.0)[1]}
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / n
         all_idx.append(np.asarray(out["q"].indices))
@@ -141,9 +146,10 @@ def reconstruction(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, f
     if jax.process_index() == 0:
         x, out = first
         k = min(int(cfg.eval.num_images), x.shape[0])
-        recon_lib.png_grid([x[:k], np.clip(out["recon_q"][:k], -1, 1),
-                            np.clip(out["recon_lm"][:k], -1, 1)],
-                           files.join(workdir, f"reconstructions_{step:06d}.png"))
+        recon_lib.png_grid([x[:k], pixels.to_unit(out["recon_q"][:k], value_range),
+                            pixels.to_unit(out["recon_lm"][:k], value_range)],
+                           files.join(workdir, f"reconstructions_{step:06d}.png"),
+                           value_range=(0.0, 1.0))
         ids = np.asarray(out["q"].indices)
         text = [f"# step {step}: the words each validation image became ({ids.shape[1]} "
                 "tokens, patches in row-major order)"]

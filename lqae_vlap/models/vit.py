@@ -6,9 +6,10 @@ xavier-uniform Dense kernels, zero biases and a learned position embedding drawn
 (learned rather than MAE's fixed 2-D sincos because the released LQAE code learns an N(0, 0.02^2)
 table for both encoder and decoder).
 
-Deliberate differences from the released LQAE code (``base_vit.py``), which uses NormFormer-style
-blocks (an extra LayerNorm after attention, a GLU MLP with a depthwise 3x3 conv, no biases, LN
-epsilon 1e-5) and a ConvTranspose head: the paper describes a plain ViT-Base, which is what we build.
+This is LQAE's ``model.architecture='plain'`` (the paper's text says ViT-Base). The released
+LQAE code (``base_vit.py``) uses NormFormer-style blocks (an extra LayerNorm after attention, a
+GLU MLP with a depthwise 3x3 conv, no biases, LN epsilon 1e-5) and a ConvTranspose head: that is
+models/vit_released.py (``'released'``, the paper config's default).
 A Dense over the flattened patch equals a stride-p conv whose HWIO kernel is reshaped to
 ``[p*p*C, width]``, because ``patchify`` flattens each patch in (row, column, channel) order.
 
@@ -167,7 +168,7 @@ def _check_grid(image_size: int, patch_size: int, who: str) -> int:
 class ViTEncoder(nn.Module):
     """Images to one token per patch (no class token: LQAE quantizes every patch).
 
-    images: [batch, image_size, image_size, channels], float in [-1, 1]
+    images: [batch, image_size, image_size, channels], float (LQAE: in config.model.pixel_range)
       -> tokens: [batch, (image_size/patch_size)^2, out_dim or width]
     """
     image_size: int
@@ -206,8 +207,8 @@ class ViTDecoder(nn.Module):
     """Tokens (one per patch) back to pixels.
 
     tokens: [batch, (image_size/patch_size)^2, in_dim] -> images: [batch, image_size, image_size, channels]
-    No output activation: the reconstruction loss compares raw outputs with targets in [-1, 1], and
-    a tanh would flatten gradients at saturated pixels; clip when displaying.
+    No output activation: the reconstruction loss compares raw outputs with the target pixels, and
+    a tanh or sigmoid would flatten gradients at saturated pixels; clip when displaying.
     """
     image_size: int
     patch_size: int

@@ -33,6 +33,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 _METRICS = ("l2", "cosine")
 _TOPK_MODES = ("mean", "random")
+# What the straight-through estimator and the commitment term see: the raw x (the released LQAE
+# quantizer, lqae/models/lqae.py LanguageQuantizer.__call__, which L2-normalises only the copy it
+# searches with) or x / |x|.
+STRAIGHT_THROUGH_ON = ("raw", "normalized")
 # Norm floor for cosine, as in torch.nn.functional.normalize: a zero vector gets cosine 0, not NaN.
 _NORM_EPS = 1e-12
 
@@ -282,11 +286,12 @@ class QuantizeOutput:
     """Result of ``quantize`` for x: [..., D] (k neighbours searched).
 
     quantized:     [..., D] raw codebook rows (mean of the top-k rows for topk_mode='mean').
-    quantized_st:  [..., D] x + stop_gradient(quantized - x): forward value = quantized,
-                   gradient w.r.t. x = identity.
+    quantized_st:  [..., D] s + stop_gradient(quantized - s), s = x (straight_through_on='raw')
+                   or x / |x| ('normalized'): forward value = quantized, gradient w.r.t. s =
+                   identity.
     indices:       [...] int32, the code used: the nearest one (k=1 or 'mean') or the sampled one.
     topk_indices:  [..., k] int32, nearest first. topk_distances: [..., k] float32 ascending.
-    commitment:    scalar float32, mean((stop_gradient(quantized) - x)^2).
+    commitment:    scalar float32, mean((stop_gradient(quantized) - s)^2).
     """
     quantized: jax.Array
     quantized_st: jax.Array
@@ -299,13 +304,19 @@ class QuantizeOutput:
 def quantize(x: jax.Array, codebook: jax.Array, *, metric: str = "cosine", k: int = 1,
              topk_mode: str = "mean", rng: jax.Array | None = None, chunk_size: int = 4096,
              row_chunk_size: int | None = None, codebook_sq_norms: jax.Array | None = None,
-             search_fn: Callable[..., tuple[jax.Array, jax.Array]] | None = None
-             ) -> QuantizeOutput:
+             search_fn: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
+             straight_through_on: str = "raw") -> QuantizeOutput:
     """Quantizes x [..., D] to the nearest rows of a frozen codebook [K, D], straight-through.
 
     The search uses ``metric`` (LQAE: cosine, i.e. on L2-normalised vectors), but ``quantized`` is
     the RAW codebook row, gathered (never a one-hot matmul). The codebook is frozen: it is wrapped
     in stop_gradient, so it receives no gradient.
+
+    straight_through_on: 'raw' (default, as the released LQAE quantizer) passes the gradient of
+    ``quantized_st`` to x unchanged and measures the commitment from x itself; 'normalized' uses
+    s = x / |x| (|x|^2 floored at 1e-12) in both, so the gradient reaching x is projected onto
+    the tangent of the unit sphere and scaled by 1/|x|. The search is the same in both modes for
+    metric='cosine' (it is scale-blind); for metric='l2' it runs on s.
 
     For k > 1 (LQAE's top-k options): topk_mode='mean' averages the k nearest raw rows;
     topk_mode='random' picks one of the k uniformly per token using ``rng`` (required).
@@ -319,11 +330,18 @@ def quantize(x: jax.Array, codebook: jax.Array, *, metric: str = "cosine", k: in
         raise ValueError(f"topk_mode={topk_mode!r} is not supported; use one of {_TOPK_MODES}")
     if k > 1 and topk_mode == "random" and rng is None:
         raise ValueError("topk_mode='random' with k > 1 needs rng=jax.random.key(...)")
+    if straight_through_on not in STRAIGHT_THROUGH_ON:
+        raise ValueError(f"straight_through_on={straight_through_on!r} is not supported; use one "
+                         f"of {STRAIGHT_THROUGH_ON}")
     x = jnp.asarray(x)
     codebook = lax.stop_gradient(jnp.asarray(codebook))
     if x.ndim < 1 or codebook.ndim != 2 or x.shape[-1] != codebook.shape[-1]:
         raise ValueError(f"quantize expects x [..., D] and codebook [K, D] with equal D, got "
                          f"{x.shape} and {codebook.shape}")
+    if straight_through_on == "normalized":
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        x = (xf * lax.rsqrt(jnp.maximum(jnp.sum(xf * xf, -1, keepdims=True), 1e-12))
+             ).astype(x.dtype)
     lead = x.shape[:-1]
     search = nearest_neighbors if search_fn is None else search_fn
     dist, idx = search(x.reshape(-1, x.shape[-1]), codebook, k=k, metric=metric,
@@ -341,7 +359,8 @@ def quantize(x: jax.Array, codebook: jax.Array, *, metric: str = "cosine", k: in
         chosen = jnp.take_along_axis(idx, pick, axis=1)[:, 0]
         quantized = jnp.take(codebook, chosen, axis=0)
     quantized = quantized.reshape(*lead, x.shape[-1])
-    # Straight-through: the forward pass sees the word vector, the backward pass copies dL/dq to x.
+    # Straight-through: the forward pass sees the word vector, the backward pass copies dL/dq to x
+    # (to x / |x| for straight_through_on="normalized", which then carries it back to x).
     quantized_st = x + lax.stop_gradient(quantized.astype(x.dtype) - x)
     commitment = jnp.mean(jnp.square(
         lax.stop_gradient(quantized).astype(jnp.float32) - x.astype(jnp.float32)))

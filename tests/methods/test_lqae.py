@@ -19,6 +19,7 @@ def built(tiny_mlm_dir):
     config.loss.mlm = 0.1  # the tiny BERT has its masked-LM head: exercise every term
     config.loss.commitment = 0.3
     config.loss.recon_lm = 0.7
+    config.loss.recon_quantized = 0.4  # (0 in the paper config) exercise the direct term too
     mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
     method = lqae.build(config, mesh)
     params = sharding.unbox(method.init_params(jax.random.PRNGKey(0)))
@@ -45,7 +46,8 @@ def test_loss_is_weighted_sum_of_numpy_terms(built):
     kw = method.loss_fn.keywords
     out = jax.device_get(lqae.forward(params, method.frozen, batch["image"], rng,
                                       model=kw["model"], lm=kw["lm"], cfg=config, with_mlm=True))
-    x = batch["image"].astype(np.float64) / 127.5 - 1.0
+    assert tuple(config.model.pixel_range) == (0.0, 1.0)
+    x = batch["image"].astype(np.float64) / 255.0  # the released loader's [0, 1] pixels
     codebook = np.asarray(roberta.word_embedding_matrix(method.frozen["lm"]), np.float64)
     z = np.asarray(out["z"], np.float64)
     idx = np.asarray(out["q"].indices)
@@ -57,8 +59,12 @@ def test_loss_is_weighted_sum_of_numpy_terms(built):
     assert np.all(np.take_along_axis(sims, idx[..., None], -1)[..., 0] >= best - 1e-5)
     rec_q = np.mean((out["recon_q"] - x) ** 2)
     rec_lm = np.mean((out["recon_lm"] - x) ** 2)
-    z_st = zn if config.quantizer.l2_normalize else z  # what the straight-through sees
-    commit = np.mean((codebook[idx] - z_st) ** 2)
+    # The raw encoder output, as the released quantizer (not z / |z|).
+    assert config.quantizer.straight_through_on == "raw"
+    z_enc = np.asarray(kw["model"].apply({"params": params}, jnp.asarray(x, jnp.float32),
+                                         method=lqae.LQAEModel.encode), np.float64)
+    np.testing.assert_allclose(z, z_enc, rtol=1e-5, atol=1e-5)
+    commit = np.mean((codebook[idx] - z) ** 2)
     logits = np.asarray(out["lm_out"]["logits"], np.float64)
     lp = logits - logits.max(-1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
@@ -87,3 +93,65 @@ def test_straight_through_reaches_encoder(built):
     assert float(enc) > 0 and float(dec) > 0
     # the frozen LM is an argument jax.grad does not differentiate: its tree is not in grads
     assert set(grads) == {"encoder", "decoder"}
+
+
+def test_zero_direct_weight_skips_the_direct_reconstruction(built):
+    """recon_quantized=0 (the paper config): the loss is the LM-path terms alone, and the decoder
+    is not run on the quantized words (its term is absent, not multiplied by 0)."""
+    config, method, params, batch = built
+    cfg = config.copy_and_resolve_references()
+    cfg.loss.recon_quantized = 0.0
+    kw = method.loss_fn.keywords
+    loss = functools.partial(lqae.loss_fn, model=kw["model"], lm=kw["lm"], cfg=cfg)
+    rng = jax.random.PRNGKey(3)
+    value, aux = loss(params, method.frozen, batch, rng)
+    assert "recon_quantized" not in aux
+    w = cfg.loss
+    want = w.recon_lm * aux["recon_lm"] + w.commitment * aux["commitment"] + w.mlm * aux["mlm"]
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
+    _, full = method.loss_fn(params, method.frozen, batch, rng)
+    np.testing.assert_allclose(float(full["recon_lm"]), float(aux["recon_lm"]), rtol=1e-6)
+
+
+def test_encoder_gradient_only_through_the_lm_when_direct_weight_is_zero(built):
+    """With recon_quantized=0 and no commitment, the encoder's gradient is exactly the one that
+    passes through the frozen LM: zero once the LM path's weight is zero too."""
+    config, method, params, batch = built
+    kw = method.loss_fn.keywords
+
+    def enc_grad_norm(**weights):
+        cfg = config.copy_and_resolve_references()
+        cfg.loss.update(dict(recon_quantized=0.0, commitment=0.0, mlm=0.0, **weights))
+        loss = functools.partial(lqae.loss_fn, model=kw["model"], lm=kw["lm"], cfg=cfg)
+        g = jax.grad(lambda p: loss(p, method.frozen, batch, jax.random.PRNGKey(0))[0])(params)
+        return float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g["encoder"]))))
+
+    assert enc_grad_norm(recon_lm=1.0) > 0
+    assert enc_grad_norm(recon_lm=0.0) == 0.0
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.architecture", "normformer", "config.model.architecture='normformer'"),
+    ("model.pixel_range", (1.0, 0.0), "config.model.pixel_range"),
+    ("quantizer.straight_through_on", "unit", "config.quantizer.straight_through_on='unit'"),
+])
+def test_bad_settings_are_named(tiny_mlm_dir, key, value, match):
+    config = tiny_config(tiny_mlm_dir, **{key: value})
+    with pytest.raises(ValueError, match=match):
+        lqae.build(config, sharding.make_mesh({"data": -1}, jax.devices()[:1]))
+
+
+def test_released_architecture_trains_through_the_method(tiny_mlm_dir):
+    """The paper config's ViT (model.architecture='released') built by the method on tiny sizes:
+    the encoder's blocks are the released ones and the loss has a finite, non-zero gradient."""
+    config = tiny_config(tiny_mlm_dir, **{"model.architecture": "released",
+                                          "model.remat": True})
+    method = lqae.build(config, sharding.make_mesh({"data": -1}, jax.devices()[:1]))
+    params = sharding.unbox(method.init_params(jax.random.PRNGKey(0)))
+    block = params["encoder"]["transformer"]["block_0"]
+    assert {"ln_attn_out", "mlp"} <= set(block) and "dwconv" in block["mlp"]
+    batch = method.train_batches.batch_at(0)
+    (value, _), grads = jax.value_and_grad(method.loss_fn, has_aux=True)(
+        params, method.frozen, batch, jax.random.PRNGKey(1))
+    norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads["encoder"]))))
+    assert np.isfinite(float(value)) and np.isfinite(norm) and norm > 0

@@ -201,6 +201,59 @@ def test_straight_through_and_frozen_codebook_gradients():
     assert np.all(np.asarray(gcb_c) == 0.0)
 
 
+def _np_straight_through_grad(x, cb, w, beta, mode):
+    """Hand-derived float64 gradient of L = sum(w * q_st) + beta * commitment w.r.t. x [N, D].
+
+    q is x's nearest row by cosine (the same for both modes). With s the vector the
+    straight-through sees (x, or u = x / |x|): q_st = s + sg(q - s), commitment = mean((q - s)^2),
+    so dL/ds = w - 2 beta (q - s) / (N D); 'raw': dL/dx = dL/ds; 'normalized': ds/dx =
+    (I - u u^T) / |x|, so dL/dx = (g - u (u . g)) / |x| with g = dL/ds.
+    """
+    x = np.asarray(x, np.float64)
+    _, idx, _ = brute_force(x, cb, 1, "cosine")
+    q = np.asarray(cb, np.float64)[idx[:, 0]]
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    s = x if mode == "raw" else x / norm
+    g = np.asarray(w, np.float64) - 2.0 * beta * (q - s) / q.size
+    if mode == "raw":
+        return g
+    return (g - s * np.sum(s * g, axis=1, keepdims=True)) / norm
+
+
+@pytest.mark.parametrize("mode", ["raw", "normalized"])
+def test_straight_through_on_raw_or_normalized_gradients(mode):
+    """The released quantizer (lqae/models/lqae.py LanguageQuantizer.__call__) applies the
+    straight-through and the commitment to the RAW x ('raw', the default); 'normalized' (this
+    project's earlier behaviour) to x / |x|. Tiny shapes, against the float64 derivation; the two
+    modes' gradients differ (encoder outputs of norm ~3, far from 1)."""
+    x = jnp.asarray(randn(30, 6, 8, scale=3.0))
+    cb = jnp.asarray(_codebook_of_mixed_norms(31, 40, 8))
+    w = jnp.asarray(randn(32, 6, 8))
+    beta = 0.7
+
+    def loss(x):
+        out = quantize(x, cb, metric="cosine", chunk_size=16, straight_through_on=mode)
+        return jnp.sum(w * out.quantized_st) + beta * out.commitment
+
+    got = np.asarray(jax.jit(jax.grad(loss))(x))
+    want = _np_straight_through_grad(x, cb, w, beta, mode)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    other = _np_straight_through_grad(x, cb, w, beta, "normalized" if mode == "raw" else "raw")
+    assert np.abs(got - other).max() > 0.1  # the test tells the two modes apart
+    # The forward value is the raw word vector in both modes; only the gradients differ.
+    out = quantize(x, cb, metric="cosine", chunk_size=16, straight_through_on=mode)
+    np.testing.assert_allclose(np.asarray(out.quantized_st), np.asarray(out.quantized),
+                               rtol=1e-5, atol=1e-5)
+    assert quantize(x, cb, metric="cosine", chunk_size=16).commitment == pytest.approx(
+        float(quantize(x, cb, metric="cosine", chunk_size=16,
+                       straight_through_on="raw").commitment))  # 'raw' is the default
+
+
+def test_straight_through_on_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="straight_through_on='unit'"):
+        quantize(jnp.ones((2, 4)), jnp.ones((3, 4)), straight_through_on="unit")
+
+
 def test_topk_mean_and_random():
     x = randn(17, 300, 12)
     cb = randn(18, 400, 12)
