@@ -28,12 +28,12 @@ lqae/models/base_vit.py, lqae/data/data.py). Following the released run:
     horizontal flip for training, resize + centre crop for evaluation (data/imagenet.py); option
     --config.model.pixel_range="(-1.0, 1.0)";
   * optimiser (lqae_main.py): batch 512, AdamW (0.9, 0.95), lr 1.5e-4 per 256 images (3e-4 at
-    512), 5 warm-up epochs then cosine to 0, weight decay 5e-4, 100 epochs, no gradient clipping
-    (clip_gradient=1e9: ``optim.grad_clip=0.0``).
+    512), 5 warm-up epochs then cosine to 0, weight decay 5e-4 on EVERY trainable parameter
+    (the get_weight_decay_mask lqae_main.py defines is never passed to optax.adamw:
+    ``optim.weight_decay_mask='all'``; 'matrices' spares biases, norms and embeddings), 100
+    epochs, no gradient clipping (clip_gradient=1e9: ``optim.grad_clip=0.0``).
 Known differences kept: the released code adds its commitment term twice (0.005 acts as 0.01):
-set --config.loss.commitment=0.01 to match it; its AdamW decays every parameter (the
-get_weight_decay_mask it defines is never passed to optax.adamw), ours skips biases, norms and
-embeddings (train/trainer.py decay_mask).
+set --config.loss.commitment=0.01 to match it.
 
 ``get_config(arg)``: arg is the image size (default 256), e.g. ``configs/lqae_roberta.py:224``.
 """
@@ -77,8 +77,8 @@ def get_config(arg=None):
 
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.data.batch_size
     c.optim = dict(lr=1.5e-4, lr_scale_batch=256, b1=0.9, b2=0.95, eps=1e-8,
-                   weight_decay=5e-4, warmup_steps=5 * steps_per_epoch, grad_clip=0.0,
-                   end_lr_ratio=0.0)
+                   weight_decay=5e-4, weight_decay_mask="all", warmup_steps=5 * steps_per_epoch,
+                   grad_clip=0.0, end_lr_ratio=0.0)
     c.train = dict(steps=100 * steps_per_epoch, log_every=100, checkpoint_every=5000,
                    keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
     # Evaluations (methods/lqae_evals.py), each every eval.<name>.every steps, at the end, and

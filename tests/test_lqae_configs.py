@@ -28,6 +28,8 @@ def test_paper_config_losses_quantizer_pixels_and_optimiser_are_the_released_one
     assert lqae.to_model_pixels(jnp.array([0, 255], jnp.uint8), c).tolist() == [0.0, 1.0]
     # lqae_main.py: clip_gradient=1e9 (none), AdamW (0.9, 0.95), lr 1.5e-4 x batch / 256.
     assert c.optim.grad_clip == 0.0 and (c.optim.b1, c.optim.b2) == (0.9, 0.95)
+    # lqae_main.py builds optax.adamw without a mask: every trainable leaf is decayed.
+    assert c.optim.weight_decay == 5e-4 and c.optim.weight_decay_mask == "all"
     assert c.optim.lr * c.data.batch_size / c.optim.lr_scale_batch == 3e-4
     # data.py transform_type 'pretrain': RandomResizedCrop(256, scale=(0.2, 1.0), bicubic) + flip.
     assert c.model.image_size == 256 and imagenet.TRAIN_SCALE == (0.2, 1.0)
