@@ -39,7 +39,7 @@ setup(
         "test": ["pytest", "torch==2.13.0", "accelerate", "scikit-image", "nbclient", "nbformat",
                  "ipykernel"],
         # bench/ops.py times ott-jax's Sinkhorn beside ours when it is installed.
-        "bench": ["ott-jax"],
+        "bench": ["ott-jax", "grain"],  # grain: bench/loader.py times it beside IndexedBatches
         # gs:// workdirs (TPU pods): metrics, evaluation files and orbax's checkpoints go
         # through fsspec, which needs gcsfs for Google Cloud Storage.
         "gcs": ["gcsfs"],
