@@ -29,13 +29,17 @@ setup(
         "scipy",  # Student-t intervals of the few-shot evaluation
         "pycocoevalcap>=1.2",  # COCO caption metrics; METEOR, SPICE and the PTB tokenizer need Java
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        "dm-pix>=0.4",  # PSNR and SSIM (DeepMind's JAX image library; adds only chex and toolz)
     ],
     extras_require={
         # torch is the parity reference for our Flax models (transformers' PyTorch classes).
         # accelerate: transformers needs it to read GGUF files (the SmolLM2 parity test).
-        "test": ["pytest", "torch==2.13.0", "accelerate"],
+        # scikit-image: the reference for dm-pix's PSNR / SSIM. nbclient + ipykernel + nbformat:
+        # tests/test_notebooks.py runs launch/*.ipynb top to bottom in a real kernel.
+        "test": ["pytest", "torch==2.13.0", "accelerate", "scikit-image", "nbclient", "nbformat",
+                 "ipykernel"],
         # bench/ops.py times ott-jax's Sinkhorn beside ours when it is installed.
-        "bench": ["ott-jax"],
+        "bench": ["ott-jax", "grain"],  # grain: bench/loader.py times it beside IndexedBatches
         # gs:// workdirs (TPU pods): metrics, evaluation files and orbax's checkpoints go
         # through fsspec, which needs gcsfs for Google Cloud Storage.
         "gcs": ["gcsfs"],

@@ -197,9 +197,10 @@ def get_config(arg=None):
         # similarities (each reported): 'word_scores' (cosine of the two [V] word-score
         # profiles L_map aligns), 'embedding', 'caption_likelihood' (the LLM's log-likelihood
         # of the caption after the image: one pass per pair, galleries only, <= max_pairs per
-        # gallery); gallery_size 0 = all images at once (COCO 5k protocol).
+        # gallery); gallery_size 0 = all images at once (COCO 5k protocol). num_show: queries
+        # in the pictures retrieval_{t2i,i2t}_STEP.png (top 5 each, by the first similarity).
         retrieval=dict(every=-1, similarities=("word_scores",), gallery_size=0, ks=(1, 5, 10),
-                       max_pairs=100_000),
+                       max_pairs=100_000, num_show=6),
         vqa=dict(every=-1, source="", questions="", annotations="", image_dir="",
                  prompt="Question: {question} Answer:", max_new_tokens=10, max_questions=0,
                  num_show=5),

@@ -146,9 +146,46 @@ def assert_sharded_step_matches_one_device(config, build=None, steps=3):
     assert losses_1[-1] < losses_1[0]
 
 
+def find_tile(picture: np.ndarray, tile: np.ndarray) -> list[tuple[int, int]]:
+    """Every (top, left) where ``tile`` [h, w, 3] appears exactly in ``picture`` [H, W, 3]."""
+    h, w = tile.shape[:2]
+    H, W = picture.shape[:2]
+    ys, xs = np.nonzero(np.all(picture[:H - h + 1, :W - w + 1] == tile[0, 0], axis=-1))
+    return [(int(y), int(x)) for y, x in zip(ys, xs)
+            if np.array_equal(picture[y:y + h, x:x + w], tile)]
+
+
+def upsampled(image: np.ndarray, min_side: int = 64) -> np.ndarray:
+    """image [h, w, C] uint8 repeated by the integer factor that reaches min_side, as RGB."""
+    k = -(-min_side // min(image.shape[:2]))
+    image = np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def check_vlap_pictures(method, workdir, step: int = 3) -> None:
+    """The captions and retrieval pictures exist, show held-out images at >= 64 px, and the
+    retrieval pictures frame at least one result in green."""
+    from PIL import Image
+
+    from lqae_vlap.evals import pictures
+
+    images = method.evaluate.__self__.sources["images"]
+    first = upsampled(np.asarray(images[0]["image"]))
+    for name in ("captions", "retrieval_t2i", "retrieval_i2t"):
+        png = np.asarray(Image.open(workdir / f"{name}_{step:06d}.png").convert("RGB"))
+        assert png.shape[0] >= 64 and png.shape[1] >= 64, (name, png.shape)
+        if name != "retrieval_t2i":  # image 0 is a query there only if it leads a gallery row
+            assert find_tile(png, first), f"{name}: held-out image 0 not shown at 64 px"
+        if name.startswith("retrieval"):
+            green = np.all(png == pictures.CORRECT, axis=-1)
+            grey = np.all(png == pictures.WRONG, axis=-1)
+            assert green.any() or grey.any(), name
+
+
 def check_evaluation(config, method, params, workdir):
     """Runs every evaluation of the VLAP demo config and checks what it writes and returns."""
     scalars = method.evaluate(params, method.frozen, 3, str(workdir))
+    check_vlap_pictures(method, workdir)
     for name in config.eval.evals:
         result = json.loads((workdir / f"eval_{name}_000003.json").read_text())
         assert result["step"] == 3

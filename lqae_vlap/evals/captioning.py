@@ -105,12 +105,39 @@ def _check_inputs(predictions: Mapping[Any, str], references: Mapping[Any, Seque
             raise ValueError(f"references of image {k!r} must be a non-empty list of strings")
 
 
+@contextlib.contextmanager
+def _child_stderr_kept():
+    """Collects what child processes write to file descriptor 2 meanwhile (pycocoevalcap's PTB
+    tokenizer lets Java print "PTBTokenizer tokenized N tokens at ..." to ours: two such lines
+    per scored decoding on the console), and reprints it only if the block raises."""
+    import tempfile  # noqa: PLC0415
+
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (some embedded interpreters): leave it alone
+        yield
+        return
+    with tempfile.TemporaryFile() as buffer:
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            buffer.seek(0)
+            os.write(2, buffer.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _tokenize(captions: Mapping[Any, Sequence[str]], use_ptb: bool) -> dict[Any, list[str]]:
     if use_ptb:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v]
-                                        for k, v in captions.items()})
+        with _child_stderr_kept():
+            return PTBTokenizer().tokenize({k: [{"caption": c} for c in v]
+                                            for k, v in captions.items()})
     return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
 
 

@@ -5,8 +5,11 @@ An evaluation is ``fn(ctx, step, workdir) -> (result, lines)``: ``ctx`` is the m
 for this run (its params, frozen tree, jitted pieces and whatever several evaluations share, such
 as one pass over the held-out images), ``result`` a JSON-able dict written to
 ``workdir/eval_<name>_<step>.json`` whose numbers become the scalars ``<name>/<key>/...``, and
-``lines`` what a person reads, printed by process 0. A method lists its evaluations in a dict
-(``{'loss': loss, 'captioning': captioning, ...}``) and ``run`` calls the named ones in order.
+``lines`` what a person reads, printed by process 0: ``Row(metric, value, control)`` entries
+become one short aligned table (metric | value | chance / control) and strings (examples, notes)
+follow it. The console shows only that; every number stays in the JSON, the JSONL and the
+TensorBoard files. A method lists its evaluations in a dict (``{'loss': loss, 'captioning':
+captioning, ...}``) and ``run`` calls the named ones in order.
 
 Cadence, as big_vision's per-evaluator ``log_steps``: ``config.eval.<name>.every`` steps, where
 -1 (the default) means ``config.train.eval_every`` and 0 means only at the end of training and in
@@ -17,14 +20,47 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 
 from lqae_vlap.core import files
 
-Evaluation = Callable[[Any, int, str], tuple[dict[str, Any], list[str]]]
+
+
+class Row(NamedTuple):
+    """One line of an evaluation's console table; value and control already formatted
+    (e.g. '12.3%', '31.20 dB'), control the chance level or control run it is read against."""
+
+    metric: str
+    value: str
+    control: str = ""
+
+
+Evaluation = Callable[[Any, int, str], tuple[dict[str, Any], list[str | Row]]]
+
+
+def pct(x: float, digits: int = 1) -> str:
+    """A fraction as a percentage string: 0.1234 -> '12.3%'."""
+    return f"{100 * float(x):.{digits}f}%"
+
+
+def table(title: str, rows: Sequence[Row]) -> list[str]:
+    """Rows as aligned text: a header (title | value | chance / control), then one line per row."""
+    if not rows:
+        return []
+    has_control = any(r.control for r in rows)
+    head = Row(title, "value", "chance / control" if has_control else "")
+    w0 = max(len(r.metric) for r in (head, *rows))
+    w1 = max(len(r.value) for r in (head, *rows))
+    return [f"{r.metric:<{w0}}  {r.value:>{w1}}  {r.control}".rstrip() for r in (head, *rows)]
+
+
+def format_lines(title: str, lines: Sequence[str | Row]) -> list[str]:
+    """An evaluation's ``lines`` for the console: its rows as one ``table``, then its strings."""
+    rows = [x for x in lines if isinstance(x, Row)]
+    return table(title, rows) + [str(x) for x in lines if not isinstance(x, Row)]
 
 
 def check_names(names: Sequence[str], evals: Mapping[str, Evaluation]) -> None:
@@ -74,15 +110,15 @@ def flat_scalars(name: str, result: Mapping[str, Any], prefix: str = "") -> dict
 
 def run(evals: Mapping[str, Evaluation], names: Sequence[str], ctx: Any, step: int,
         workdir: str) -> dict[str, float]:
-    """Runs ``evals[name](ctx, step, workdir)`` for each name: writes its JSON, prints its lines
-    (process 0) and returns every evaluation's scalars in one dict."""
+    """Runs ``evals[name](ctx, step, workdir)`` for each name: writes its JSON, prints its table
+    and lines (process 0) and returns every evaluation's scalars in one dict."""
     check_names(names, evals)
     scalars: dict[str, float] = {}
     for name in names:
         result, lines = evals[name](ctx, step, workdir)
         write_eval_json(workdir, name, step, result)
         if jax.process_index() == 0:
-            for line in lines:
+            for line in format_lines(f"{name} @ step {step}", lines):
                 print(f"  {line}", flush=True)
         scalars.update(flat_scalars(name, result))
     return scalars

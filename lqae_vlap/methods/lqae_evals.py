@@ -9,7 +9,8 @@ Each runs every ``config.eval.<name>.every`` steps (``runner.cadence``):
                   frozen LM refills the masked half), on pixels mapped to [0, 1] whatever the
                   model's ``config.model.pixel_range`` (so runs with either range compare, and
                   SSIM has its usual non-negative intensities), codebook usage and perplexity, a
-                  PNG grid and the words of a few images;
+                  picture (evals/pictures.py) of a few images beside their reconstructions,
+                  upsampled to >= 64 pixels without smoothing, with the words each became;
   fewshot         N-way K-shot classification by nearest class prototype of the frozen encoder
                   LM's features of each image's words, beside chance and the shuffled-words control;
   fewshot_llm     the same episodes by prompting a causal LLM (``eval.llm_path``: any
@@ -34,8 +35,10 @@ from lqae_vlap.core import files
 from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.evals import fewshot as fewshot_lib
 from lqae_vlap.evals import linear_probe as probe_lib
+from lqae_vlap.evals import pictures
 from lqae_vlap.evals import reconstruction as recon_lib
 from lqae_vlap.evals import runner as eval_runner
+from lqae_vlap.evals.runner import Row, pct
 from lqae_vlap.evals.arrays import pad_rows
 from lqae_vlap.models import roberta
 from lqae_vlap.ops import pixels
@@ -117,8 +120,9 @@ class Evaluator:
 # Every result is a flat {name: float}, so its scalars are its keys.
 
 
-def reconstruction(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list[str]]:
-    """Reconstruction quality and codebook use; writes a PNG grid and the words of a few images."""
+def reconstruction(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list]:
+    """Reconstruction quality and codebook use; writes a picture of a few reconstructions beside
+    their originals and words (``reconstructions_<step>.png``) and the words as text."""
     cfg = ctx.cfg
     source = ctx.sources["validation"]
     bs, n = int(cfg.eval.batch_size), int(cfg.eval.num_batches)
@@ -126,55 +130,63 @@ def reconstruction(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, f
     value_range = tuple(cfg.model.pixel_range)
     sums: dict[str, float] = {}
     all_idx, first = [], None
+    window = None
     for b in range(n):
         idx = [(b * bs + i) % len(source) for i in range(bs)]
         images = np.stack([source[i]["image"] for i in idx])
         out = jax.device_get(ctx.forward(ctx.params, ctx.frozen, images,
                                          jax.random.fold_in(rng, b)))
         x = images.astype(np.float64) / 255.0
+        window = recon_lib.ssim_filter_size(*x.shape[1:3])
         for tag, rec in (("quantized", out["recon_q"]), ("lm_filled", out["recon_lm"])):
             rec = np.clip(pixels.to_unit(rec, value_range), 0.0, 1.0)
             metrics = {f"mse_{tag}": float(np.mean((rec - x) ** 2)),
                        f"psnr_{tag}": recon_lib.psnr(rec, x, data_range=1.0)[1],
-                       f"ssim_{tag}": recon_lib.ssim(rec, x, data_range=1.0)[1]}
+                       f"ssim_{tag}": recon_lib.ssim(rec, x, data_range=1.0,
+                                                     filter_size=window)[1]}
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / n
         all_idx.append(np.asarray(out["q"].indices))
-        first = first or (x, out)
+        first = first or (images, out)
     vocab = roberta.word_embedding_matrix(ctx.frozen["lm"]).shape[0]
-    r = {**sums, **recon_lib.codebook_stats(np.concatenate(all_idx), vocab)}
+    r = {**sums, **recon_lib.codebook_stats(np.concatenate(all_idx), vocab),
+         "ssim_filter_size": window}
+    picture = f"reconstructions_{step:06d}.png"
     if jax.process_index() == 0:
-        x, out = first
-        k = min(int(cfg.eval.num_images), x.shape[0])
-        recon_lib.png_grid([x[:k], pixels.to_unit(out["recon_q"][:k], value_range),
-                            pixels.to_unit(out["recon_lm"][:k], value_range)],
-                           files.join(workdir, f"reconstructions_{step:06d}.png"),
-                           value_range=(0.0, 1.0))
+        images, out = first
+        k = min(int(cfg.eval.num_images), images.shape[0])
         ids = np.asarray(out["q"].indices)
+        words = [" ".join(ctx.tokenizer.convert_ids_to_tokens([int(t) for t in ids[j]]))
+                 for j in range(k)]
+        pictures.reconstructions_picture(
+            images[:k], {"from the words": pixels.to_uint8(out["recon_q"][:k], value_range),
+                         "after the LM": pixels.to_uint8(out["recon_lm"][:k], value_range)},
+            words, files.join(workdir, picture))
         text = [f"# step {step}: the words each validation image became ({ids.shape[1]} "
                 "tokens, patches in row-major order)"]
-        text += [f"image {j}: " + " ".join(ctx.tokenizer.convert_ids_to_tokens(
-            [int(t) for t in ids[j]])) for j in range(k)]
+        text += [f"image {j}: {w}" for j, w in enumerate(words)]
         files.write_text(files.join(workdir, f"words_{step:06d}.txt"), "\n".join(text) + "\n")
-    line = (f"reconstruction PSNR {r['psnr_quantized']:.2f} dB / SSIM {r['ssim_quantized']:.3f}"
-            f" from the words, {r['psnr_lm_filled']:.2f} dB / {r['ssim_lm_filled']:.3f} after "
-            f"the LM refills half; codebook usage {100 * r['usage']:.2f}%, perplexity "
-            f"{r['perplexity']:.1f}")
-    return r, [line]
+    rows = [Row(f"{name} {where}", value)
+            for where, tag in (("from the words", "quantized"), ("after the LM", "lm_filled"))
+            for name, value in (("PSNR", f"{r[f'psnr_{tag}']:.2f} dB"),
+                                ("SSIM", f"{r[f'ssim_{tag}']:.3f}"))]
+    rows += [Row("codebook usage", pct(r["usage"], 2), f"of {vocab} words"),
+             Row("codebook perplexity", f"{r['perplexity']:.1f}", "effective words used")]
+    return r, rows + [f"picture: {picture}"]
 
 
-def fewshot(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list[str]]:
+def fewshot(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list]:
     """N-way K-shot episodes classified by prototypes of the frozen LM's features."""
     fs = ctx.cfg.eval.fewshot
     ids, labels = ctx.split_words(fs.split)
     features = ctx.features(ids, fs.layer)
     class_names = ctx.sources[fs.split].class_names
-    return _episodes("fewshot", fs, lambda n, k: fewshot_lib.run_fewshot(
+    return _episodes(fs, lambda n, k: fewshot_lib.run_fewshot(
         labels, class_names, n_way=n, k_shot=k, n_query=fs.queries,
         num_episodes=fs.episodes, seed=fs.seed, features=features))
 
 
-def fewshot_llm(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list[str]]:
+def fewshot_llm(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list]:
     """The same episodes, classified by prompting the causal LLM at ``eval.llm_path``."""
     from lqae_vlap import models  # noqa: PLC0415  (loads a causal LLM only when asked)
 
@@ -190,12 +202,12 @@ def fewshot_llm(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, floa
     ids, labels = ctx.split_words(fs.split)
     texts = [fewshot_lib.image_text(row, ctx.tokenizer) for row in ids]
     class_names = ctx.sources[fs.split].class_names
-    return _episodes("fewshot_llm", fs, lambda n, k: fewshot_lib.run_fewshot(
+    return _episodes(fs, lambda n, k: fewshot_lib.run_fewshot(
         labels, class_names, n_way=n, k_shot=k, n_query=fs.queries,
         num_episodes=fs.llm_episodes, seed=fs.seed, texts=texts, lm_scorer=ctx.llm_scorer))
 
 
-def linear_probe(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list[str]]:
+def linear_probe(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list]:
     """A linear classifier on the frozen LM's features of the words (``eval.probe``)."""
     p = ctx.cfg.eval.probe
     cache = files.join(workdir, "probe_features")
@@ -212,12 +224,12 @@ def linear_probe(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, flo
     r = probe_lib.train_linear_probe(tx, ty, vx, vy, num_classes, epochs=p.epochs,
                                      learning_rate=p.lr, weight_decay=p.weight_decay)
     r["chance"] = float(np.bincount(vy).max() / len(vy))  # majority class
-    return r, [f"linear probe top-1 {100 * r['top1']:.1f}% vs majority class "
-               f"{100 * r['chance']:.1f}% (train {100 * r['train_top1']:.1f}%)"]
+    return r, [Row("top-1 (validation)", pct(r["top1"]), f"majority class {pct(r['chance'])}"),
+               Row("top-1 (train)", pct(r["train_top1"]))]
 
 
-def _episodes(name: str, fs: Any, run_one: Callable[[int, int], dict[str, float]]
-              ) -> tuple[dict[str, float], list[str]]:
+def _episodes(fs: Any, run_one: Callable[[int, int], dict[str, float]]
+              ) -> tuple[dict[str, float], list]:
     """Every (ways, shots) cell of ``eval.fewshot`` as '<n>way_<k>shot_<key>' floats, and a line
     per cell: accuracy beside chance and the shuffled-words control."""
     r = {}
@@ -225,17 +237,16 @@ def _episodes(name: str, fs: Any, run_one: Callable[[int, int], dict[str, float]
         for k_shot in fs.shots:
             for k, v in run_one(n_way, k_shot).items():
                 r[f"{n_way}way_{k_shot}shot_{k}"] = float(v)
-    lines = []
+    rows = []
     for key in sorted(k for k in r if k.endswith("_accuracy") and "shuffled" not in k):
         cell = key[: -len("_accuracy")]
         acc, ci, chance = r[key], r[f"{cell}_ci95"], r[f"{cell}_chance"]
         sh, sh_ci = r[f"{cell}_shuffled_accuracy"], r[f"{cell}_shuffled_ci95"]
-        verdict = ("above chance" if acc - ci > chance
-                   else "not distinguishable from chance")
-        lines.append(f"{name} {cell.replace('_', ' ')}: {100 * acc:.1f}% +- {100 * ci:.1f} "
-                     f"(95% CI) vs chance {100 * chance:.0f}%, shuffled words {100 * sh:.1f}% "
-                     f"+- {100 * sh_ci:.1f}: {verdict} ({100 * (acc - chance):+.1f} points)")
-    return r, lines
+        verdict = "above chance" if acc - ci > chance else "not above chance"
+        rows.append(Row(cell.replace("_", " "), f"{pct(acc)} +- {100 * ci:.1f}",
+                        f"chance {pct(chance, 0)}, shuffled words {pct(sh)} +- {100 * sh_ci:.1f}"
+                        f": {verdict}"))
+    return r, rows + ["(accuracy +- 95% CI over episodes)"]
 
 
 EVALS: dict[str, eval_runner.Evaluation] = {

@@ -55,12 +55,16 @@ from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import captions as captions_lib
 from lqae_vlap.evals import arithmetic as arithmetic_lib
 from lqae_vlap.evals import captioning as captioning_lib
+from lqae_vlap.evals import pictures
 from lqae_vlap.evals import retrieval as retrieval_lib
 from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.evals import vqa as vqa_lib
 from lqae_vlap.evals.arrays import pad_rows, unit_rows
+from lqae_vlap.evals.runner import Row, pct
 
 SIMILARITIES = ("word_scores", "embedding", "caption_likelihood")
+_CONSOLE_EXAMPLES = 3  # captions printed; the picture shows eval.captioning.num_show of them
+_TOP_K = 5  # results per query in the retrieval pictures
 
 
 class Evaluator:
@@ -229,7 +233,7 @@ class Evaluator:
 # The evaluations: fn(ctx, step, workdir) -> (result, lines), ctx an Evaluator inside ``run``.
 
 
-def loss(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+def loss(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
     """The training loss's metrics averaged over ``eval.num_batches`` held-out batches."""
     n = int(ctx.cfg.eval.num_batches)
     sums: dict[str, float] = {}
@@ -238,12 +242,12 @@ def loss(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[
         _, aux = ctx.loss_step(ctx.params, ctx.frozen, batch, jax.random.PRNGKey(0))
         for k, v in jax.device_get(aux).items():
             sums[k] = sums.get(k, 0.0) + float(v) / n
-    line = (f"held-out loss: L_map {sums['map']:.4f}, L_cap {sums['cap']:.4f}, image/text "
-            f"argmax-word agreement {100 * sums['assign_agreement']:.1f}% ({n} batches)")
-    return sums, [line]
+    return sums, [Row(f"L_map ({n} held-out batches)", f"{sums['map']:.4f}"),
+                  Row("L_cap", f"{sums['cap']:.4f}"),
+                  Row("image/text argmax-word agreement", pct(sums["assign_agreement"]))]
 
 
-def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
     """Zero-shot captions of the held-out images per decoding, with COCO metrics."""
     c = ctx.cfg.eval.captioning
     source = ctx.sources["images"]
@@ -260,7 +264,7 @@ def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
                                  max_new_tokens=int(c.max_new_tokens), num_beams=int(beams))
             preds.setdefault(_decoding(beams), {}).update(zip(idx, texts))
     result: dict[str, Any] = {"num_images": n, "prompt": ctx.cfg.model.prompt}
-    lines = []
+    rows, notes, skipped = [], [], {}
     for decoding, p in preds.items():
         # An empty caption is a legitimate (bad) prediction; the scorers need a token.
         scored = captioning_lib.caption_metrics({k: v or "." for k, v in p.items()}, refs,
@@ -269,26 +273,34 @@ def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
                                for k in p]))
         result[decoding] = {**scored["scores"], "exact_match": exact,
                             "skipped": scored["skipped"], "tokenizer": scored["tokenizer"]}
-        shown = ", ".join(f"{m} {100 * v:.1f}" for m, v in scored["scores"].items())
-        skipped = f" (skipped: {', '.join(scored['skipped'])})" if scored["skipped"] else ""
-        lines.append(f"captioning {decoding} on {n} held-out images: {shown}; exact match "
-                     f"{100 * exact:.1f}%{skipped}")
+        rows += [Row(f"{decoding} {m}", f"{100 * v:.1f}") for m, v in scored["scores"].items()]
+        rows.append(Row(f"{decoding} exact match", pct(exact)))
+        skipped.update(scored["skipped"])
         if jax.process_index() == 0:
             text = (f"# step {step}, {decoding}: prompt {ctx.cfg.model.prompt!r}; "
                     "generated | first reference\n")
             text += "".join(f"{p[k]} | {refs[k][0]}\n" for k in sorted(p))
             files.write_text(files.join(workdir, f"captions_{decoding}_{step:06d}.txt"), text)
+    if skipped:
+        notes.append(f"skipped: {', '.join(skipped)} (reasons in eval_captioning_{step:06d}.json)")
     first = next(iter(preds.values()))
     show = sorted(first)[:int(c.num_show)]
     result["examples"] = [{"index": k, "references": refs[k],
                            **{d: preds[d][k] for d in preds}} for k in show]
-    for k in show:
+    picture = f"captions_{step:06d}.png"
+    images = [_image(source, k) for k in show]
+    if jax.process_index() == 0 and show and all(im is not None for im in images):
+        pictures.captions_picture(images, {d: [preds[d][k] for k in show] for d in preds},
+                                  [refs[k] for k in show], files.join(workdir, picture))
+        notes.append(f"picture: {picture} ({len(show)} held-out images, "
+                     f"{' / '.join(preds)} beside the references)")
+    for k in show[:_CONSOLE_EXAMPLES]:
         gen = " / ".join(f"{d}: {preds[d][k]!r}" for d in preds)
-        lines.append(f"  image {k}: {gen}  (reference {refs[k][0]!r})")
-    return result, lines
+        notes.append(f"image {k}: {gen}  (reference {refs[k][0]!r})")
+    return result, [*rows, f"(COCO metrics x 100 on {n} held-out images)", *notes]
 
 
-def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
     """Recall@K both ways per similarity, averaged over galleries, beside chance."""
     r = ctx.cfg.eval.retrieval
     source = ctx.sources["images"]
@@ -305,6 +317,7 @@ def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], 
     words = ctx.word_embeddings()
     recalls: dict[str, list[dict]] = {x: [] for x in sims}
     chances = []
+    shown = None  # (members, texts, gt, sim) of the first gallery by the first similarity
     for members in groups:
         texts, gt = retrieval_lib.gallery_captions(caption_lists, members)
         chances.append(retrieval_lib.chance_recall(gt, len(texts), ks))
@@ -324,23 +337,51 @@ def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], 
             else:
                 sim = unit_rows(v[members]) @ unit_rows(t).T
             recalls[name].append(retrieval_lib.recall_at_k(sim, gt, ks))
+            shown = shown or (members, texts, gt, sim)
     chance = {k: float(np.mean([x[k] for x in chances])) for k in chances[0]}
     result: dict[str, Any] = {"chance": chance, "num_galleries": len(groups),
                               "gallery_images": len(groups[0])}
     where = (f"{len(groups)} galleries of {len(groups[0])} images" if len(groups) > 1
              else f"{len(groups[0])} images")
-    lines = []
+    rows = []
     for name in sims:
         mean = {k: float(np.mean([x[k] for x in recalls[name]])) for k in recalls[name][0]}
         result[name] = mean
         for d, arrow in (("i2t", "image->text"), ("t2i", "text->image")):
-            cells = ", ".join(f"R@{k} {100 * mean[f'{d}_R@{k}']:.1f}% (chance "
-                              f"{100 * chance[f'{d}_R@{k}']:.1f}%)" for k in ks)
-            lines.append(f"retrieval {arrow} by {name} over {where}: {cells}")
-    return result, lines
+            rows += [Row(f"{arrow} R@{k} by {name}", pct(mean[f"{d}_R@{k}"]),
+                         f"chance {pct(chance[f'{d}_R@{k}'])}") for k in ks]
+    notes = [f"over {where}"]
+    if jax.process_index() == 0:
+        notes += _retrieval_pictures(source, *shown, int(r.num_show), sims[0], step, workdir)
+    return result, rows + notes
 
 
-def vqa(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+def _retrieval_pictures(source, members: list[int], texts: list[str], gt: list[list[int]],
+                        sim: np.ndarray, num_show: int, name: str, step: int,
+                        workdir: str) -> list[str]:
+    """Writes retrieval_{t2i,i2t}_<step>.png: the first ``num_show`` queries of one gallery
+    (sim [n_img, n_txt] by similarity ``name``) with their top-5 results, the right ones
+    framed green; returns the lines that name them."""
+    images = [_image(source, i) for i in members]
+    if num_show <= 0 or any(im is None for im in images):
+        return []
+    top = min(_TOP_K, len(members), len(texts))
+    owner = retrieval_lib.caption_owner(gt, len(texts))
+    order_t2i = np.argsort(-sim, axis=0, kind="stable")[:top]  # [top, n_txt] image ranks
+    order_i2t = np.argsort(-sim, axis=1, kind="stable")[:, :top]  # [n_img, top] caption ranks
+    q_t = range(min(num_show, len(texts)))
+    q_i = range(min(num_show, len(members)))
+    t2i, i2t = f"retrieval_t2i_{step:06d}.png", f"retrieval_i2t_{step:06d}.png"
+    pictures.retrieval_picture(
+        [texts[j] for j in q_t], [[images[i] for i in order_t2i[:, j]] for j in q_t],
+        [[i == owner[j] for i in order_t2i[:, j]] for j in q_t], files.join(workdir, t2i))
+    pictures.retrieval_picture(
+        [images[i] for i in q_i], [[texts[j] for j in order_i2t[i]] for i in q_i],
+        [[j in gt[i] for j in order_i2t[i]] for i in q_i], files.join(workdir, i2t))
+    return [f"pictures: {t2i}, {i2t} (top {top} by {name}, the right one framed green)"]
+
+
+def vqa(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
     """Zero-shot short greedy answers, VQAv2 accuracy beside a constant-answer control."""
     q = ctx.cfg.eval.vqa
     source = ctx.sources["vqa"]
@@ -376,14 +417,14 @@ def vqa(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[s
     result.update(accuracy=acc["overall"], constant_answer=top,
                   constant_answer_accuracy=constant,
                   per_answer_type=acc.get("per_answer_type", {}))
-    lines = [f"vqa on {len(annotated)} questions: accuracy {100 * acc['overall']:.1f}% vs "
-             f"{100 * constant:.1f}% for always answering {top!r}"]
+    lines = [Row(f"accuracy on {len(annotated)} questions", pct(acc["overall"]),
+                 f"always answering {top!r}: {pct(constant)}")]
     for k in list(annotated)[:int(q.num_show)]:
-        lines.append(f"  question {k}: answered {preds[k]!r} (humans: {annotated[k][0]!r})")
+        lines.append(f"question {k}: answered {preds[k]!r} (humans: {annotated[k][0]!r})")
     return result, lines
 
 
-def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list[str]]:
+def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
     """Nearest words of a few images; image - word(a) + word(b) -> does the nearest image show b?"""
     a = ctx.cfg.eval.arithmetic
     source = ctx.sources["images"]
@@ -404,7 +445,7 @@ def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
     for i in range(min(int(a.num_show), n)):
         top, _ = arithmetic_lib.nearest_words(v[i], words, top_k=int(a.top_k))
         shown.append({"index": i, "caption": caps[i], "nearest_words": [name(t) for t in top]})
-        lines.append(f"arithmetic: image {i} ({caps[i]!r}) nearest words: "
+        lines.append(f"image {i} ({caps[i]!r}) nearest words: "
                      f"{', '.join(name(t) for t in top)}")
     result["nearest_words"] = shown
     pairs = [tuple(p.split("->")) for p in a.pairs]
@@ -433,12 +474,23 @@ def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
         acc = {k: float(np.mean(x)) for k, x in hits.items()}
         result.update({f"{k}_top1": x for k, x in acc.items()}, chance=float(np.mean(chance)),
                       num_queries=len(chance), pairs=list(a.pairs))
-        lines.append(
-            f"arithmetic image - word(a) + word(b) -> nearest image shows b: "
-            f"{100 * acc['arithmetic']:.1f}% over {len(chance)} queries ({len(pairs)} pairs)"
-            f"; controls: the image alone {100 * acc['image_only']:.1f}%, word(b) alone "
-            f"{100 * acc['word_only']:.1f}%, chance {100 * float(np.mean(chance)):.1f}%")
+        lines = [Row(f"image - a + b -> nearest image shows b ({len(chance)} queries)",
+                     pct(acc["arithmetic"]), f"chance {pct(np.mean(chance))}"),
+                 Row("control: the image alone", pct(acc["image_only"])),
+                 Row("control: word(b) alone", pct(acc["word_only"])), *lines]
     return result, lines
+
+
+def _image(source, index: int) -> np.ndarray | None:
+    """Example ``index``'s image for a picture: the source's, or that of the source a feature
+    cache stands in for (data/feature_cache.CachedFeatures keeps it as ``.source``); None when
+    neither has one."""
+    example = source[index]
+    if "image" not in example:
+        inner = getattr(source, "source", None)
+        example = inner[index] if inner is not None else {}
+    image = example.get("image")
+    return None if image is None else np.asarray(image, np.uint8)
 
 
 def _decoding(beams: int) -> str:

@@ -185,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             return
         scalars = method.evaluate(state["params"], method.frozen, step, workdir, names)
         scalars = writer.write(step, {f"eval/{k}": v for k, v in scalars.items()})
-        _log(f"eval step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        _log(f"eval step {step}: {len(scalars)} numbers in metrics.jsonl and "
+             f"eval_*_{step:06d}.json")
 
     preempted = False
     with ckpt_lib.PreemptionWatcher() as preemption:
@@ -241,6 +242,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                   for k, v in method.evaluate(state["params"], method.frozen,
                                                               step, workdir).items()})
     writer.close()
-    _log(f"eval of {directory} step {step}: " +
-         " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+    _log(f"eval of {directory} step {step}: {len(scalars)} numbers in metrics.jsonl and "
+         f"eval_*_{step:06d}.json")
     return scalars

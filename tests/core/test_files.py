@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lqae_vlap.core import files
-from lqae_vlap.evals import linear_probe, reconstruction
+from lqae_vlap.evals import linear_probe, pictures
 from lqae_vlap.train import checkpoint, metrics
 
 
@@ -95,11 +95,12 @@ def test_find_checkpoint_dir_on_an_object_store(bucket):
         checkpoint.find_checkpoint_dir(f"{bucket}/elsewhere")
 
 
-def test_png_grid_and_probe_cache_write_to_an_object_store(bucket):
-    rows = [np.zeros((2, 4, 4, 3)), np.ones((2, 4, 4, 3))]
-    grid = reconstruction.png_grid(rows, files.join(bucket, "recon.png"))
+def test_pictures_and_probe_cache_write_to_an_object_store(bucket):
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    picture = pictures.reconstructions_picture(images, {"rec": images + 255}, ["a", "b"],
+                                               files.join(bucket, "recon.png"))
     png = np.asarray(Image.open(io.BytesIO(files.read_bytes(files.join(bucket, "recon.png")))))
-    np.testing.assert_array_equal(png, grid)
+    np.testing.assert_array_equal(png, picture.pixels)
 
     calls = []
 

@@ -137,3 +137,25 @@ def test_references_prefers_the_list_and_names_missing_keys():
     assert references({"caption": "c"}) == ["c"]
     with pytest.raises(ValueError, match="'references'"):
         references({"image": None})
+
+
+@needs_java
+def test_ptb_tokenizer_prints_nothing_to_the_console(capfd):
+    # pycocoevalcap lets Java write "PTBTokenizer tokenized N tokens at ..." to our stderr.
+    caption_metrics(KNOWN_PRED, KNOWN_REFS, metrics=("BLEU-4",), use_java=True)
+    out, err = capfd.readouterr()
+    assert "PTBTokenizer" not in out + err, err
+
+
+def test_child_stderr_is_reprinted_when_the_block_fails(capfd):
+    import subprocess
+    import sys
+
+    with captioning._child_stderr_kept():
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('quiet\\n')"])
+    with pytest.raises(RuntimeError):
+        with captioning._child_stderr_kept():
+            subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('loud\\n')"])
+            raise RuntimeError("tokenizer failed")
+    err = capfd.readouterr().err
+    assert "quiet" not in err and "loud" in err

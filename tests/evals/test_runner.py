@@ -61,3 +61,21 @@ def test_run_refuses_unknown_names_before_running_any(tmp_path):
     with pytest.raises(ValueError, match=r"unknown evaluations \['fid'\].*'cheap', 'costly'"):
         runner.run(_fake_evals(calls), ["cheap", "fid"], None, 1, str(tmp_path))
     assert not calls and not list(tmp_path.iterdir())
+
+
+def test_rows_print_as_one_aligned_table_before_the_notes(tmp_path, capsys):
+    def scored(ctx, step, workdir):
+        return {"a": 0.5}, [runner.Row("accuracy", runner.pct(0.5), "chance 10.0%"),
+                            "an example", runner.Row("a longer metric name", "3.25 dB")]
+
+    runner.run({"scored": scored}, ["scored"], None, 7, str(tmp_path))
+    assert capsys.readouterr().out.splitlines() == [
+        "  scored @ step 7" + " " * 9 + "value  chance / control",
+        "  accuracy" + " " * 16 + "50.0%  chance 10.0%",
+        "  a longer metric name  3.25 dB",
+        "  an example"]
+
+
+def test_table_without_controls_has_no_control_header():
+    assert runner.table("t", [runner.Row("m", "1")]) == ["t  value", "m      1"]
+    assert runner.table("t", []) == []

@@ -9,9 +9,11 @@ import pytest
 import torch
 import transformers
 
+from PIL import Image
+
 from lqae_vlap.methods import lqae, lqae_evals
 from lqae_vlap.core import sharding
-from tests.helpers import tiny_config
+from tests.helpers import find_tile, tiny_config, upsampled
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def tiny_llama(tmp_path_factory, tiny_mlm_dir):
     return str(path)
 
 
-def test_every_evaluation_runs_and_writes_json(tmp_path, tiny_mlm_dir, tiny_llama):
+def test_every_evaluation_runs_and_writes_json(tmp_path, tiny_mlm_dir, tiny_llama, capsys):
     config = tiny_config(tiny_mlm_dir)
     config.eval.evals = tuple(lqae_evals.EVALS)
     config.eval.llm_path = tiny_llama
@@ -43,7 +45,21 @@ def test_every_evaluation_runs_and_writes_json(tmp_path, tiny_mlm_dir, tiny_llam
     assert 0 <= scalars["linear_probe/top1"] <= 1
     assert scalars["reconstruction/psnr_quantized"] > 0
     assert -1 <= scalars["reconstruction/ssim_quantized"] <= 1
-    assert (tmp_path / "reconstructions_000007.png").exists()
+    # The picture: each of the first num_images validation digits (8x8) repeated to 64x64
+    # (nearest neighbour), beside its reconstructions and words.
+    png = np.asarray(Image.open(tmp_path / "reconstructions_000007.png").convert("RGB"))
+    source = method.evaluate.__self__.sources["validation"]
+    for i in range(config.eval.num_images):
+        tile = upsampled(np.asarray(source[i]["image"]))
+        assert tile.shape == (64, 64, 3)
+        assert find_tile(png, tile), f"validation image {i} is not in the picture at 64 px"
+    assert scalars["reconstruction/ssim_filter_size"] == 7  # 8x8 images: the 11 window won't fit
+    # The console: one short table per evaluation, no key=value dump.
+    out = capsys.readouterr().out.splitlines()
+    for name in lqae_evals.EVALS:
+        head = [i for i, line in enumerate(out) if line.startswith(f"  {name} @ step 7 ")]
+        assert len(head) == 1 and "value" in out[head[0]], (name, out)
+    assert len(out) <= 20 * len(lqae_evals.EVALS) and max(map(len, out)) < 160, out
     assert os.listdir(tmp_path / "probe_features")  # features cached for the next call
 
 
