@@ -51,5 +51,5 @@ def test_vlap_demo_trains_and_evaluates_without_torch(tmp_path):
     assert proc.returncode == 0, out
     assert "torch imported: False" in proc.stderr, out
     assert "Traceback" not in out and "PyTorch was not found" not in out, out
-    assert "step 1/1" in proc.stdout and "vqa on 4 questions" in proc.stdout, out
+    assert "step 1/1" in proc.stdout and "accuracy on 4 questions" in proc.stdout, out
     assert (workdir / "done.json").exists()
