@@ -45,6 +45,7 @@ def main(argv: list[str]) -> None:
         # orbax also logs each failure of its threads with a traceback, then raises it in the
         # caller, where the trainer turns it into the one line it prints: keep only that line.
         logging.get_absl_logger().addFilter(_drop_orbax_records)
+        sys.unraisablehook = _quiet_orbax_leftovers(sys.unraisablehook)
     if config.mode == "plan":
         _fake_devices_for_plan(config)
     from lqae_vlap.train import distributed
@@ -72,6 +73,22 @@ def main(argv: list[str]) -> None:
 
 def _drop_orbax_records(record) -> bool:
     return f"{os.sep}orbax{os.sep}" not in record.pathname or record.levelno >= std_logging.CRITICAL
+
+
+def _quiet_orbax_leftovers(hook):
+    """An unraisable-exception hook that drops what a failed orbax restore leaves behind (the
+    read coroutines it abandoned, tensorstore callbacks into its closed event loop) and passes
+    anything else on: the failure itself reached the trainer, which reports it in one line."""
+
+    def quiet(unraisable) -> None:
+        exc = unraisable.exc_value
+        where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or \
+                f"{os.sep}orbax{os.sep}" in where:
+            return
+        hook(unraisable)
+
+    return quiet
 
 
 def _fake_devices_for_plan(config) -> None:

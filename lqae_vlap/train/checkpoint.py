@@ -32,6 +32,18 @@ class CheckpointError(RuntimeError):
 _UNREADABLE = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError)
 
 
+def _unreadable(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it: tensorstore read errors reach us wrapped in a bare
+    Exception) is one of the _UNREADABLE errors."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, _UNREADABLE):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _first_line(e: BaseException, limit: int = 200) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text if len(text) <= limit else text[:limit] + "..."
@@ -184,9 +196,13 @@ class Checkpointer:
         """(state,) if ``step`` restores; else why not, in one line. A checkpoint that does not
         fit the config raises CheckpointError at once (an older step will not fit either)."""
         where = f"{self.directory}/{step}"
+        if not files.isdir(files.join(where, "default")):  # orbax would blame a "handler"
+            return f"checkpoint {where} has no default/ folder (where its arrays are)"
         try:
             saved = self._manager.item_metadata(step)
-        except _UNREADABLE as e:
+        except Exception as e:  # noqa: BLE001  (only _unreadable ones are the checkpoint's)
+            if not _unreadable(e):
+                raise
             return f"checkpoint {where} cannot be read ({_first_line(e)})"
         if saved is None:
             return f"checkpoint {where} has no readable metadata"
@@ -197,7 +213,11 @@ class Checkpointer:
                 "fresh --workdir or the config the checkpoint was trained with")
         try:
             state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-        except _UNREADABLE as e:
+        except Exception as e:  # noqa: BLE001
+            if not _unreadable(e):
+                raise
+            while not isinstance(e, _UNREADABLE):  # the tensorstore line, not orbax's wrapper
+                e = e.__cause__ or e.__context__
             return f"checkpoint {where} cannot be read ({_first_line(e)})"
         if not bool(all_finite(state)):
             return f"checkpoint {where} holds NaN or infinite values"

@@ -212,9 +212,15 @@ class WorkdirLock:
 
     def __enter__(self) -> "WorkdirLock":
         def take():
+            existed = files.isdir(self.workdir)
             try:
                 self._take()
             except OSError as e:  # a full disk, a folder that vanished: one line, not a trace
+                if not existed and not files.is_remote(self.workdir):
+                    try:
+                        os.rmdir(self.workdir)  # the empty folder this start made
+                    except OSError:
+                        pass
                 raise WorkdirError(f"cannot create {self.path}: {e.strerror or e}; free space or "
                                    "use another --workdir") from e
 
