@@ -143,12 +143,13 @@ def _read_holder(workdir: str) -> dict | None:
 
 
 def _stale(holder: dict) -> bool:
-    """True when the holder is surely gone: same host, and its pid is dead, is us, or is now
-    another process (a different start time)."""
+    """True when the holder is surely gone: same host, and its pid is dead or is now another
+    process (a start time other than the one it recorded: a pid reused after a restart, as
+    in a container that starts its processes in the same order)."""
     if holder.get("host") != socket.gethostname() or "pid" not in holder:
         return False
     pid = int(holder["pid"])
-    if pid == os.getpid() or not _alive(pid):
+    if not _alive(pid):
         return True
     start = holder.get("proc_start")
     return start is not None and _process_start(pid) not in (None, start)
