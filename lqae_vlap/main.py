@@ -158,8 +158,9 @@ def run() -> None:
         # Bad input (paths, config values, checkpoints, the workdir) or a run that diverged:
         # one line that names it, no traceback.
         _die(str(e) if isinstance(e, own_errors) else f"{type(e).__name__}: {e}")
-    except Interrupted as e:  # Ctrl-C, after saving
-        print(str(e), flush=True)
+    except Interrupted as e:  # Ctrl-C, after saving (the line is empty off process 0)
+        if str(e):
+            print(str(e), flush=True)
         sys.exit(130)
     except KeyboardInterrupt:  # Ctrl-C while starting, or a second one while saving
         print("error: interrupted (Ctrl-C) with nothing saved since the newest complete "

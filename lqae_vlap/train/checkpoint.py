@@ -117,8 +117,9 @@ class Checkpointer:
             self.directory,
             item_handlers=ocp.StandardCheckpointHandler(),  # lets item_metadata read the tree
             options=ocp.CheckpointManagerOptions(
-                save_interval_steps=max(int(save_every), 1),
-                max_to_keep=max(int(keep), 1),
+                # A reader's manager saves and prunes nothing (orbax warns if asked to).
+                save_interval_steps=max(int(save_every), 1) if writer else 0,
+                max_to_keep=max(int(keep), 1) if writer else None,
                 enable_async_checkpointing=async_save,
                 create=writer,
                 read_only=not writer,

@@ -334,9 +334,10 @@ def _train(config, workdir, method, tx, schedule, init_state, abstract_state, st
         done = int(state["step"])
         save(done, force=True)
         checkpointer.wait()
-        if stopped_by == "SIGINT":
+        if stopped_by == "SIGINT":  # every process stops; process 0 says so
             raise Interrupted(f"interrupted (SIGINT): saved step {done} to "
-                              f"{checkpointer.directory}; run the same command again to resume")
+                              f"{checkpointer.directory}; run the same command again to resume"
+                              if jax.process_index() == 0 else "")
         if stopped_by:
             _log(f"preempted: saved step {done} to {checkpointer.directory}; "
                  "run the same command again to resume")
