@@ -197,7 +197,8 @@ def _diverged(what: str, step: int, start: int, config: ml_collections.ConfigDic
 
 
 def _workdir_os_error(e: OSError, workdir: str) -> Exception:
-    """A write that failed for want of space or permission: one line naming the file."""
+    """A write that failed for want of space or permission: one line naming the file (any
+    other OSError is returned as it is)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         why = "no space left on the device; free space"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -241,7 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             return _train(config, workdir, method, tx, schedule, init_state, abstract_state,
                           state_shardings, mesh, checkpointer, init_from)
     except OSError as e:
-        raise _workdir_os_error(e, workdir) from e
+        error = _workdir_os_error(e, workdir)
+        if error is e:
+            raise
+        raise error from e
 
 
 def _restore_or_init(checkpointer, workdir, init_state, abstract_state, init_from):
@@ -381,7 +385,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
             finally:
                 writer.close()
     except OSError as e:
-        raise _workdir_os_error(e, workdir) from e
+        error = _workdir_os_error(e, workdir)
+        if error is e:
+            raise
+        raise error from e
     _log(f"eval of {directory} step {step}: " +
          " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
     return scalars
