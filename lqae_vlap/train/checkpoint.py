@@ -8,6 +8,7 @@ a restart needs to continue bit-for-bit.
 from __future__ import annotations
 
 import errno
+import json
 import signal
 import threading
 import time
@@ -45,6 +46,8 @@ def _unreadable(e: BaseException) -> bool:
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
+    if isinstance(e, json.JSONDecodeError):  # which file orbax was parsing, it does not say
+        return f"one of its metadata files (default/_METADATA, ...) is not valid JSON: {e}"
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text if len(text) <= limit else text[:limit] + "..."
 
