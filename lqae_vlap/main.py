@@ -5,6 +5,7 @@ Override any config value with ``--config.KEY=VALUE`` (e.g. ``--config.train.ste
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import re
 import sys
@@ -41,6 +42,10 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if "--verbosity" not in " ".join(sys.argv) and "-v=" not in " ".join(sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        # orbax also logs each failure of its threads with a traceback, then raises it in the
+        # caller, where the trainer turns it into the one line it prints: keep only that line.
+        logging.get_absl_logger().addFilter(_drop_orbax_records)
+        sys.unraisablehook = _quiet_orbax_leftovers(sys.unraisablehook)
     if config.mode == "plan":
         _fake_devices_for_plan(config)
     from lqae_vlap.train import distributed
@@ -64,6 +69,26 @@ def main(argv: list[str]) -> None:
     else:
         raise ValueError(f"config.mode={config.mode!r} is not known; use 'train', 'eval' or "
                          "'plan'")
+
+
+def _drop_orbax_records(record) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname or record.levelno >= std_logging.CRITICAL
+
+
+def _quiet_orbax_leftovers(hook):
+    """An unraisable-exception hook that drops what a failed orbax restore leaves behind (the
+    read coroutines it abandoned, tensorstore callbacks into its closed event loop) and passes
+    anything else on: the failure itself reached the trainer, which reports it in one line."""
+
+    def quiet(unraisable) -> None:
+        exc = unraisable.exc_value
+        where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or \
+                f"{os.sep}orbax{os.sep}" in where:
+            return
+        hook(unraisable)
+
+    return quiet
 
 
 def _fake_devices_for_plan(config) -> None:
@@ -122,13 +147,26 @@ def _die(message: str) -> None:
 
 def run() -> None:
     from lqae_vlap.train.checkpoint import CheckpointError
+    from lqae_vlap.train.trainer import Interrupted, TrainingDiverged
+    from lqae_vlap.train.workdir import WorkdirError
 
-    user_errors = (FileNotFoundError, ValueError, KeyError, CheckpointError)
+    own_errors = (ValueError, CheckpointError, WorkdirError, TrainingDiverged)  # say it all
+    user_errors = (FileNotFoundError, KeyError, *own_errors)
     try:
         app.run(main, flags_parser=_parse_flags)
     except user_errors as e:
-        # Bad input (paths, config values, checkpoints): one line that names it, no traceback.
-        _die(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+        # Bad input (paths, config values, checkpoints, the workdir) or a run that diverged:
+        # one line that names it, no traceback.
+        _die(str(e) if isinstance(e, own_errors) else f"{type(e).__name__}: {e}")
+    except Interrupted as e:  # Ctrl-C, after saving (the line is empty off process 0)
+        if str(e):
+            print(str(e), flush=True)
+        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C while starting, or a second one while saving
+        print("error: interrupted (Ctrl-C) with nothing saved since the newest complete "
+              "checkpoint; run the same command again to resume from it", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ fixtures of tests/conftest.py (tests/test_test_imports.py checks it).
   - configs: load_config (configs/NAME.py with dotted overrides), the tiny LQAE and VLAP demo
     configs, the demo's small evaluation settings;
   - training: run_steps, the sharded-step-equals-one-device check, the VLAP evaluation check,
-    run_cli (lqae_vlap.main in a subprocess);
+    run_cli (lqae_vlap.main in a subprocess); two tiny Method records made here (linear_method,
+    whose weight overflows at a known step, and regression_method) with their config, and
+    train_subprocess (regression_method in a process of its own, to kill);
   - tiny random transformers models of each family (BERT / RoBERTa, OPT, Llama, T5) and the
     tiny checkpoints with MiniLM's real tokenizer that conftest.py's fixtures save;
   - the import statements of a file (tests/test_import_layers.py, tests/test_test_imports.py).
@@ -209,6 +211,106 @@ def check_evaluation(config, method, params, workdir):
     assert arith["num_queries"] > 0 and len(arith["nearest_words"]) == 3
     assert 0.0 < scalars["arithmetic/chance"] < 0.5
     return scalars
+
+
+class ConstantBatches:
+    """A deterministic batch source for the trainer: every batch is {"x": ones [8, 1]}."""
+
+    def batch_at(self, step: int) -> dict:
+        del step
+        return {"x": np.ones((8, 1), np.float32)}
+
+    def iterate(self, start: int = 0, stop: int | None = None):
+        step = start
+        while stop is None or step < stop:
+            yield step, self.batch_at(step)
+            step += 1
+
+
+def linear_method(config, mesh):
+    """The smallest Method record the trainer accepts: one weight w [1], loss -mean(x) * w = -w.
+
+    Its gradient is a constant -1, so AdamW (no decay) raises w by exactly the step's
+    lr every step: with lr 1e38 the weight overflows float32 (max 3.4e38) at a known step, while
+    the state before that step is finite and trains on at any sane lr."""
+    import jax.numpy as jnp
+
+    from lqae_vlap.methods.method import Method
+
+    del config, mesh
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen, rng
+        return -jnp.mean(batch["x"]) * params["w"][0], {}
+
+    return Method(init_params=lambda rng: {"w": jnp.zeros((1,), jnp.float32)}, frozen={},
+                  loss_fn=loss_fn, train_batches=ConstantBatches())
+
+
+def linear_config(steps=6, lr=1e-2, **train):
+    """A config for linear_method: AdamW without warm-up or decay, a checkpoint every step."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        seed=0, method="linear", mode="train", mesh={"data": -1, "fsdp": 1, "tensor": 1},
+        data=dict(batch_size=8),
+        optim=dict(lr=lr, lr_scale_batch=0, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                   weight_decay=0.0, grad_clip=0.0, end_lr_ratio=1.0),
+        train=dict(steps=steps, log_every=1, checkpoint_every=1, keep_checkpoints=10,
+                   async_checkpoint=False, init_from="", **train)))
+
+
+class RegressionBatches:
+    """Batch s: x [8, 4] ~ N(0, 1) seeded by s, y = x @ W* with W* = arange(8).reshape(4, 2)."""
+
+    def batch_at(self, step: int) -> dict:
+        x = np.random.RandomState(step).randn(8, 4).astype(np.float32)
+        return {"x": x, "y": x @ np.arange(8, dtype=np.float32).reshape(4, 2)}
+
+    iterate = ConstantBatches.iterate
+
+
+def regression_method(config, mesh):
+    """A small Method record with real dynamics (AdamW moments matter, the rng enters the loss):
+    a linear regression w [4, width] + b [width] on RegressionBatches, plus a 1e-3-scaled draw
+    from the step's rng, so a resume that got the state, batch or rng of a step wrong differs."""
+    import jax
+    import jax.numpy as jnp
+
+    from lqae_vlap.methods.method import Method
+
+    del mesh
+    width = int(config.get("width", 2))
+
+    def init(rng):
+        return {"w": 0.1 * jax.random.normal(rng, (4, width)), "b": jnp.zeros((width,))}
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen
+        pred = batch["x"] @ params["w"] + params["b"]
+        mse = jnp.mean((pred - batch["y"][:, :width]) ** 2)
+        return mse + 1e-3 * jax.random.normal(rng, ()), {"mse": mse}
+
+    return Method(init_params=init, frozen={}, loss_fn=loss_fn, train_batches=RegressionBatches())
+
+
+# Trains regression_method in a fresh process: python -c TRAIN_IN_SUBPROCESS WORKDIR STEPS.
+TRAIN_IN_SUBPROCESS = """
+import sys
+from lqae_vlap.train import trainer
+from tests.helpers import linear_config, regression_method
+config = linear_config(steps=int(sys.argv[2]), lr=0.05)
+trainer.train_and_evaluate(config, sys.argv[1], regression_method)
+"""
+
+
+def train_subprocess(workdir, steps: int) -> subprocess.Popen:
+    """regression_method for ``steps`` steps in a new process on one CPU device (the kill tests)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-c", TRAIN_IN_SUBPROCESS, str(workdir), str(steps)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -104,6 +104,88 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Creates a file holding ``text`` only if nothing is at ``path``; returns whether it did.
+
+    Local: one ``open(O_CREAT | O_EXCL)``, atomic even between hosts on one NFS export. Object
+    stores: mode "xb" (gcsfs: a create-if-absent precondition) where the backend has it, else
+    a check then a write, which two starts in the same second could both pass.
+    """
+    if is_remote(path):
+        fs, p = _fs(os.fspath(path))
+        try:
+            with fs.open(p, "xb") as f:
+                f.write(text.encode("utf-8"))
+            return True
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError):  # a backend without exclusive creation
+            if fs.exists(p):
+                return False
+            write_text(path, text)
+            return True
+    try:
+        fd = os.open(_local(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except BaseException:  # e.g. a full disk: leave no empty file that looks held
+        os.remove(_local(path))
+        raise
+    return True
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Deletes one file; a file that is already gone is not an error."""
+    try:
+        if is_remote(path):
+            fs, p = _fs(os.fspath(path))
+            fs.rm_file(p)
+        else:
+            os.remove(_local(path))
+    except FileNotFoundError:
+        pass
+
+
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Moves a file or a folder (with everything in it) to ``dst``, making dst's parent."""
+    if is_remote(src):
+        fs, p = _fs(os.fspath(src))
+        _, q = _fs(os.fspath(dst))
+        fs.mv(p, q, recursive=True)
+        return
+    os.makedirs(os.path.dirname(_local(dst)), exist_ok=True)
+    os.replace(_local(src), _local(dst))
+
+
+def why_not_writable_folder(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be (created as) a folder this process writes in, or None if it can.
+
+    Checks without creating anything: ``path`` is a file, lies under a file, or it (or the
+    nearest folder above it that exists, where it would be created) is not writable (a
+    read-only mount or permissions). Object stores are not checked (no cheap way to ask).
+    """
+    if is_remote(path):
+        return None
+    p = os.path.abspath(_local(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        return f"{p} is a file, not a folder"
+    probe = p
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{p} would be created under {probe}, which is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "" if probe == p else f" (where {p} would be created)"
+        return f"{probe}{what} is not writable (read-only or no permission)"
+    return None
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     if is_remote(path):
         fs, p = _fs(os.fspath(path))

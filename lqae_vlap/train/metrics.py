@@ -29,21 +29,30 @@ class MetricWriter:
     The workdir may be a bucket (gs://...): see core/files.py (tensorboardX writes gs:// itself).
     """
 
-    def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        """resume_step: a training run restarting from this step (0: from scratch) drops the
+        records of later steps, which it is about to redo, so each step has one row (and
+        TensorBoard purges them likewise). None (evaluation) keeps every record."""
         self.active = active
         self._tb = None
         self._jsonl = None
         if not active:
             return
         files.makedirs(workdir)
-        self._jsonl = files.AppendOnlyText(files.join(workdir, "metrics.jsonl"))
+        path = files.join(workdir, "metrics.jsonl")
+        if resume_step is not None and files.exists(path):
+            _drop_records_after(path, resume_step)
+        self._jsonl = files.AppendOnlyText(path)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:  # optional: JSONL alone is still complete
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(files.join(workdir, "tensorboard"), flush_secs=10)
+                purge = {} if resume_step is None else {"purge_step": int(resume_step) + 1}
+                self._tb = SummaryWriter(files.join(workdir, "tensorboard"), flush_secs=10,
+                                         **purge)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         scalars = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
@@ -55,12 +64,40 @@ class MetricWriter:
         return scalars
 
     def close(self) -> None:
+        """Flushes and closes both files; a failure (a full disk) is raised after both tried."""
+        error = None
         if self._jsonl is not None:
-            self._jsonl.close()
+            try:
+                self._jsonl.close()
+            except OSError as e:
+                error = e
             self._jsonl = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as e:
+                # tensorboardX retries close() at exit and prints a traceback: mark it closed.
+                tb.event_writer._closed = True
+                error = error or e
+        if error is not None:
+            raise error
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites ``path`` (atomically) without the records of steps after ``step``."""
+    lines = files.read_text(path).splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            record_step = record.get("step", 0) if isinstance(record, dict) else 0
+        except ValueError:  # a line cut short by a kill: it is redone with its step
+            continue
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        files.write_text(path, "".join(kept))
 
 
 def read_jsonl(path: str) -> list[dict[str, float]]:

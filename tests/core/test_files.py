@@ -42,6 +42,32 @@ def test_write_read_exists_listdir(where, tmp_path, bucket):
     assert files.listdir(root) == ["b.bin", "sub"]
 
 
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_create_exclusive_remove_and_move(where, tmp_path, bucket):
+    root = str(tmp_path) if where == "local" else bucket
+    files.makedirs(root)
+    lock = files.join(root, "lock.json")
+    assert files.create_exclusive(lock, "first") and not files.create_exclusive(lock, "second")
+    assert files.read_text(lock) == "first"
+    files.remove(lock)
+    files.remove(lock)  # already gone: fine
+    assert files.create_exclusive(lock, "third") and files.read_text(lock) == "third"
+    files.makedirs(files.join(root, "ckpt", "3"))
+    files.write_text(files.join(root, "ckpt", "3", "a"), "x")
+    files.move(files.join(root, "ckpt", "3"), files.join(root, "bad", "3-now"))
+    assert files.read_text(files.join(root, "bad", "3-now", "a")) == "x"
+    assert not files.exists(files.join(root, "ckpt", "3", "a"))
+
+
+def test_why_not_writable_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert files.why_not_writable_folder(tmp_path / "new" / "deeper") is None
+    assert "is a file" in files.why_not_writable_folder(tmp_path / "f")
+    assert "which is a file" in files.why_not_writable_folder(tmp_path / "f" / "sub")
+    assert files.why_not_writable_folder("gs://bucket/run") is None  # not checked
+    assert not (tmp_path / "new").exists()
+
+
 def test_local_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
     files.write_text(path, "old")
@@ -82,6 +108,26 @@ def test_metric_writer_and_read_jsonl(where, tmp_path, bucket):
     records = metrics.read_jsonl(files.join(workdir, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0] == {"step": 1, "loss": 0.5}
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_metric_writer_resuming_drops_the_rows_of_steps_it_redoes(where, tmp_path, bucket):
+    workdir = str(tmp_path / "run") if where == "local" else bucket + "/run"
+    path = files.join(workdir, "metrics.jsonl")
+    w = metrics.MetricWriter(workdir, tensorboard=False, resume_step=0)
+    for step in range(1, 6):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    files.write_text(path, files.read_text(path) + '{"step": 6, "lo')  # a kill mid-line
+    w = metrics.MetricWriter(workdir, tensorboard=False, resume_step=3)  # resumed from step 3
+    for step in (4, 5, 6):
+        w.write(step, {"loss": 10.0 * step})
+    w.close()
+    records = metrics.read_jsonl(path)
+    assert [(r["step"], r["loss"]) for r in records] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+    metrics.MetricWriter(workdir, tensorboard=False).close()  # an evaluation keeps every row
+    assert metrics.read_jsonl(path) == records
 
 
 def test_find_checkpoint_dir_on_an_object_store(bucket):
