@@ -337,7 +337,11 @@ def _train(config, workdir, method, tx, schedule, init_state, abstract_state, st
                 if log_now or evals or stop or checkpointer.due(done):
                     verify()
                 if log_now:
-                    scalars = writer.write(done, jax.device_get(metrics))
+                    logged = dict(jax.device_get(metrics))
+                    bad = getattr(method.train_batches, "num_bad_images", None)
+                    if bad is not None:  # this host's unreadable images replaced so far
+                        logged["data/bad_images"] = bad
+                    scalars = writer.write(done, logged)
                     _log(progress.line(done, scalars))
                 save(done)
                 if evals:

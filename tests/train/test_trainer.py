@@ -1,5 +1,6 @@
 """Trainer: sharded step equals one device, kill-and-resume equals an uninterrupted run."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from lqae_vlap.methods import lqae
 from lqae_vlap.train import metrics as metrics_lib
 from lqae_vlap.train import trainer
 from lqae_vlap.train.checkpoint import Checkpointer
-from tests.helpers import REPO, assert_sharded_step_matches_one_device, tiny_config
+from tests.helpers import (REPO, ConstantBatches, assert_sharded_step_matches_one_device,
+                           linear_config, linear_method, tiny_config)
 
 
 def test_mesh_shape_resolution():
@@ -121,3 +123,23 @@ def test_weight_decay_mask_matrices_or_all():
     with pytest.raises(ValueError, match="weight_decay_mask='biases' is not known"):
         trainer.make_optimizer(ml_collections.ConfigDict({**base, "weight_decay_mask": "biases"}),
                                total_steps=4, global_batch_size=1)
+
+
+class _BatchesWithBadImages(ConstantBatches):
+    """ConstantBatches whose source has replaced 5 unreadable images."""
+
+    num_bad_images = 5
+
+
+def test_logged_rows_carry_the_count_of_bad_images(tmp_path):
+    def method(config, mesh):
+        return dataclasses.replace(linear_method(config, mesh),
+                                   train_batches=_BatchesWithBadImages())
+
+    trainer.train_and_evaluate(linear_config(steps=3), str(tmp_path), method)
+    rows = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [(r["step"], r["data/bad_images"]) for r in rows] == [(1, 5), (2, 5), (3, 5)]
+    # A source without the counter logs no such column.
+    trainer.train_and_evaluate(linear_config(steps=2), str(tmp_path / "plain"), linear_method)
+    rows = metrics_lib.read_jsonl(os.path.join(tmp_path / "plain", "metrics.jsonl"))
+    assert rows and all("data/bad_images" not in r for r in rows)
