@@ -78,6 +78,9 @@ def get_config(arg=None):
         llm_arch=opt_arch(size.split("/")[-1]),
         tokenizer_path="",  # "" = the LLM's own folder
         llm_dtype="float32",  # e.g. bfloat16 for the larger OPTs
+        # Memory of L_cap's pass through the frozen LLM (methods/vlap_llm.py):
+        llm_remat="none",
+        caption_loss_chunk=0,
         dtype="float32",  # compute dtype of the trainable Dense
         # Frozen vision tower; VLAP feeds its last hidden states (CLS + 49 patches for B/32).
         # arch: plan mode only, when path is not a local folder (HF vision config fields).
