@@ -118,6 +118,17 @@ def get_config(arg=None):
         llm_arch=opt_arch(size.split("/")[-1]),
         tokenizer_path="",  # "" = the LLM's own folder
         llm_dtype="float32",  # e.g. bfloat16 for the larger OPTs
+        # Memory of L_cap's pass through the frozen LLM (methods/vlap_llm.py; figures in
+        # bench/RESULTS.md, "Memory at the papers' scale"). llm_remat: 'none' | 'dots' (keep
+        # the weight matmuls' outputs, recompute attention, activations and norms: +0.2% FLOPs
+        # per step for opt-1.3b) | 'full' (rerun each layer: +26% FLOPs) | 'auto' (plan mode
+        # only: the cheapest that fits). caption_loss_chunk: caption tokens per chunk of the
+        # vocabulary cross-entropy, scored at the caption positions only (0 = the model's
+        # full logits at every position); it removes the prefix's head FLOPs (-4% per step).
+        # Plan mode, opt-1.3b bf16 on 8 x 16 GiB: 13.34 GiB per device with none/0, 11.20 with
+        # dots/8; opt-6.7b fsdp 8: 34.56 -> 15.19 GiB.
+        llm_remat="dots",
+        caption_loss_chunk=8,
         dtype="float32",  # compute dtype of the trainable Dense
         # Frozen vision tower (kind 'clip' | 'beit', from the arg); VLAP feeds its last hidden
         # states (CLS + patches: 50 tokens for CLIP B/32, 197 for BEiT-Base/16).
@@ -210,9 +221,14 @@ def get_config(arg=None):
     )
     # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
     # memory per device, and the peak that turns FLOPs into a step time (H100 bf16 dense).
-    # No flops_overrides: Sinkhorn's 3-iteration loop is the only loop in the step and XLA counts
-    # its body once (checked: num_iters 3 and 30 report the same FLOPs), but the uncounted
-    # iterations are ~7 FLOPs per (sample, word) each, ~1e8 per step at batch 256, under 1e-6 of
-    # the frozen LLM's forward and backward (1.4e14 for opt-1.3b), so nothing is corrected.
-    c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0, flops_overrides={})
+    # Sinkhorn is not corrected: XLA counts the body of its 3-iteration loop once (checked:
+    # num_iters 3 and 30 report the same FLOPs), but the uncounted iterations are ~7 FLOPs
+    # per (sample, word) each, ~1e8 per step at batch 256, under 1e-6 of the frozen LLM's
+    # forward and backward (1.4e14 for opt-1.3b).
+    # The chunked caption loss is a scan that XLA also counts once: the counting compile scores
+    # the caption in one chunk (the same FLOPs, recompute included). cpu_memory_scheduler:
+    # train/plan.py's docstring.
+    c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0,
+                  flops_overrides={"model": {"caption_loss_chunk": 4096}},
+                  cpu_memory_scheduler=True)
     return c

@@ -23,6 +23,13 @@ same shapes do not recompile; prompt lengths are rounded up to a multiple of 8 f
 
 Dtypes: the LLM computes in its own dtype (e.g. bfloat16 weights from the loader); logits come out
 in float32 and every loss here is computed in float32.
+
+Memory of caption_loss (``config.model``): ``llm_remat`` rematerialises each frozen layer in the
+backward pass (layers.REMAT_POLICIES; generation and the text side never use it), and
+``caption_loss_chunk`` > 0 scores the caption from hidden states with
+ops/losses.chunked_cross_entropy, that many tokens at a time, at the caption positions only, so
+no [batch, tokens, vocab] float32 logits are held; 0 takes the model's own logits at every
+position (the unoptimised path the tests compare against).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import numpy as np
 
 from lqae_vlap import models
 from lqae_vlap.models import generate as gen
+from lqae_vlap.models import layers
 from lqae_vlap.models import t5
 from lqae_vlap.ops import losses
 
@@ -114,8 +122,20 @@ class FrozenLLM:
     left_pad = True
 
     def __init__(self, module: nn.Module, tokenizer: Any, *, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None, mesh: Any = None) -> None:
+                 pad_token_id: int | None = None, mesh: Any = None, remat: str = "none",
+                 loss_chunk: int = 0) -> None:
         self.module = module
+        # caption_loss alone runs the layers checkpointed: generation and text_hidden are never
+        # differentiated, and a checkpoint's barriers would only get in their way.
+        if remat == "auto":
+            raise ValueError("config.model.llm_remat='auto' is for plan mode, which tries each "
+                             f"policy; set the one it picks (one of {layers.REMAT_POLICIES})")
+        layers.check_remat(remat, "config.model.llm_remat")
+        self._loss_module = module if remat == "none" else module.clone(remat=remat)
+        if int(loss_chunk) < 0:
+            raise ValueError(f"config.model.caption_loss_chunk={loss_chunk} must be >= 0 (0 = "
+                             "full logits, n = the caption scored n tokens at a time)")
+        self.loss_chunk = int(loss_chunk)
         self.tokenizer = tokenizer
         self.mesh = mesh  # generation keeps its KV cache sharded on it (models/layers.py)
         cfg = module.config
@@ -232,7 +252,7 @@ class DecoderOnlyLLM(FrozenLLM):
 
     left_pad = True
 
-    def __init__(self, family: str, module: nn.Module, tokenizer: Any, **ids: int | None) -> None:
+    def __init__(self, family: str, module: nn.Module, tokenizer: Any, **ids: Any) -> None:
         self.family = family
         super().__init__(module, tokenizer, **ids)
         decoder = models.family_module(family)
@@ -268,10 +288,24 @@ class DecoderOnlyLLM(FrozenLLM):
         attn = jnp.concatenate([jnp.ones((b, before), jnp.int32), mask.astype(jnp.int32)], axis=1)
         # Right padding only: positions 0..N-1 are the real positions for every real token.
         positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), attn.shape)
-        logits = self.module.apply({"params": params}, inputs_embeds=inputs, attention_mask=attn,
-                                   positions=positions)["logits"]
-        targets, loss_mask = caption_targets(before, ids, mask)
-        return losses.masked_cross_entropy(logits, targets, loss_mask)
+        run = functools.partial(self._loss_module.apply, {"params": params}, inputs_embeds=inputs,
+                                attention_mask=attn, positions=positions)
+        if not self.loss_chunk:
+            targets, loss_mask = caption_targets(before, ids, mask)
+            return losses.masked_cross_entropy(run()["logits"], targets, loss_mask)
+        # Positions before-1 .. before+L-2 predict the L caption tokens; no other is scored.
+        # (logits_to_keep=1: the model's own head on one position, unused and dropped by XLA.)
+        hidden = run(logits_to_keep=1)["hidden_states"][:, before - 1:before - 1 + ids.shape[1]]
+        head, vocab_axis = self.head_matrix(params)
+        return losses.chunked_cross_entropy(hidden, head, ids, mask, chunk_size=self.loss_chunk,
+                                            vocab_axis=vocab_axis)
+
+    def head_matrix(self, llm_params: Any) -> tuple[jax.Array, int]:
+        """The LM head: (embed_tokens [V, E], 0) when tied, else (lm_head kernel [E, V], 1)."""
+        params = _tree(llm_params)
+        if self.module.config.tie_word_embeddings:
+            return params["embed_tokens"]["embedding"], 0
+        return params["lm_head"]["kernel"], 1
 
     def generate(self, llm_params, prefix, prompts, **kw) -> np.ndarray:
         # Left padding puts each row's last real token in the last slot, where generation
@@ -298,7 +332,7 @@ class EncoderDecoderLLM(FrozenLLM):
     family = "t5"
     left_pad = False  # right padding keeps prefix-to-prompt relative positions exact
 
-    def __init__(self, module: nn.Module, tokenizer: Any, **ids: int | None) -> None:
+    def __init__(self, module: nn.Module, tokenizer: Any, **ids: Any) -> None:
         super().__init__(module, tokenizer, **ids)
         cfg = module.config
         # t5.py's searches stop at and pad with the module config's ids; captions were
@@ -332,9 +366,18 @@ class EncoderDecoderLLM(FrozenLLM):
         # is right-padded, so causal attention alone keeps real positions off the padding.
         start = jnp.full((b, 1), self.module.config.decoder_start_token_id, jnp.int32)
         dec_in = jnp.concatenate([start, ids[:, :-1].astype(jnp.int32)], axis=1)
-        logits = self.module.apply({"params": params}, None, dec_in, attention_mask=enc_mask,
-                                   inputs_embeds=enc_in)["logits"]
-        return losses.masked_cross_entropy(logits, ids, mask)
+        out = self._loss_module.apply({"params": params}, None, dec_in, attention_mask=enc_mask,
+                                      inputs_embeds=enc_in)
+        if not self.loss_chunk:
+            return losses.masked_cross_entropy(out["logits"], ids, mask)
+        # The model's own logits go unused and XLA drops them; the head runs chunk by chunk.
+        cfg = self.module.config
+        tied = cfg.tie_word_embeddings
+        head = params["shared"]["embedding"] if tied else params["lm_head"]["kernel"]
+        scale = cfg.d_model ** -0.5 if tied and cfg.scale_decoder_outputs else 1.0
+        return losses.chunked_cross_entropy(out["hidden_states"], head, ids, mask,
+                                            chunk_size=self.loss_chunk, vocab_axis=0 if tied else 1,
+                                            scale=scale)
 
     def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
         variables = {"params": params}
@@ -350,14 +393,18 @@ class EncoderDecoderLLM(FrozenLLM):
 
 
 def make_llm(family: str, module: nn.Module, tokenizer: Any, *, eos_token_id: int | None = None,
-             pad_token_id: int | None = None, mesh: Any = None) -> FrozenLLM:
+             pad_token_id: int | None = None, mesh: Any = None, remat: str = "none",
+             loss_chunk: int = 0) -> FrozenLLM:
     """Wraps a loaded LLM (models/opt.py, llama.py or t5.py ``load``) for VLAP.
 
     eos_token_id / pad_token_id override the tokenizer's (default), which override the model
     config's. mesh: generation keeps the KV cache sharded on it (batch over data/fsdp, heads
-    over tensor); None = wherever XLA puts it.
+    over tensor); None = wherever XLA puts it. remat, loss_chunk: caption_loss's layer
+    rematerialisation policy and cross-entropy chunk (``config.model.llm_remat``,
+    ``caption_loss_chunk``; the module docstring).
     """
-    ids = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh)
+    ids = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh, remat=remat,
+               loss_chunk=loss_chunk)
     if family in ("opt", "llama"):
         return DecoderOnlyLLM(family, module, tokenizer, **ids)
     if family == "t5":
@@ -393,7 +440,10 @@ def load_llm(m: ml_collections.ConfigDict, mesh: Any = None, abstract: bool = Fa
         raise ValueError(f"config.model.llm_family={family!r} but config.model.llm_path {path} "
                          f"holds a {held!r}-family model{hint}; set the family it holds")
     tokenizer = None if abstract else models.load_tokenizer(m.get("tokenizer_path") or path)
-    return make_llm(family, module, tokenizer, mesh=None if abstract else mesh), variables["params"]
+    llm = make_llm(family, module, tokenizer, mesh=None if abstract else mesh,
+                   remat=str(m.get("llm_remat", "none")),
+                   loss_chunk=int(m.get("caption_loss_chunk", 0)))
+    return llm, variables["params"]
 
 
 def prompt_len(m: ml_collections.ConfigDict) -> int:

@@ -35,6 +35,36 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+# Rematerialisation policies of a frozen model's layer stack (``remat`` of opt, llama, t5,
+# roberta), from the least recompute to the most. Gradients flow through these frozen layers to
+# what feeds them, so the backward pass needs each layer's intermediates: 'none' stores them all;
+# 'dots' stores only the outputs of the weight matmuls (dots without batch dimensions) and
+# recomputes the rest (attention scores, softmax, activations, norms); 'full' stores each layer's
+# input only and reruns the whole layer forward in the backward pass (one more forward's FLOPs).
+REMAT_POLICIES: tuple[str, ...] = ("none", "dots", "full")
+
+
+def check_remat(policy: str, field: str = "remat") -> None:
+    """Raises a ValueError naming ``field`` and the policies when ``policy`` is unknown."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"{field}={policy!r} is not a rematerialisation policy; use one of "
+                         f"{REMAT_POLICIES}")
+
+
+def remat_layer(cls: type[nn.Module], policy: str, field: str = "remat") -> type[nn.Module]:
+    """The layer class ``cls`` checkpointed with ``policy`` ('none': ``cls`` itself).
+
+    nn.remat keeps the module's name and param tree, so params do not depend on the policy.
+    Without differentiation the wrapped layer computes exactly what ``cls`` does.
+    """
+    check_remat(policy, field)
+    if policy == "none":
+        return cls
+    saveable = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                "full": jax.checkpoint_policies.nothing_saveable}[policy]
+    return nn.remat(cls, policy=saveable)
+
+
 def check_activation(name: str, field: str = "hidden_act") -> None:
     """Raises a ValueError naming ``field`` and the supported names when ``name`` is unknown."""
     if name not in ACTIVATIONS:

@@ -41,7 +41,8 @@ from lqae_vlap.models.hf_weights import (Checkpoint, Copy, Linear, NameMap, Resh
 from lqae_vlap.models.layers import (ACTIVATIONS, RMSNorm, causal_visibility, check_activation,
                                      check_decoder_call, decoder_attention_mask, dense,
                                      dot_product_attention, embedding_lookup, heads_dense,
-                                     heads_out_dense, kv_cache_zeros, logical_init, write_kv_cache)
+                                     heads_out_dense, kv_cache_zeros, logical_init, remat_layer,
+                                     write_kv_cache)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # mistral without sliding window is the same network
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -246,6 +247,9 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
+    # Rematerialisation of each decoder layer when differentiated (layers.REMAT_POLICIES:
+    # 'none' | 'dots' | 'full'); the params and the forward values do not depend on it.
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array | None = None, *,
@@ -291,9 +295,10 @@ class LlamaForCausalLM(nn.Module):
         allowed = causal_visibility(attention_mask, offset, length)  # [B, 1, L, T]
 
         new_cache = {} if cache is not None else None
+        layer_cls = remat_layer(DecoderLayer, self.remat, "LlamaForCausalLM.remat")
         for i in range(cfg.num_hidden_layers):
             name = f"layers_{i}"
-            x, layer_cache = DecoderLayer(cfg, name=name, **kw)(
+            x, layer_cache = layer_cls(cfg, name=name, **kw)(
                 x, positions, allowed, None if cache is None else cache[name], offset)
             if cache is not None:
                 new_cache[name] = layer_cache

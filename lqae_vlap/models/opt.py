@@ -51,7 +51,8 @@ from lqae_vlap.models.layers import (ACTIVATIONS, causal_visibility, check_activ
                                      check_decoder_call, check_heads_divide,
                                      decoder_attention_mask, dense, dot_product_attention,
                                      embedding_lookup, heads_dense, heads_out_dense,
-                                     kv_cache_zeros, layer_norm, logical_init, write_kv_cache)
+                                     kv_cache_zeros, layer_norm, logical_init, remat_layer,
+                                     write_kv_cache)
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding: position p reads row p + 2
 
@@ -196,6 +197,9 @@ class OPTForCausalLM(nn.Module):
     config: OPTConfig
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
+    # Rematerialisation of each decoder layer when differentiated (layers.REMAT_POLICIES:
+    # 'none' | 'dots' | 'full'); the params and the forward values do not depend on it.
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array | None = None, *,
@@ -260,9 +264,10 @@ class OPTForCausalLM(nn.Module):
                          **kw)(positions + POSITION_OFFSET)
 
         new_cache = {} if cache is not None else None
+        layer_cls = remat_layer(DecoderLayer, self.remat, "OPTForCausalLM.remat")
         for i in range(cfg.num_hidden_layers):
             name = f"layers_{i}"
-            x, layer_cache = DecoderLayer(cfg, name=name, **kw)(
+            x, layer_cache = layer_cls(cfg, name=name, **kw)(
                 x, visible, None if cache is None else cache[name], offset)
             if cache is not None:
                 new_cache[name] = layer_cache

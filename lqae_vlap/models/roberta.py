@@ -35,7 +35,7 @@ from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, dense
 
 from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
                                      dot_product_attention, heads_dense, heads_out_dense,
-                                     layer_norm, logical_init, padding_mask)
+                                     layer_norm, logical_init, padding_mask, remat_layer)
 
 # Families with this exact architecture; the value is the family whose position scheme they use.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
@@ -221,6 +221,9 @@ class MaskedLM(nn.Module):
     config: EncoderLMConfig
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
+    # Rematerialisation of each encoder layer when differentiated (layers.REMAT_POLICIES:
+    # 'none' | 'dots' | 'full'); the params and the forward values do not depend on it.
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array | None = None, *,
@@ -229,6 +232,7 @@ class MaskedLM(nn.Module):
                  token_type_ids: jax.Array | None = None,
                  position_ids: jax.Array | None = None,
                  with_lm_head: bool = True,
+                 logits_at: jax.Array | None = None,
                  output_hidden_states: bool = False) -> dict[str, jax.Array]:
         """Runs the encoder.
 
@@ -241,10 +245,14 @@ class MaskedLM(nn.Module):
           position_ids: [B, L] or [L]. Default as in HF: BERT 0..L-1; RoBERTa counts non-pad
             tokens from pad_token_id+1 for input_ids, and pad+1..pad+L for inputs_embeds.
           with_lm_head: also return the MLM logits.
+          logits_at: [B, K] int positions: the MLM logits only there ([B, K, V]; LQAE scores
+            only its masked positions, and the head over every position would cost L / K times
+            the FLOPs and memory). Default: every position.
           output_hidden_states: also return every layer's output, as transformers does.
 
         Returns:
-          dict(last_hidden_state=[B, L, D], logits=[B, L, V] only when with_lm_head,
+          dict(last_hidden_state=[B, L, D], logits=[B, L, V] (or [B, K, V]) only when
+          with_lm_head,
           hidden_states=(embeddings, layer 1, ..., layer N) each [B, L, D] only when asked).
         """
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -280,14 +288,21 @@ class MaskedLM(nn.Module):
         embeddings = Embeddings(cfg, name="embeddings", **kw)
         x = embeddings(inputs_embeds, input_ids, position_ids, token_type_ids)
         hidden = [x]
+        layer_cls = remat_layer(EncoderLayer, self.remat, "MaskedLM.remat")
         for i in range(cfg.num_hidden_layers):
-            x = EncoderLayer(cfg, name=f"layer_{i}", **kw)(x, mask)
+            x = layer_cls(cfg, name=f"layer_{i}", **kw)(x, mask)
             hidden.append(x)
         out = {"last_hidden_state": x}
         if output_hidden_states:
             out["hidden_states"] = tuple(hidden)
         if with_lm_head:
-            out["logits"] = LMHead(cfg, name="lm_head", **kw)(x, embeddings)
+            at = x
+            if logits_at is not None:
+                if logits_at.ndim != 2 or logits_at.shape[0] != batch:
+                    raise ValueError(f"MaskedLM: logits_at must be [batch={batch}, K] positions, "
+                                     f"got shape {logits_at.shape}")
+                at = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1)
+            out["logits"] = LMHead(cfg, name="lm_head", **kw)(at, embeddings)
         return out
 
     def _default_positions(self, input_ids: jax.Array | None, length: int) -> jax.Array:

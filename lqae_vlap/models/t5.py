@@ -41,7 +41,8 @@ from lqae_vlap.models.generate import (STOP_MODES, StepFn, beam_loop, check_beam
                                        greedy_loop)
 from lqae_vlap.models.hf_weights import Linear, NameMap, Source, load_params, open_checkpoint
 from lqae_vlap.models.layers import (RMSNorm, causal_visibility, constrain_kv_cache, dense,
-                                     embedding_lookup, kv_cache_zeros, logical_init, padding_mask)
+                                     embedding_lookup, kv_cache_zeros, logical_init, padding_mask,
+                                     remat_layer)
 from lqae_vlap.models.t5_layers import KERNEL_INIT, Block, T5Config, relative_position_bucket
 
 # Cache pytree: one {'key', 'value'} per decoder layer, each [batch, max_len, heads, head_dim].
@@ -54,6 +55,11 @@ class T5(nn.Module):
     config: T5Config
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
+    # Rematerialisation of each encoder and decoder block when differentiated
+    # (layers.REMAT_POLICIES: 'none' | 'dots' | 'full'); params and forward values do not depend
+    # on it. The decoder's cross-attention keys / values are computed outside the blocks, so
+    # they are stored whatever the policy.
+    remat: str = "none"
 
     def setup(self) -> None:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -65,8 +71,9 @@ class T5(nn.Module):
             embedding_init=logical_init(("position", "heads"), KERNEL_INIT), name=name, **kw)
         self.encoder_relative_bias = bias_table("encoder_relative_attention_bias")
         self.decoder_relative_bias = bias_table("decoder_relative_attention_bias")
-        self.encoder_blocks = [Block(cfg, False, name=f"encoder_block_{i}", **kw) for i in range(cfg.num_layers)]
-        self.decoder_blocks = [Block(cfg, True, name=f"decoder_block_{i}", **kw)
+        block = remat_layer(Block, self.remat, "T5.remat")
+        self.encoder_blocks = [block(cfg, False, name=f"encoder_block_{i}", **kw) for i in range(cfg.num_layers)]
+        self.decoder_blocks = [block(cfg, True, name=f"decoder_block_{i}", **kw)
                                for i in range(cfg.num_decoder_layers)]
         self.encoder_final_norm = RMSNorm(cfg.layer_norm_epsilon, **kw)
         self.decoder_final_norm = RMSNorm(cfg.layer_norm_epsilon, **kw)

@@ -3,11 +3,17 @@
 ``l2_normalize``: VLAP's cosine word scores and LQAE's unit-norm encoder output.
 ``soft_cross_entropy``: VLAP's swapped assignment prediction against Sinkhorn targets.
 ``masked_cross_entropy``: VLAP's captioning loss on caption tokens, LQAE's masked-LM loss.
+``chunked_cross_entropy``: the same loss from hidden states and the vocabulary matrix, a few
+  tokens at a time, so [B, N, V] float32 logits never exist (forward or backward).
+``masked_positions``: the masked positions of each row, gathered to a static count, so a loss
+  over them only needs those rows (LQAE's masked LM).
 ``masked_mean``: the mean over real tokens, VLAP's text representation and the frozen LM's
   features of LQAE's words.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +54,90 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     (0 for a row without any)."""
     m = mask.astype(jnp.float32)[..., None]
     return jnp.sum(x.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def chunked_cross_entropy(hidden: jax.Array, vocab_matrix: jax.Array, targets: jax.Array,
+                          mask: jax.Array, *, chunk_size: int, vocab_axis: int = 0,
+                          scale: float = 1.0) -> jax.Array:
+    """``masked_cross_entropy(scale * hidden @ W, targets, mask)``, ``chunk_size`` tokens at a time.
+
+    Each chunk's logits [B, chunk, V] are made, reduced to log-sum-exp and target logit in
+    float32, and dropped; the chunk is checkpointed, so the backward pass recomputes them instead
+    of keeping [B, N, V] logits (one more head matmul: 2 B N D V FLOPs, a third on top of the
+    head's forward and input-gradient matmuls when W is frozen).
+
+    Args:
+      hidden: [B, N, D] (position i predicts targets[:, i]), any float dtype; the matmul takes
+        its inputs in hidden's dtype and accumulates in float32 (logits are never rounded to
+        bfloat16, unlike a bfloat16 head followed by a cast).
+      vocab_matrix: [V, D] (vocab_axis 0: a tied embedding table) or [D, V] (vocab_axis 1: a
+        Dense kernel).
+      targets: [B, N] int; mask: [B, N] bool or int (nonzero = scored).
+      chunk_size: tokens per chunk (N is padded up to a multiple with unscored positions).
+      scale: multiplies the logits' input (T5's tied head: d_model ** -0.5).
+
+    Returns:
+      float32 scalar: the mean over scored positions (0 when there are none).
+    """
+    if hidden.ndim != 3 or targets.shape != hidden.shape[:2] or mask.shape != targets.shape:
+        raise ValueError(f"chunked_cross_entropy: hidden [B, N, D], targets [B, N] and mask "
+                         f"[B, N] must agree, got {hidden.shape}, {targets.shape}, {mask.shape}")
+    if vocab_axis not in (0, 1) or vocab_matrix.ndim != 2 \
+            or vocab_matrix.shape[1 - vocab_axis] != hidden.shape[-1]:
+        raise ValueError(f"chunked_cross_entropy: vocab_matrix must be [V, D] (vocab_axis 0) or "
+                         f"[D, V] (vocab_axis 1) with D={hidden.shape[-1]}, got "
+                         f"{vocab_matrix.shape} with vocab_axis {vocab_axis}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunked_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    b, n, d = hidden.shape
+    c = min(int(chunk_size), n)
+    k = -(-n // c)
+    pad = k * c - n
+    targets = targets.astype(jnp.int32)
+    m = mask.astype(jnp.float32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        m = jnp.pad(m, ((0, 0), (0, pad)))
+    # [k, B, c, ...]: the scan runs over chunks of tokens, every row of the batch at once.
+    chunks = (hidden.reshape(b, k, c, d).swapaxes(0, 1), targets.reshape(b, k, c).swapaxes(0, 1),
+              m.reshape(b, k, c).swapaxes(0, 1))
+    w = vocab_matrix.astype(hidden.dtype)
+    spec = "bcd,vd->bcv" if vocab_axis == 0 else "bcd,dv->bcv"
+
+    @jax.checkpoint
+    def chunk_nll(h, t, cm):
+        if scale != 1.0:
+            h = h * jnp.asarray(scale, h.dtype)
+        logits = jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * cm)
+
+    def body(total, xs):
+        return total + chunk_nll(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
+    return total / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def masked_positions(mask: jax.Array, max_count: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's masked positions, gathered to a static count.
+
+    mask: [B, N] bool (True = masked); max_count: K, at least the most masked positions any row
+    can have (rows with fewer are padded with unmasked positions, marked invalid).
+    Returns (positions [B, K] int32 in increasing order within the masked ones, valid [B, K] bool).
+    A row with more than K masked positions would lose the last ones, so K must be a true bound.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"masked_positions: mask must be [batch, tokens], got {mask.shape}")
+    k = int(max_count)
+    if not 1 <= k <= mask.shape[1]:
+        raise ValueError(f"masked_positions: max_count must be in [1, {mask.shape[1]}], got {k}")
+    mask = mask.astype(bool)
+    order = jnp.argsort(~mask, axis=1, stable=True)[:, :k].astype(jnp.int32)  # masked ones first
+    return order, jnp.take_along_axis(mask, order, axis=1)
+
+
+def max_masked(tokens: int, max_ratio: float) -> int:
+    """A bound on round(r * tokens) for r <= max_ratio (``masked_positions``' max_count)."""
+    return max(1, min(int(tokens), math.ceil(float(max_ratio) * int(tokens))))

@@ -6,7 +6,16 @@ optimizer state, frozen weights, and XLA's temporaries from the compiled memory 
 per step from the compiled cost analysis, and the step time those FLOPs imply at a stated peak.
 
 Without an accelerator, main.py gives JAX ``plan.num_devices`` fake CPU devices so a pod's mesh
-can be compiled on a laptop; XLA's CPU memory figures then stand in for the accelerator's.
+can be compiled on a laptop; XLA's CPU memory figures then stand in for the accelerator's. The
+CPU compile uses XLA:CPU's memory-optimised scheduler (``plan.cpu_memory_scheduler``): the
+default one orders for thread concurrency and keeps e.g. every rematerialised layer's
+recomputation alive at once, which no accelerator compiler does (their schedulers bound memory).
+XLA:CPU also computes bfloat16 matmuls in float32, with float32 copies of their operands, so a
+bfloat16 model's temporaries on CPU overstate an accelerator's.
+
+Rematerialisation 'auto': every key under ``config.model`` whose name ends in ``remat`` and whose
+value is 'auto' is tried with each policy of REMAT_ORDER (fewest FLOPs first); each one's bytes
+and FLOPs are printed and the first that fits is reported (the last one when none does).
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ from lqae_vlap.methods.method import Method
 from lqae_vlap.train import trainer
 
 GIB = 2 ** 30
+# models/layers.py's REMAT_POLICIES in order of FLOPs (train imports no model code).
+REMAT_ORDER = ("none", "dots", "full")
+CPU_MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -62,13 +74,71 @@ def _flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+def auto_remat_keys(config: ml_collections.ConfigDict) -> list[tuple[str, ...]]:
+    """Paths under ``config.model`` of the keys ending in 'remat' that are set to 'auto'."""
+    found = []
+
+    def walk(node, path):
+        for key in node.keys():
+            value = node[key]
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, path + (key,))
+            elif key.endswith("remat") and value == "auto":
+                found.append(path + (key,))
+
+    if "model" in config:
+        walk(config.model, ("model",))
+    return found
+
+
+def _set(config: ml_collections.ConfigDict, path: tuple[str, ...], value) -> None:
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+def _compiler_options(config: ml_collections.ConfigDict) -> dict[str, str]:
+    if jax.devices()[0].platform == "cpu" and config.plan.get("cpu_memory_scheduler", True):
+        return dict(CPU_MEMORY_SCHEDULER)
+    return {}
+
+
 def plan(config: ml_collections.ConfigDict, build_method: Callable[..., Method],
          mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
     """Compiles the train step abstractly and returns (and prints) the plan's figures.
 
-    mesh: defaults to ``config.mesh`` over all devices.
+    mesh: defaults to ``config.mesh`` over all devices. With remat keys set to 'auto' (module
+    docstring), each policy is planned and the report of the chosen one is returned, with
+    'remat' (its index in REMAT_ORDER) and 'remat_tried' (how many were planned).
     """
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
+    keys = auto_remat_keys(config)
+    if not keys:
+        return _plan_one(config, build_method, mesh)
+    names = ", ".join(".".join(k) for k in keys)
+    chosen = None
+    for i, policy in enumerate(REMAT_ORDER):
+        trial = config.copy_and_resolve_references()
+        for k in keys:
+            _set(trial, k, policy)
+        if jax.process_index() == 0:
+            print(f"plan: {names} = {policy!r}", flush=True)
+        report = _plan_one(trial, build_method, mesh)
+        report.update(remat=float(i), remat_tried=float(i + 1))
+        chosen = report
+        if report["fits"]:
+            break
+    if jax.process_index() == 0:
+        policy = REMAT_ORDER[int(chosen["remat"])]
+        verdict = "the cheapest that fits" if chosen["fits"] else "none fits; the least memory"
+        print(f"plan: {names} = {policy!r} ({verdict}); set it in the config to train",
+              flush=True)
+    return chosen
+
+
+def _plan_one(config: ml_collections.ConfigDict, build_method: Callable[..., Method],
+              mesh: jax.sharding.Mesh) -> dict[str, float]:
     method = build_method(config, mesh, abstract=True)
     if method.describe and jax.process_index() == 0:
         print(method.describe, flush=True)  # says where the architecture came from
@@ -81,7 +151,8 @@ def plan(config: ml_collections.ConfigDict, build_method: Callable[..., Method],
              for k, v in method.batch_spec.items()}
     step = trainer.make_train_step(method, tx, schedule, config.seed, state_shardings,
                                    batch_shardings, mesh)
-    compiled = step.lower(abstract_state, method.frozen, batch).compile()
+    options = _compiler_options(config)
+    compiled = step.lower(abstract_state, method.frozen, batch).compile(compiler_options=options)
     memory = compiled.memory_analysis()
     flops = _flops(compiled)  # of the per-device (SPMD-partitioned) program
     if config.plan.get("flops_overrides"):
@@ -93,7 +164,8 @@ def plan(config: ml_collections.ConfigDict, build_method: Callable[..., Method],
         m2 = build_method(counting, mesh, abstract=True)
         step2 = trainer.make_train_step(m2, tx, schedule, config.seed, state_shardings,
                                         batch_shardings, mesh)
-        flops = _flops(step2.lower(abstract_state, m2.frozen, batch).compile())
+        flops = _flops(step2.lower(abstract_state, m2.frozen, batch).compile(
+            compiler_options=options))
 
     p = config.plan
     n = mesh.devices.size

@@ -166,3 +166,32 @@ def test_real_minilm_matches_bert_model():
     assert_real_tokens_close(out["last_hidden_state"], expected, batch["attention_mask"])
     with pytest.raises(ValueError, match="no masked-LM head"):
         jax.eval_shape(module.apply, variables, jnp.asarray(batch["input_ids"]))
+
+
+def test_logits_at_and_remat_equal_the_full_head(tmp_path):
+    """logits_at gathers the head's positions (equal to the full logits there, atol 1e-6); every
+    remat policy gives the same input gradients as 'none' (float32, relative L2 error < 1e-6;
+    the gradient sums large terms of both signs, so single entries near 0 differ by ~2e-5 of the
+    largest entries: float32 rounding of reordered sums)."""
+    folder, _ = save_tiny(tmp_path, "roberta")
+    module, variables, _ = roberta.load(folder)
+    embeds = jnp.asarray(np.random.RandomState(3).normal(0, 0.5, (BATCH, LENGTH, 32)), jnp.float32)
+    at = jnp.asarray(np.random.RandomState(4).randint(0, LENGTH, (BATCH, 4)), jnp.int32)
+    full = module.apply(variables, inputs_embeds=embeds)["logits"]
+    part = module.apply(variables, inputs_embeds=embeds, logits_at=at)["logits"]
+    assert part.shape == (BATCH, 4, full.shape[-1])
+    np.testing.assert_allclose(np.asarray(part),
+                               np.take_along_axis(np.asarray(full), np.asarray(at)[..., None], 1),
+                               atol=1e-6)
+
+    def grad(policy):
+        m = module.clone(remat=policy)
+        return jax.jit(jax.grad(lambda e: jnp.sum(
+            m.apply(variables, inputs_embeds=e, logits_at=at)["logits"] ** 2)))(embeds)
+
+    want = grad("none")
+    for policy in ("dots", "full"):
+        got = np.asarray(grad(policy))
+        assert np.linalg.norm(got - want) < 1e-6 * np.linalg.norm(want), policy
+    with pytest.raises(ValueError, match="logits_at"):
+        module.apply(variables, inputs_embeds=embeds, logits_at=at[0])

@@ -162,3 +162,26 @@ def test_abstract_loaders_match_the_real_load(family, tmp_path):
     assert spec(load(None, mesh=mesh, abstract=True, hf_config=cfg)[1]) == spec(real)
     with pytest.raises(ValueError, match="abstract=True"):
         load(None, hf_config=cfg)
+
+
+def test_auto_remat_tries_policies_in_flops_order_until_one_fits(capsys):
+    config = tiny_config()
+    config.model.llm_remat = "auto"
+    assert plan.auto_remat_keys(config) == [("model", "llm_remat")]
+    one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    roomy = plan.plan(config, vlap.build, mesh=one)
+    assert roomy["fits"] and roomy["remat"] == 0 and roomy["remat_tried"] == 1  # 'none' fits
+    config.plan.device_memory_gib = 1e-9  # nothing fits: every policy is tried, the last kept
+    tight = plan.plan(config, vlap.build, mesh=one)
+    assert not tight["fits"] and tight["remat_tried"] == len(plan.REMAT_ORDER)
+    assert tight["flops_per_step"] > roomy["flops_per_step"]  # 'full' recomputes the layers
+    out = capsys.readouterr().out
+    assert "model.llm_remat = 'dots'" in out and "none fits" in out
+
+
+def test_vlap_opt_defaults_rematerialise_and_chunk_the_caption_loss():
+    """The defaults that meet the plan-mode memory figures of bench/RESULTS.md."""
+    config = load_config("vlap_opt:opt-1.3b")
+    llm, _ = vlap.vlap_llm.load_llm(tiny_config().model, abstract=True)
+    assert (config.model.llm_remat, config.model.caption_loss_chunk) == ("dots", 8)
+    assert llm._loss_module.remat == "dots" and llm.loss_chunk == 8
