@@ -123,11 +123,15 @@ def random_mask(rng: jax.Array, batch: int, tokens: int, min_ratio: float,
 
 
 def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.MaskedLM,
-            cfg: ml_collections.ConfigDict, with_mlm: bool, with_recon_q: bool = True):
+            cfg: ml_collections.ConfigDict, with_mlm: bool, with_recon_q: bool = True,
+            logits_at_masked: bool = False):
     """The whole LQAE forward pass; returns a dict of intermediates (used by loss and evals).
 
     images: [B, H, W, C] uint8 (converted here, on the device) or float in config.model
     .pixel_range. with_recon_q=False skips the decoder on the quantized words ('recon_q' None).
+    logits_at_masked: the MLM head runs only at the masked positions, gathered to a static
+    bound K = ceil(mask_ratio_max * N) ('mlm_at' [B, K] positions, 'mlm_valid' [B, K]): the loss
+    scores only those, and the head's [B, N, V] logits would cost N / K times the FLOPs and memory.
     """
     images = to_model_pixels(images, cfg)
     z = model.apply({"params": params}, images, method=LQAEModel.encode)
@@ -141,12 +145,17 @@ def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.Masked
     mask = random_mask(rng, b, n, cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max)
     mask_vec = codebook[frozen["mask_token_id"]].astype(q.quantized_st.dtype)
     lm_in = jnp.where(mask[..., None], mask_vec, q.quantized_st)
-    lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=lm_in, with_lm_head=with_mlm)
+    at = valid = None
+    if with_mlm and logits_at_masked:
+        at, valid = losses.masked_positions(mask, losses.max_masked(n, cfg.loss.mask_ratio_max))
+    lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=lm_in, with_lm_head=with_mlm,
+                      logits_at=at)
     recon_q = (model.apply({"params": params}, q.quantized_st, method=LQAEModel.decode)
                if with_recon_q else None)
     recon_lm = model.apply({"params": params}, lm_out["last_hidden_state"],
                            method=LQAEModel.decode)
-    return dict(z=z, q=q, mask=mask, lm_out=lm_out, recon_q=recon_q, recon_lm=recon_lm)
+    return dict(z=z, q=q, mask=mask, lm_out=lm_out, recon_q=recon_q, recon_lm=recon_lm,
+                mlm_at=at, mlm_valid=valid)
 
 
 def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
@@ -155,11 +164,13 @@ def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
     # A zero weight would still cost the decoder's forward and backward on q: skip the pass.
     with_recon_q = w.recon_quantized != 0
     out = forward(params, frozen, batch["image"], rng, model=model, lm=lm, cfg=cfg,
-                  with_mlm=with_mlm, with_recon_q=with_recon_q)
+                  with_mlm=with_mlm, with_recon_q=with_recon_q, logits_at_masked=True)
     x = to_model_pixels(batch["image"], cfg)
     rec_lm = jnp.mean(jnp.square(out["recon_lm"].astype(jnp.float32) - x))
     q = out["q"]
-    mlm = (losses.masked_cross_entropy(out["lm_out"]["logits"], q.indices, out["mask"])
+    mlm = (losses.masked_cross_entropy(out["lm_out"]["logits"],
+                                       jnp.take_along_axis(q.indices, out["mlm_at"], axis=1),
+                                       out["mlm_valid"])
            if with_mlm else jnp.zeros(()))
     loss = w.recon_lm * rec_lm + w.commitment * q.commitment + w.mlm * mlm
     vocab = roberta.word_embedding_matrix(frozen["lm"]).shape[0]
