@@ -62,11 +62,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lqae_vlap.models.clip import PatchConv
+# The same patch conv and fc1 -> act -> fc2 MLP as CLIP (HF BeitIntermediate / BeitOutput).
+from lqae_vlap.models.clip import Mlp, PatchConv
 from lqae_vlap.models.hf_weights import (Linear, NameMap, Reshape, Source, dense_sources,
                                          detect_prefix, layer_norm_sources, load_params,
                                          open_checkpoint)
-from lqae_vlap.models.layers import (ACTIVATIONS, check_activation, check_heads_divide, dense,
+from lqae_vlap.models.layers import (check_activation, check_heads_divide, dense,
                                      dot_product_attention, heads_dense, heads_out_dense,
                                      layer_norm, logical_init)
 from lqae_vlap.models.vit import patchify
@@ -249,20 +250,6 @@ class Attention(nn.Module):
         ctx = dot_product_attention(q, k, v, bias=None if bias is None else bias[None],
                                     dtype=self.dtype)
         return heads_out_dense(cfg.hidden_size, name="o_proj", **kw)(ctx)
-
-
-class Mlp(nn.Module):
-    config: BeitConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, T, D] -> [B, T, D]."""
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = dense(cfg.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(x)
-        h = ACTIVATIONS[cfg.hidden_act](h)
-        return dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 class Layer(nn.Module):

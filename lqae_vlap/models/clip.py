@@ -163,7 +163,10 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    config: CLIPVisionConfig
+    """fc1 -> activation -> fc2 (CLIP's and BEiT's MLP; any config with intermediate_size,
+    hidden_size and hidden_act)."""
+
+    config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
