@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lqae_vlap.data import clip_preprocess
+
 BEIT_MEAN = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_MEAN in transformers
 BEIT_STD = (0.5, 0.5, 0.5)
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -58,14 +60,7 @@ def beit_normalize(images: Any) -> Any:
 
     Works on NumPy and JAX arrays alike. images: [..., H, W, 3] uint8 -> [..., H, W, 3] float32.
     """
-    dtype = getattr(images, "dtype", None)
-    if dtype is None or np.dtype(dtype) != np.uint8 or images.shape[-1] != 3:
-        raise ValueError(
-            f"beit_normalize expects uint8 RGB pixels [..., H, W, 3], got dtype {dtype} shape "
-            f"{getattr(images, 'shape', None)}; use beit_resize on decoded uint8 images first")
-    scale = (1.0 / (255.0 * np.asarray(BEIT_STD))).astype(np.float32)
-    shift = (-np.asarray(BEIT_MEAN) / np.asarray(BEIT_STD)).astype(np.float32)
-    return images.astype(np.float32) * scale + shift
+    return clip_preprocess.normalize(images, BEIT_MEAN, BEIT_STD, "beit_normalize", "beit_resize")
 
 
 def beit_preprocess(image: Any, size: int = 224, resample: str = "bilinear") -> np.ndarray:

@@ -75,14 +75,23 @@ def clip_normalize(images: Any) -> Any:
 
     Works on NumPy and JAX arrays alike. images: [..., H, W, 3] uint8 -> [..., H, W, 3] float32.
     """
+    return normalize(images, CLIP_MEAN, CLIP_STD, "clip_normalize", "clip_resize_crop")
+
+
+def normalize(images: Any, mean: Any, std: Any, who: str, resize: str) -> Any:
+    """uint8 pixels -> float32 ``(x / 255 - mean) / std`` per channel (CLIP's, BEiT's).
+
+    NumPy or JAX arrays. images: [..., H, W, 3] uint8; who / resize: the caller and its host-side
+    resize, named in the error.
+    """
     dtype = getattr(images, "dtype", None)
     if dtype is None or np.dtype(dtype) != np.uint8 or images.shape[-1] != 3:
         raise ValueError(
-            f"clip_normalize expects uint8 RGB pixels [..., H, W, 3], got dtype {dtype} shape "
-            f"{getattr(images, 'shape', None)}; use clip_resize_crop on decoded uint8 images first")
+            f"{who} expects uint8 RGB pixels [..., H, W, 3], got dtype {dtype} shape "
+            f"{getattr(images, 'shape', None)}; use {resize} on decoded uint8 images first")
     # Folding 1/255 into the affine map keeps it to one multiply-add per pixel.
-    scale = (1.0 / (255.0 * np.asarray(CLIP_STD))).astype(np.float32)
-    shift = (-np.asarray(CLIP_MEAN) / np.asarray(CLIP_STD)).astype(np.float32)
+    scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
+    shift = (-np.asarray(mean) / np.asarray(std)).astype(np.float32)
     return images.astype(np.float32) * scale + shift
 
 

@@ -165,6 +165,25 @@ def _check_grid(image_size: int, patch_size: int, who: str) -> int:
     return (image_size // patch_size) ** 2
 
 
+def check_images(images: jax.Array, image_size: int, who: str) -> None:
+    """An encoder's input must be [batch, image_size, image_size, channels]."""
+    if images.ndim != 4 or images.shape[1:3] != (image_size, image_size):
+        raise ValueError(
+            f"{who} expects images [batch, {image_size}, {image_size}, channels], "
+            f"got {tuple(images.shape)}; resize the images or set image_size to match")
+
+
+def check_tokens(tokens: jax.Array, image_size: int, patch_size: int, who: str) -> int:
+    """A decoder's input must be [batch, (image_size / patch_size)^2, dim]; returns that count."""
+    num_patches = _check_grid(image_size, patch_size, who)
+    if tokens.ndim != 3 or tokens.shape[1] != num_patches:
+        raise ValueError(
+            f"{who} expects tokens [batch, {num_patches}, dim] for image_size {image_size} and "
+            f"patch_size {patch_size}, got {tuple(tokens.shape)}; use the same image_size and "
+            "patch_size as the encoder")
+    return num_patches
+
+
 class ViTEncoder(nn.Module):
     """Images to one token per patch (no class token: LQAE quantizes every patch).
 
@@ -185,10 +204,7 @@ class ViTEncoder(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         num_patches = _check_grid(self.image_size, self.patch_size, "ViTEncoder")
-        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"ViTEncoder expects images [batch, {self.image_size}, {self.image_size}, channels], "
-                f"got {tuple(images.shape)}; resize the images or set image_size to match")
+        check_images(images, self.image_size, "ViTEncoder")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = patchify(images, self.patch_size)
         x = _dense(self.width, ("patch", "embed"), name="patch_embed", **kw)(x)
@@ -223,12 +239,7 @@ class ViTDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        num_patches = _check_grid(self.image_size, self.patch_size, "ViTDecoder")
-        if tokens.ndim != 3 or tokens.shape[1] != num_patches:
-            raise ValueError(
-                f"ViTDecoder expects tokens [batch, {num_patches}, dim] for image_size "
-                f"{self.image_size} and patch_size {self.patch_size}, got {tuple(tokens.shape)}; "
-                "use the same image_size and patch_size as the encoder")
+        num_patches = check_tokens(tokens, self.image_size, self.patch_size, "ViTDecoder")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # The input width is the language model's, which has no logical name of its own here.
         x = _dense(self.width, (None, "embed"), name="in_proj", **kw)(tokens)

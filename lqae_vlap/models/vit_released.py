@@ -53,7 +53,7 @@ import jax.numpy as jnp
 
 from lqae_vlap.models.layers import (dense, dot_product_attention, heads_dense, heads_out_dense,
                                      layer_norm, logical_init)
-from lqae_vlap.models.vit import _check_grid, patchify, unpatchify
+from lqae_vlap.models.vit import _check_grid, check_images, check_tokens, patchify, unpatchify
 
 Dtype = Any
 
@@ -200,10 +200,7 @@ class ReleasedViTEncoder(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         grid = _grid(self.image_size, self.patch_size, "ReleasedViTEncoder")
-        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"ReleasedViTEncoder expects images [batch, {self.image_size}, {self.image_size}, "
-                f"channels], got {tuple(images.shape)}; resize the images or set image_size")
+        check_images(images, self.image_size, "ReleasedViTEncoder")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = _dense(self.width, ("patch", "embed"), name="patch_embed", **kw)(
             patchify(images, self.patch_size))
@@ -237,11 +234,7 @@ class ReleasedViTDecoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         grid = _grid(self.image_size, self.patch_size, "ReleasedViTDecoder")
-        if tokens.ndim != 3 or tokens.shape[1] != grid[0] * grid[1]:
-            raise ValueError(
-                f"ReleasedViTDecoder expects tokens [batch, {grid[0] * grid[1]}, dim] for "
-                f"image_size {self.image_size} and patch_size {self.patch_size}, got "
-                f"{tuple(tokens.shape)}; use the same image_size and patch_size as the encoder")
+        check_tokens(tokens, self.image_size, self.patch_size, "ReleasedViTDecoder")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = tokens.astype(self.dtype)
         if tokens.shape[-1] != self.width:
