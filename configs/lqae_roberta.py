@@ -95,7 +95,14 @@ def get_config(arg=None):
                      episodes=100, llm_episodes=20, seed=0, layer=-1),
         fewshot_llm=dict(every=-1),  # its episodes are eval.fewshot's (llm_episodes of them)
         linear_probe=dict(every=-1),  # its knobs are eval.probe's
-        probe=dict(epochs=100, lr=1e-2, weight_decay=1e-4, layer=-1),
+        # The released probe (lqae/main/linear_main.py; evals/linear_probe.py): features
+        # 'released' = every ViT-encoder block's and every LM hidden state's mean over the tokens
+        # after the first, concatenated (19,200 wide here; cached as cache_dtype), or 'lm_layer' =
+        # LM hidden state `layer` averaged over the words; LayerNorm + Dense trained with
+        # optimizer 'lars' (or 'adamw'), peak lr = lr * batch_size / 256, cosine to 0, no
+        # warm-up. batch_size: not recorded in the release (its flag defaults to 0); 0 = full.
+        probe=dict(features="released", layer=-1, optimizer="lars", lr=1e-4, epochs=200,
+                   batch_size=1024, weight_decay=1e-4, momentum=0.9, cache_dtype="float16"),
     )
     # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
     # memory per device, and the peak used to turn FLOPs into a step time (H100 bf16 dense).

@@ -35,6 +35,16 @@ def test_paper_config_losses_quantizer_pixels_and_optimiser_are_the_released_one
     assert c.model.image_size == 256 and imagenet.TRAIN_SCALE == (0.2, 1.0)
 
 
+def test_paper_config_probe_is_the_released_linear_probe():
+    """lqae/main/linear_main.py: last_embedding_layers='all', optax.lars(momentum=0.9,
+    weight_decay=1e-4), lr_peak_value 1e-4 x batch / 256, lr_warmup_epochs 0, 200 epochs (the
+    earlier probe: one LM layer, AdamW at a constant 1e-2, 100 epochs)."""
+    p = load_config("lqae_roberta").eval.probe
+    assert (p.features, p.optimizer) == ("released", "lars")
+    assert (p.lr, p.epochs, p.weight_decay, p.momentum) == (1e-4, 200, 1e-4, 0.9)
+    assert p.cache_dtype == "float16"  # 19,200 values per image: 38.4 kB, not 76.8 kB
+
+
 def test_paper_config_builds_the_released_vit():
     """base_vit.py: NormFormer blocks with a GLU + depthwise conv, no biases, every block
     rematerialised, no output projection (width 768 = RoBERTa-base's), no final LayerNorm."""

@@ -16,9 +16,11 @@ Each runs every ``config.eval.<name>.every`` steps (``runner.cadence``):
   fewshot_llm     the same episodes by prompting a causal LLM (``eval.llm_path``: any
                   ``models.load_pretrained`` checkpoint or GGUF file) and scoring each class name
                   by log-likelihood;
-  linear_probe    a linear classifier (optax) on the frozen LM's mean-pooled features of the words,
-                  features computed once per checkpoint step and cached in the workdir (its knobs
-                  are ``eval.probe``).
+  linear_probe    the released linear probe (evals/linear_probe.py): LayerNorm + Dense trained
+                  with LARS on every ViT-encoder block's and every LM hidden state's token means
+                  (``eval.probe.features='released'``) or on one LM layer's ('lm_layer'), features
+                  computed once per checkpoint step and cached in the workdir (its knobs are
+                  ``eval.probe``).
 """
 
 from __future__ import annotations
@@ -40,9 +42,30 @@ from lqae_vlap.evals import reconstruction as recon_lib
 from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.evals.runner import Row, pct
 from lqae_vlap.evals.arrays import pad_rows
-from lqae_vlap.models import roberta
+from lqae_vlap.models import roberta, vit
 from lqae_vlap.ops import pixels
 from lqae_vlap.ops import quantize as quantize_lib
+
+
+def released_probe_features(params, frozen, images, *, model, lm, cfg) -> jax.Array:
+    """images [B, H, W, C] uint8 -> the released linear probe's features [B, L_enc * W_enc +
+    (L_lm + 1) * D_lm] float32 (lqae/main/linear_main.py ``combine_representation`` with
+    ``last_embedding_layers='all'``).
+
+    The ViT encoder's block outputs 1..L (its patch embeddings are not among the released
+    ``encoder_embedding``) and the frozen LM's hidden states 0..L over the quantized words, no
+    masking, each averaged over the tokens after the first and concatenated in that order.
+    """
+    x = pixels.to_float(images, tuple(cfg.model.pixel_range))
+    z, state = model.apply({"params": params}, x, method="encode", mutable=["intermediates"])
+    encoder_states = vit.hidden_states(state["intermediates"]["encoder"])[1:]
+    codebook = roberta.word_embedding_matrix(frozen["lm"])
+    q = quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
+                              chunk_size=cfg.quantizer.chunk_size,
+                              straight_through_on=cfg.quantizer.straight_through_on)
+    lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=codebook[q.indices],
+                      with_lm_head=False, output_hidden_states=True)
+    return probe_lib.token_means_after_first([*encoder_states, *lm_out["hidden_states"]])
 
 
 def encode_words(params, frozen, images, *, model, cfg) -> jax.Array:
@@ -80,6 +103,11 @@ class Evaluator:
         self.forward = jax.jit(forward, out_shardings=replicated)
         self._words = jax.jit(functools.partial(encode_words, model=model, cfg=cfg),
                               out_shardings=replicated)
+        if "linear_probe" in cfg.eval.evals:
+            probe_lib.check_protocol(cfg.eval.probe)
+        self._probe_features = jax.jit(
+            functools.partial(released_probe_features, model=model, lm=lm, cfg=cfg),
+            out_shardings=replicated)
         self.llm_scorer = None  # built on first use of fewshot_llm, then kept
         self.params = self.frozen = self.words = None
 
@@ -108,6 +136,21 @@ class Evaluator:
                 labels.extend(int(source[i]["label"]) for i in idx)
             self.words[split] = (np.concatenate(ids), np.asarray(labels))
         return self.words[split]
+
+    def released_probe_features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(``released_probe_features`` [N, D] float32, labels [N]) of the first
+        ``eval.max_images`` (0 = all) images of ``sources[split]``, in ``eval.batch_size``s."""
+        source = self.sources[split]
+        bs = int(self.cfg.eval.batch_size)
+        n = min(int(self.cfg.eval.get("max_images", 0)) or len(source), len(source))
+        out, labels = [], []
+        for start in range(0, n, bs):
+            examples = [source[i] for i in range(start, min(start + bs, n))]
+            images = pad_rows(np.stack([e["image"] for e in examples]), bs)
+            out.append(np.asarray(self._probe_features(self.params, self.frozen,
+                                                       images))[:len(examples)])
+            labels.extend(int(e["label"]) for e in examples)
+        return np.concatenate(out), np.asarray(labels)
 
     def features(self, token_ids: np.ndarray, layer: int) -> np.ndarray:
         """token_ids [N, T] -> the frozen LM's mean-pooled features [N, D] float32."""
@@ -207,25 +250,47 @@ def fewshot_llm(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, floa
         num_episodes=fs.llm_episodes, seed=fs.seed, texts=texts, lm_scorer=ctx.llm_scorer))
 
 
-def linear_probe(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list]:
-    """A linear classifier on the frozen LM's features of the words (``eval.probe``)."""
+def linear_probe(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
+    """The linear probe of ``eval.probe`` (evals/linear_probe.py) on cached frozen features; the
+    JSON records the protocol that ran beside top-1 and the majority-class chance."""
     p = ctx.cfg.eval.probe
-    cache = files.join(workdir, "probe_features")
+    probe_lib.check_protocol(p)
+    released = p.features == "released"
+    max_images = int(ctx.cfg.eval.get("max_images", 0))
 
     def features(split):
         def compute():
+            if released:
+                return ctx.released_probe_features(split)
             ids, labels = ctx.split_words(split)
             return ctx.features(ids, p.layer), labels
-        return probe_lib.cached_features(cache, step=step, layer=p.layer, split=split,
-                                         compute_fn=compute)
+        return probe_lib.cached_features(
+            files.join(workdir, "probe_features"), step=step, features=p.features, split=split,
+            layer="all" if released else int(p.layer), dtype=p.cache_dtype,
+            max_images=max_images, compute_fn=compute)
 
     (tx, ty), (vx, vy) = features("train"), features("validation")
     num_classes = len(ctx.sources["validation"].class_names)
-    r = probe_lib.train_linear_probe(tx, ty, vx, vy, num_classes, epochs=p.epochs,
-                                     learning_rate=p.lr, weight_decay=p.weight_decay)
+    r = probe_lib.train_linear_probe(tx, ty, vx, vy, num_classes, optimizer=p.optimizer,
+                                     lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
+                                     weight_decay=p.weight_decay, momentum=p.momentum,
+                                     seed=ctx.cfg.seed)
     r["chance"] = float(np.bincount(vy).max() / len(vy))  # majority class
+    m, lm_layers = ctx.cfg.model, ctx.lm.config.num_hidden_layers
+    layers = (f"ViT encoder blocks 1..{m.encoder.depth} + LM hidden states 0..{lm_layers}"
+              if released else f"LM hidden state {int(p.layer)}")
+    r["protocol"] = dict(
+        features=p.features, layers=layers, width=int(tx.shape[1]), cache_dtype=p.cache_dtype,
+        pooling="mean over the tokens after the first" if released else "mean over all tokens",
+        head="LayerNorm + Dense", optimizer=p.optimizer, lr_per_256=float(p.lr),
+        lr_peak=r.pop("lr_peak"), schedule="cosine to 0, no warm-up", epochs=int(p.epochs),
+        batch_size=r.pop("batch_size"), steps=r.pop("steps"),
+        weight_decay=float(p.weight_decay), momentum=float(p.momentum),
+        train_images=len(ty), validation_images=len(vy))
     return r, [Row("top-1 (validation)", pct(r["top1"]), f"majority class {pct(r['chance'])}"),
-               Row("top-1 (train)", pct(r["train_top1"]))]
+               Row("top-1 (train)", pct(r["train_top1"])),
+               f"{p.features} features ({layers}, {tx.shape[1]} wide), {p.optimizer}, "
+               f"{p.epochs} epochs"]
 
 
 def _episodes(fs: Any, run_one: Callable[[int, int], dict[str, float]]

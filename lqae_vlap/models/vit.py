@@ -13,13 +13,17 @@ models/vit_released.py (``'released'``, the paper config's default).
 A Dense over the flattened patch equals a stride-p conv whose HWIO kernel is reshaped to
 ``[p*p*C, width]``, because ``patchify`` flattens each patch in (row, column, channel) order.
 
-Per-block outputs are sown into the ``intermediates`` collection (``block_outputs``) for the linear
-probe: ``module.apply(params, x, mutable=['intermediates'])``.
+Per-layer states for the linear probe: the encoder sows its patch + position embeddings
+(``embeddings``) and the Transformer each block's output (``block_outputs``) into the
+``intermediates`` collection; ``module.apply(params, x, mutable=['intermediates'])`` returns them
+and ``hidden_states`` orders them as transformers' ``hidden_states``. The default output and the
+param names do not change.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import einops
@@ -157,6 +161,14 @@ class Transformer(nn.Module):
         return _layer_norm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final")(x)
 
 
+def hidden_states(intermediates: Mapping[str, Any]) -> tuple[jax.Array, ...]:
+    """An encoder's sown ``intermediates`` -> (embeddings, block 1, ..., block L), each
+    [batch, tokens, width], in transformers' ``hidden_states`` indexing: [0] the patch + position
+    embeddings, [i] the output of block i (before the plain ViT's final LayerNorm and any
+    ``out_proj``). Works for ViTEncoder and vit_released.ReleasedViTEncoder."""
+    return (intermediates["embeddings"][0], *intermediates["transformer"]["block_outputs"])
+
+
 def _check_grid(image_size: int, patch_size: int, who: str) -> int:
     if patch_size <= 0 or image_size % patch_size:
         raise ValueError(
@@ -211,6 +223,7 @@ class ViTEncoder(nn.Module):
         pos = self.param("pos_embed", logical_init(("position", "embed"), _posemb_init),
                          (num_patches, self.width), self.param_dtype)
         x = x + pos.astype(self.dtype)
+        self.sow("intermediates", "embeddings", x)  # hidden_states[0], for the linear probe
         x = Transformer(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
                         name="transformer", **kw)(x)
         if self.out_dim is not None:

@@ -39,7 +39,8 @@ depthwise conv on an 8x8 grid compiles to 73x the FLOPs of 3 x its forward; the 
 count with the grouped conv and 1.02x with the shifted one; tests/models/test_vit_released.py holds
 the check on a small block).
 
-Per-block outputs are sown into ``intermediates`` (``block_outputs``), as in models/vit.py.
+Per-layer states are sown into ``intermediates`` (``embeddings``, ``block_outputs``) as in
+models/vit.py; ``vit.hidden_states`` orders them.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ class ReleasedViTEncoder(nn.Module):
         pos = self.param("pos_embed", logical_init(("position", "embed"), _init),
                          (grid[0] * grid[1], self.width), self.param_dtype)
         x = x + pos.astype(self.dtype)
+        self.sow("intermediates", "embeddings", x)  # hidden_states[0], for the linear probe
         x = Transformer(self.depth, self.num_heads, self.mlp_dim, grid, remat=self.remat,
                         name="transformer", **kw)(x)
         if self.out_dim is not None and self.out_dim != self.width:

@@ -155,8 +155,10 @@ def test_pictures_and_probe_cache_write_to_an_object_store(bucket):
         return np.arange(6.0).reshape(3, 2), np.array([0, 1, 0])
 
     cache = files.join(bucket, "probe_features")
-    first = linear_probe.cached_features(cache, step=3, layer=-1, split="train", compute_fn=compute)
-    second = linear_probe.cached_features(cache, step=3, layer=-1, split="train", compute_fn=compute)
+    first = linear_probe.cached_features(cache, step=3, features="lm_layer", layer=-1,
+                                         split="train", compute_fn=compute)
+    second = linear_probe.cached_features(cache, step=3, features="lm_layer", layer=-1,
+                                          split="train", compute_fn=compute)
     assert len(calls) == 1
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])

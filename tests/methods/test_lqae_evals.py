@@ -13,6 +13,8 @@ from PIL import Image
 
 from lqae_vlap.methods import lqae, lqae_evals
 from lqae_vlap.core import sharding
+from lqae_vlap.models import vit
+from lqae_vlap.ops import pixels
 from tests.helpers import find_tile, tiny_config, upsampled
 
 
@@ -80,4 +82,81 @@ def test_unknown_evaluation_is_named(tiny_mlm_dir):
     config = tiny_config(tiny_mlm_dir)
     config.eval.evals = ("reconstruction", "fid")
     with pytest.raises(ValueError, match="fid"):
+        lqae.build(config, sharding.make_mesh({"data": -1}, jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def tiny_probe(tiny_mlm_dir):
+    """(config, method, params, evaluator) of the tiny LQAE with only the linear probe."""
+    config = tiny_config(tiny_mlm_dir, **{"eval.evals": ("linear_probe",),
+                                          "eval.max_images": 32})
+    method = lqae.build(config, sharding.make_mesh({"data": -1}, jax.devices()[:1]))
+    params = sharding.unbox(method.init_params(jax.random.PRNGKey(0)))
+    return config, method, params, method.evaluate.__self__
+
+
+def test_released_probe_features_are_the_per_layer_token_means(tiny_probe, tiny_mlm_dir):
+    """[every encoder block's output, every hidden state of transformers' PyTorch BERT over the
+    image's words], each averaged over the tokens after the first in NumPy float64."""
+    config, method, params, ctx = tiny_probe
+    images = method.train_batches.batch_at(0)["image"][:4]
+    got = np.asarray(ctx._probe_features(params, method.frozen, images))
+    m = config.model
+    encoder = vit.ViTEncoder(image_size=m.image_size, patch_size=m.patch_size,
+                             width=m.encoder.width, depth=m.encoder.depth,
+                             num_heads=m.encoder.num_heads, mlp_dim=m.encoder.mlp_dim)
+    x = pixels.to_float(images, tuple(m.pixel_range))
+    _, state = encoder.apply({"params": params["encoder"]}, x, mutable=["intermediates"])
+    blocks = state["intermediates"]["transformer"]["block_outputs"]
+    ids = np.asarray(lqae_evals.encode_words(params, method.frozen, images,
+                                             model=method.loss_fn.keywords["model"], cfg=config))
+    torch_lm = transformers.BertForMaskedLM.from_pretrained(tiny_mlm_dir).eval()
+    with torch.no_grad():
+        lm_states = torch_lm(input_ids=torch.tensor(ids), output_hidden_states=True).hidden_states
+    states = [np.asarray(b, np.float64) for b in blocks] + [h.double().numpy() for h in lm_states]
+    want = np.concatenate([s[:, 1:, :].mean(axis=1) for s in states], axis=1)
+    assert len(blocks) == m.encoder.depth and len(lm_states) == 3  # a 2-layer LM: 3 states
+    assert got.shape == (4, m.encoder.depth * m.encoder.width + 3 * 32) == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_probe_runs_end_to_end_caches_and_records_its_protocol(tiny_probe, tmp_path,
+                                                                      monkeypatch):
+    config, method, params, ctx = tiny_probe
+    calls = []
+    backbone = ctx._probe_features
+
+    def counted(*args):
+        calls.append(1)
+        return backbone(*args)
+
+    monkeypatch.setattr(ctx, "_probe_features", counted)
+    first = method.evaluate(params, method.frozen, 5, str(tmp_path))
+    batches = 2 * -(-32 // config.eval.batch_size)  # train + validation
+    assert len(calls) == batches
+    second = method.evaluate(params, method.frozen, 5, str(tmp_path))
+    assert len(calls) == batches  # the cache was read: the backbone did not run again
+    assert first["linear_probe/top1"] == second["linear_probe/top1"]
+    with open(tmp_path / "eval_linear_probe_000005.json") as f:
+        r = json.load(f)
+    p, proto = config.eval.probe, r["protocol"]
+    assert proto["features"] == "released" and proto["optimizer"] == "lars"
+    assert proto["width"] == config.model.encoder.depth * config.model.encoder.width + 3 * 32
+    assert proto["layers"] == "ViT encoder blocks 1..1 + LM hidden states 0..2"
+    assert (proto["epochs"], proto["lr_per_256"], proto["batch_size"]) == (p.epochs, p.lr, 32)
+    assert proto["lr_peak"] == pytest.approx(p.lr * 32 / 256)
+    assert proto["train_images"] == proto["validation_images"] == 32
+    assert 0 <= r["top1"] <= 1 and 0 < r["chance"] <= 1
+    # The single-layer probe is kept, cached under its own key.
+    monkeypatch.setattr(config.eval.probe, "features", "lm_layer")
+    method.evaluate(params, method.frozen, 5, str(tmp_path))
+    with open(tmp_path / "eval_linear_probe_000005.json") as f:
+        assert json.load(f)["protocol"]["width"] == 32
+    assert len(os.listdir(tmp_path / "probe_features")) == 4
+
+
+def test_unknown_probe_features_are_named(tiny_mlm_dir):
+    config = tiny_config(tiny_mlm_dir, **{"eval.evals": ("linear_probe",),
+                                          "eval.probe.features": "cls"})
+    with pytest.raises(ValueError, match=r"config.eval.probe.features='cls'"):
         lqae.build(config, sharding.make_mesh({"data": -1}, jax.devices()[:1]))

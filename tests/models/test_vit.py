@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from lqae_vlap.models.vit import ViTDecoder, ViTEncoder, patchify, unpatchify
+from lqae_vlap.models.vit import ViTDecoder, ViTEncoder, hidden_states, patchify, unpatchify
 from lqae_vlap.core import sharding
 
 ALLOWED_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "position", "norm", None}
@@ -283,3 +283,27 @@ def test_block_outputs_are_sown():
     _, state = enc.apply(params, images, mutable=["intermediates"])
     outs = state["intermediates"]["transformer"]["block_outputs"]
     assert len(outs) == ENC["depth"] and all(o.shape == (2, 16, ENC["width"]) for o in outs)
+
+
+def test_hidden_states_match_numpy_float64():
+    """hidden_states = (patch + position embeddings, after block 1, ..., after block L), each
+    against NumPy float64; the default output and the param tree are unchanged by the sowing."""
+    images = _images()
+    enc = ViTEncoder(**ENC, out_dim=24)
+    _, params = _random_params(enc, images)
+    out, state = enc.apply(params, images, mutable=["intermediates"])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(enc.apply(params, images)))
+    assert set(state) == {"intermediates"}
+    got = hidden_states(state["intermediates"])
+    p = _f64(params["params"])
+    want = [_np_patchify(np.asarray(images, np.float64), 4) @ p["patch_embed"]["kernel"]
+            + p["patch_embed"]["bias"] + p["pos_embed"]]
+    for i in range(ENC["depth"]):
+        want.append(_np_block(want[-1], p["transformer"][f"block_{i}"], ENC["num_heads"]))
+    assert len(got) == ENC["depth"] + 1
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-4)
+    # The last state is the one before the final LayerNorm and the output projection.
+    final = _np_layer_norm(want[-1], p["transformer"]["ln_final"]) @ p["out_proj"]["kernel"]
+    np.testing.assert_allclose(np.asarray(out), final + p["out_proj"]["bias"], rtol=1e-4,
+                               atol=1e-4)

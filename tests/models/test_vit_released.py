@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqae_vlap.models import vit_released as vr
+from lqae_vlap.models import vit, vit_released as vr
 
 # 16x16 images, patch 4 -> a 4x4 grid of 16 tokens.
 ENC = dict(image_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=48)
@@ -207,6 +207,27 @@ def test_block_outputs_are_sown():
     _, params = _random_params(enc, images)
     _, state = enc.apply(params, images, mutable=["intermediates"])
     assert len(state["intermediates"]["transformer"]["block_outputs"]) == ENC["depth"]
+
+
+def test_hidden_states_match_numpy_float64():
+    """vit.hidden_states of the released encoder: (bias-free patch embedding + positions, after
+    block 1, ..., after block L) against NumPy float64; the default output is unchanged and is
+    the last state (no final LayerNorm, no projection at equal widths)."""
+    images = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (2, 16, 16, 3)), jnp.float32)
+    enc = vr.ReleasedViTEncoder(**ENC)
+    _, params = _random_params(enc, images)
+    out, state = enc.apply(params, images, mutable=["intermediates"])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(enc.apply(params, images)))
+    got = vit.hidden_states(state["intermediates"])
+    p = _f64(params["params"])
+    x = np.asarray(vit.patchify(images, 4), np.float64)  # patchify is checked in test_vit.py
+    want = [x @ p["patch_embed"]["kernel"] + p["pos_embed"]]
+    for i in range(ENC["depth"]):
+        want.append(_np_block(want[-1], p["transformer"][f"block_{i}"], 4, 4, 4))
+    assert len(got) == ENC["depth"] + 1
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(got[-1]), np.asarray(out))
 
 
 # ---------------------------------------------------------------- compiled FLOPs
