@@ -264,7 +264,8 @@ def loss(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]
 def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
     """Zero-shot captions of the held-out images per decoding, with COCO metrics."""
     c = ctx.cfg.eval.captioning
-    source = ctx.sources.get("captioning") or ctx.sources["images"]
+    source = ctx.sources.get("captioning")
+    source = ctx.sources["images"] if source is None else source
     n = min(ctx.limit(source), int(c.get("max_images", 0)) or len(source))
     prompt = [int(t) for t in np.asarray(ctx.frozen["prompt_ids"])]
     refs: dict[int, list[str]] = {}
@@ -283,7 +284,7 @@ def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
     domains = {d: domains[d] for d in sorted(domains)}
     dataset, split = _dataset(ctx, "captioning")
     result: dict[str, Any] = {"num_images": n, "prompt": ctx.cfg.model.prompt, "protocol": {
-        "dataset": dataset, "split": split, "num_images": n,
+        "dataset": dataset, "split": split, "num_images": n, "split_images": len(source),
         "domains": {d: len(ids) for d, ids in domains.items()},
         **({"domain_scores": "each domain scored as a corpus of its own (CIDEr-D document "
                              "frequencies from that domain's references), as NoCaps' official "
@@ -338,7 +339,7 @@ def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], 
     galleries, beside chance."""
     r = ctx.cfg.eval.retrieval
     dataset_source = ctx.sources.get("retrieval")
-    source = dataset_source or ctx.sources["images"]
+    source = ctx.sources["images"] if dataset_source is None else dataset_source
     n = ctx.limit(source)
     sims = tuple(r.similarities)
     v, examples, prefixes = ctx.visual_reprs(source, n, keep_prefix="caption_likelihood" in sims)
@@ -385,7 +386,7 @@ def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], 
     result: dict[str, Any] = {"chance": chance, "num_galleries": len(groups),
                               "gallery_images": len(groups[0]), "protocol": {
                                   "dataset": dataset, "split": split, "num_images": n,
-                                  "num_captions": num_captions,
+                                  "split_images": len(source), "num_captions": num_captions,
                                   "gallery": "full" if size == 0 else f"galleries of {size}",
                                   "gallery_images": len(groups[0]),
                                   "similarities": list(sims), "ks": list(ks)}}

@@ -99,7 +99,7 @@ def test_flickr30k_retrieval_ranks_the_whole_split_by_every_similarity(evaluated
     # 6 test images (the 2 train images left out) x 5 captions, one repeated word for word, in
     # one gallery although the demo config's gallery_size is 10.
     assert protocol == {"dataset": "flickr30k", "split": "test", "num_images": 6,
-                        "num_captions": 30, "gallery": "full", "gallery_images": 6,
+                        "split_images": 6, "num_captions": 30, "gallery": "full", "gallery_images": 6,
                         "similarities": ["word_scores", "embedding", "caption_likelihood"],
                         "ks": [1, 5]}
     # Chance of one gallery of 6 images with 5 captions each among 30.
