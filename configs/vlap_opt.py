@@ -202,16 +202,26 @@ def get_config(arg=None):
         loss=dict(every=-1),  # every: -1 = train.eval_every, 0 = only at the end
         # Greedy and beam-5 decoding of up to 30 tokens for each of the 5k test images costs far
         # more than the 8-batch loss: every 25k steps (5 loss evaluations), and at the end.
+        # source: '' = eval.source's images; 'nocaps' = NoCaps validation (annotations: the
+        # path of nocaps_val_4500_captions.json, image_dir: its Open Images validation images;
+        # data/nocaps.py), scored overall and per domain.
         captioning=dict(every=25_000, num_beams=(1, 5), max_new_tokens=30, length_penalty=1.0,
                         max_images=0, metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"),
-                        num_show=8),
-        # similarities (each reported): 'word_scores' (cosine of the two [V] word-score
-        # profiles L_map aligns), 'embedding', 'caption_likelihood' (the LLM's log-likelihood
-        # of the caption after the image: one pass per pair, galleries only, <= max_pairs per
-        # gallery); gallery_size 0 = all images at once (COCO 5k protocol). num_show: queries
-        # in the pictures retrieval_{t2i,i2t}_STEP.png (top 5 each, by the first similarity).
-        retrieval=dict(every=-1, similarities=("word_scores",), gallery_size=0, ks=(1, 5, 10),
-                       max_pairs=100_000, num_show=6),
+                        num_show=8, source="", annotations="", image_dir=""),
+        # similarities (each reported, side by side): 'word_scores' (cosine of the two [V]
+        # word-score profiles L_map aligns), 'embedding', 'caption_likelihood' (the LLM's
+        # log-likelihood of the caption after the image: one pass per pair, galleries only,
+        # <= max_pairs per gallery). Which one the paper ranks by is not known (vlap_evals.py).
+        # source: '' = eval.source's images (Karpathy 5k test by default); 'flickr30k' (Karpathy's
+        # dataset_flickr30k.json as annotations, flickr30k-images/ as image_dir) or 'coco'
+        # (dataset_coco.json and the folder holding val2014/, or with annotations '' TFDS
+        # coco_captions from data.data_dir), split 'test' (data/karpathy_splits.py): the whole
+        # split as one gallery (1k / 5k images), as the papers. gallery_size (source '' only):
+        # 0 = all images at once, every caption its own column. num_show: queries in the
+        # pictures retrieval_{t2i,i2t}_STEP.png (top 5 each, by the first similarity).
+        retrieval=dict(every=-1, similarities=("word_scores", "embedding"), gallery_size=0,
+                       ks=(1, 5, 10), max_pairs=100_000, num_show=6, source="", annotations="",
+                       image_dir="", split="test"),
         vqa=dict(every=-1, source="", questions="", annotations="", image_dir="",
                  prompt="Question: {question} Answer:", max_new_tokens=10, max_questions=0,
                  num_show=5),

@@ -10,7 +10,8 @@ fixtures of tests/conftest.py (tests/test_test_imports.py checks it).
     train_subprocess (regression_method in a process of its own, to kill);
   - tiny random transformers models of each family (BERT / RoBERTa, OPT, Llama, T5) and the
     tiny checkpoints with MiniLM's real tokenizer that conftest.py's fixtures save;
-  - the import statements of a file (tests/test_import_layers.py, tests/test_test_imports.py).
+  - the import statements of a file (tests/test_import_layers.py, tests/test_test_imports.py);
+  - tiny evaluation datasets in their official file layouts (NoCaps, Karpathy's Flickr30k/COCO).
 
 conftest.py imports this module before JAX is set up, so JAX, torch, transformers and the package
 are imported inside the functions that use them.
@@ -567,3 +568,76 @@ def imported_modules(path, name: str, base) -> list[tuple[int, str]]:
                     or (base / sub.replace(".", "/")).is_dir()
                 found.append((node.lineno, sub if is_module else module))
     return found
+
+
+# --- tiny evaluation datasets in their official layouts --------------------------------------------
+
+_WORDS = ("dog", "cat", "red", "ball", "grass", "man", "bike", "street", "tree", "snow", "boat",
+          "water", "bird", "sky", "car", "road", "girl", "kite", "beach", "horse")
+
+
+def _tiny_jpeg(path, seed: int, size: int = 16) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((size // 4, size // 4, 1)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=95)
+
+
+def tiny_captions(seed: int, n: int) -> list[str]:
+    """n short captions from a fixed vocabulary (distinct words across seeds, some shared)."""
+    rng = np.random.default_rng(seed)
+    return [f"a {' '.join(rng.choice(_WORDS, 4, replace=False))} ." for _ in range(n)]
+
+
+def write_nocaps(root) -> tuple[pathlib.Path, pathlib.Path]:
+    """A 6-image nocaps_val_4500_captions.json (2 images per domain, 3 captions each, COCO
+    format as NoCaps ships it) and its images folder of 16x16 JPEGs: (json path, image dir)."""
+    root = pathlib.Path(root)
+    domains = ["in-domain", "near-domain", "out-domain"] * 2
+    images, annotations = [], []
+    for i, domain in enumerate(domains):
+        oid = f"{i:04x}ea2087020901"
+        images.append({"id": i, "open_images_id": oid, "file_name": f"{oid}.jpg",
+                       "domain": domain, "height": 16, "width": 16,
+                       "coco_url": f"https://s3.amazonaws.com/nocaps/val/{oid}.jpg"})
+        _tiny_jpeg(root / "validation" / f"{oid}.jpg", seed=i)
+        for c in tiny_captions(i, 3):
+            annotations.append({"image_id": i, "id": len(annotations), "caption": c})
+    path = root / "nocaps_val_4500_captions.json"
+    path.write_text(json.dumps({"licenses": [], "info": {}, "images": images,
+                                "annotations": annotations}))
+    return path, root / "validation"
+
+
+def write_karpathy(root, dataset: str = "flickr30k", n_test: int = 6
+                   ) -> tuple[pathlib.Path, pathlib.Path]:
+    """Karpathy's dataset_flickr30k.json (or dataset_coco.json, with 'filepath' val2014 and
+    'cocoid') with n_test test images of 5 sentences and 2 train images, and the images folder
+    (flickr30k-images/, or the folder holding val2014/): (json path, image dir). Test image 1
+    repeats one sentence of test image 0 word for word, as COCO does."""
+    root = pathlib.Path(root)
+    image_dir = root / ("flickr30k-images" if dataset == "flickr30k" else "coco")
+    images = []
+    for i in range(n_test + 2):
+        split = "test" if i < n_test else "train"
+        filename = (f"{1000092795 + i}.jpg" if dataset == "flickr30k"
+                    else f"COCO_val2014_{391895 + i:012d}.jpg")
+        raws = tiny_captions(100 + i, 5)
+        if i == 1:
+            raws[4] = images[0]["sentences"][0]["raw"]
+        entry = {"filename": filename, "split": split, "imgid": i,
+                 "sentids": list(range(5 * i, 5 * i + 5)),
+                 "sentences": [{"raw": r, "tokens": r.split()[:-1], "imgid": i,
+                                "sentid": 5 * i + k} for k, r in enumerate(raws)]}
+        sub = image_dir
+        if dataset == "coco":
+            entry.update(filepath="val2014", cocoid=391895 + i)
+            sub = image_dir / "val2014"
+        if split == "test":
+            _tiny_jpeg(sub / filename, seed=100 + i)
+        images.append(entry)
+    path = root / f"dataset_{dataset}.json"
+    path.write_text(json.dumps({"images": images, "dataset": dataset}))
+    return path, image_dir

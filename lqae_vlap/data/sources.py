@@ -134,6 +134,51 @@ def eval_images(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     return None
 
 
+CAPTIONING_SOURCES = ("", "nocaps")
+RETRIEVAL_SOURCES = ("", "flickr30k", "coco")
+
+
+def captioning_images(c: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> Any:
+    """``config.eval.captioning.source``'s images: 'nocaps' (NoCaps validation from
+    ``c.annotations`` and ``c.image_dir``, data/nocaps.py), or None for '' (``eval_images``')."""
+    name = c.get("source", "")
+    if name not in CAPTIONING_SOURCES:
+        raise ValueError(f"config.eval.captioning.source={name!r} is not known; use one of "
+                         f"{CAPTIONING_SOURCES} ('' = config.eval.source's images)")
+    if not name:
+        return None
+    from lqae_vlap.data.nocaps import NoCapsValidation  # noqa: PLC0415
+
+    return images_lib.ReplaceBadImages(NoCapsValidation(c.annotations, c.image_dir),
+                                       d.get("on_bad_image", "skip"), name="captioning")
+
+
+def retrieval_images(r: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> Any:
+    """``config.eval.retrieval.source``'s images, or None for '' (``eval_images``'): 'flickr30k'
+    (Karpathy's dataset_flickr30k.json in ``r.annotations``, flickr30k-images/ in ``r.image_dir``)
+    or 'coco' (Karpathy's dataset_coco.json and the folder holding val2014/ when
+    ``r.annotations`` is set, else TFDS coco_captions from ``config.data.data_dir``, whose
+    'test' split is Karpathy's); split ``r.split`` (data/karpathy_splits.py)."""
+    name = r.get("source", "")
+    if name not in RETRIEVAL_SOURCES:
+        raise ValueError(f"config.eval.retrieval.source={name!r} is not known; use one of "
+                         f"{RETRIEVAL_SOURCES} ('' = config.eval.source's images)")
+    if not name:
+        return None
+    split = r.get("split", "test")
+    if name == "coco" and not r.get("annotations"):
+        from lqae_vlap.data.coco_captions import CocoCaptions  # noqa: PLC0415
+
+        src = CocoCaptions(split, data_dir=d.get("data_dir") or None, mode="images",
+                           index_cache_dir=d.get("index_cache_dir") or None)
+    else:
+        from lqae_vlap.data.karpathy_splits import KarpathySplit  # noqa: PLC0415
+
+        src = KarpathySplit(r.get("annotations", ""), r.get("image_dir", ""), split,
+                            dataset=name)
+    return images_lib.ReplaceBadImages(src, d.get("on_bad_image", "skip"), name="retrieval")
+
+
 VQA_SOURCES = ("", "digits", "vqav2")
 
 

@@ -143,8 +143,9 @@ def _tokenize(captions: Mapping[Any, Sequence[str]], use_ptb: bool) -> dict[Any,
 
 def caption_metrics(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]],
                     metrics: Sequence[str] = DEFAULT_METRICS,
-                    use_java: bool | None = None) -> dict[str, Any]:
-    """Corpus-level COCO caption metrics.
+                    use_java: bool | None = None,
+                    groups: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+    """Corpus-level COCO caption metrics, of all images and optionally of subsets of them.
 
     Args:
       predictions: image_id -> the generated caption (one per image).
@@ -153,14 +154,23 @@ def caption_metrics(predictions: Mapping[Any, str], references: Mapping[Any, Seq
         'SPICE').
       use_java: None = use Java when it works; False = force the Java-free path (simple tokenizer,
         no METEOR/SPICE); True = require Java (error if missing).
+      groups: name -> image ids (e.g. NoCaps' domains); each group is scored as a corpus of its
+        own, as if only its images had been evaluated: CIDEr-D's document frequencies then come
+        from that group's references alone (what NoCaps' official per-domain scores do). The
+        captions are tokenized once and one METEOR process serves every group.
 
     Returns:
       {'scores': {metric: float} as pycocoevalcap reports them (papers' tables print 100 x
       score, e.g. CIDEr-D 1.2 -> "120"), 'skipped': {name: reason} for every requested metric not
       computed (and 'PTBTokenizer' if it failed and simple_tokenize was used instead),
-      'tokenizer': 'ptb' | 'simple'}.
+      'tokenizer': 'ptb' | 'simple'}, and with ``groups`` 'groups': {name: {metric: float}}.
     """
     _check_inputs(predictions, references, metrics)
+    for name, ids in (groups or {}).items():
+        unknown = [k for k in ids if k not in predictions]
+        if not ids or unknown:
+            raise ValueError(f"caption group {name!r} must be a non-empty list of predicted image "
+                             f"ids; not predicted: {unknown[:5]}")
     _import_pycocoevalcap()
     ok, java_msg = java_available()
     if use_java and not ok:
@@ -185,6 +195,32 @@ def caption_metrics(predictions: Mapping[Any, str], references: Mapping[Any, Seq
         res = _tokenize({k: [predictions[k]] for k in keys}, False)
         skipped["PTBTokenizer"] = f"PTB tokenizer failed ({e}); used simple_tokenize"
 
+    if "SPICE" in metrics and "SPICE" not in skipped:
+        missing = spice_jars_missing()
+        if missing:
+            skipped["SPICE"] = (f"Stanford CoreNLP jars missing ({', '.join(missing)}); "
+                                "pycocoevalcap would download them from nlp.stanford.edu, which "
+                                "we never do implicitly. With network, run once: python -c "
+                                "'from pycocoevalcap.spice.get_stanford_models import "
+                                "get_stanford_models as g; g()'")
+    meteor = _Meteor() if "METEOR" in metrics and "METEOR" not in skipped else None
+    try:
+        subsets = {None: keys, **{name: list(ids) for name, ids in (groups or {}).items()}}
+        scored = {name: _score({k: gts[k] for k in ids}, {k: res[k] for k in ids}, metrics,
+                               skipped, meteor) for name, ids in subsets.items()}
+    finally:
+        if meteor is not None:
+            meteor.close()
+    out = {"scores": scored.pop(None), "skipped": skipped, "tokenizer": tokenizer}
+    if groups is not None:
+        out["groups"] = scored
+    return out
+
+
+def _score(gts: dict[Any, list[str]], res: dict[Any, list[str]], metrics: Sequence[str],
+           skipped: dict[str, str], meteor: _Meteor | None) -> dict[str, float]:
+    """The requested metrics of one corpus of tokenized captions; a SPICE run that fails is
+    recorded in ``skipped``."""
     scores: dict[str, float] = {}
     bleu_wanted = [m for m in metrics if m.startswith("BLEU-")]
     if bleu_wanted:
@@ -202,35 +238,32 @@ def caption_metrics(predictions: Mapping[Any, str], references: Mapping[Any, Seq
         from pycocoevalcap.cider.cider import Cider
 
         scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    if "METEOR" in metrics and "METEOR" not in skipped:
-        scores["METEOR"] = _meteor(gts, res)
+    if meteor is not None:
+        scores["METEOR"] = meteor.score(gts, res)
     if "SPICE" in metrics and "SPICE" not in skipped:
-        missing = spice_jars_missing()
-        if missing:
-            skipped["SPICE"] = (f"Stanford CoreNLP jars missing ({', '.join(missing)}); "
-                                "pycocoevalcap would download them from nlp.stanford.edu, which "
-                                "we never do implicitly. With network, run once: python -c "
-                                "'from pycocoevalcap.spice.get_stanford_models import "
-                                "get_stanford_models as g; g()'")
-        else:
-            try:
-                from pycocoevalcap.spice.spice import Spice
+        try:
+            from pycocoevalcap.spice.spice import Spice
 
-                scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
-            except (OSError, subprocess.SubprocessError, ValueError) as e:
-                skipped["SPICE"] = f"SPICE run failed ({e}); SPICE 1.0 needs Java 8"
-    return {"scores": {m: scores[m] for m in metrics if m in scores}, "skipped": skipped,
-            "tokenizer": tokenizer}
+            scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            skipped["SPICE"] = f"SPICE run failed ({e}); SPICE 1.0 needs Java 8"
+    return {m: scores[m] for m in metrics if m in scores}
 
 
-def _meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
-    from pycocoevalcap.meteor.meteor import Meteor
+class _Meteor:
+    """One METEOR JVM (it loads the paraphrase table: ~10-20 s) for several corpora."""
 
-    scorer = Meteor()  # starts one JVM (loads the paraphrase table: ~10-20 s)
-    try:
-        return float(scorer.compute_score(gts, res)[0])
-    finally:
+    def __init__(self) -> None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        self.scorer = Meteor()
+
+    def score(self, gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
+        return float(self.scorer.compute_score(gts, res)[0])
+
+    def close(self) -> None:
         # pycocoevalcap only stops the JVM in __del__; stop it now so no process outlives us.
-        scorer.meteor_p.stdin.close()
-        scorer.meteor_p.kill()
-        scorer.meteor_p.wait()
+        p = self.scorer.meteor_p
+        p.stdin.close()
+        p.kill()
+        p.wait()

@@ -16,6 +16,7 @@ Recalls are fractions in [0, 1]; multiply by 100 for the percentages of the pape
 Galleries: when several images share a caption text (e.g. the VLAP demo's "a handwritten digit
 seven"), ``galleries`` splits the images into galleries in which no caption text repeats, so each
 caption has one owner, and ``chance_recall`` is the recall of a random ranking of such a gallery.
+``every_caption`` is the papers' one gallery instead: all images, every caption its own column.
 """
 
 from __future__ import annotations
@@ -177,6 +178,21 @@ def gallery_captions(caption_lists: Sequence[Sequence[str]], members: Sequence[i
                 texts.append(c)
                 cols.append(owner[c])
         gt.append(cols)
+    return texts, gt
+
+
+def every_caption(caption_lists: Sequence[Sequence[str]]) -> tuple[list[str], list[list[int]]]:
+    """Every caption of every image as its own column, repeated texts included: the COCO 5k
+    (25,010 captions) and Flickr30k 1k (5,000) protocol, where a caption that two images share
+    word for word is two queries, each with its own image.
+
+    Returns (texts, gt) as ``gallery_captions`` does, for one gallery of all the images.
+    """
+    texts: list[str] = []
+    gt: list[list[int]] = []
+    for caps in caption_lists:
+        gt.append(list(range(len(texts), len(texts) + len(caps))))
+        texts.extend(caps)
     return texts, gt
 
 

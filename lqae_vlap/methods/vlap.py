@@ -217,7 +217,8 @@ def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
       vision: vlap_vision.VisionTower, vision_width: its token width Dv, frozen: {'llm',
       'vision', 'prompt_ids' [P], 'word_marginal' [V]} on ``mesh`` (ShapeDtypeStructs when
       abstract), sources: data/sources.py's 'train', 'validation', 'images' (features instead
-      of images with ``data.feature_cache.enabled``) and 'vqa' (None when abstract),
+      of images with ``data.feature_cache.enabled``), 'vqa', and 'captioning' / 'retrieval'
+      when those evaluations name their own dataset (None when abstract),
       marginal_from: where the word marginal came from (None when abstract)).
     """
     m, rep = config.model, sharding_lib.replicated(mesh)
@@ -242,15 +243,26 @@ def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
         sources["images"] = sources_lib.eval_images(e.source, d)
     sources["vqa"] = (sources_lib.vqa_questions(e.vqa, vision.image_size) if e.get("vqa")
                       else None)
+    # NoCaps for captioning, Flickr30k / COCO for retrieval (None: sources['images']).
+    own = {k: open_(e[k], d) for k, open_ in (("captioning", sources_lib.captioning_images),
+                                              ("retrieval", sources_lib.retrieval_images))
+           if k in e.evals and e.get(k)}
     c = d.get("feature_cache")
     if c and c.enabled:
         encode = jax.jit(lambda x: vision.encode(vision.frozen, x), out_shardings=rep)
         dataset = {"name": d.name, "train_path": str(d.get("train_path", "")),
                    "eval_path": str(d.get("eval_path", ""))}
+        cache = dict(encode=encode, dtype=c.dtype, batch_size=c.batch_size,
+                     preprocess=vision.host_image, num_workers=d.num_workers)
         sources = feature_cache.cache_sources(
-            sources, c.dir, parts={**vision.cache_parts, "dataset": dataset}, encode=encode,
-            dtype=c.dtype, batch_size=c.batch_size, preprocess=vision.host_image,
-            num_workers=d.num_workers)
+            sources, c.dir, parts={**vision.cache_parts, "dataset": dataset}, **cache)
+        for k, src in own.items():  # keyed by their own files, not by config.data's
+            if src is not None:
+                own[k] = feature_cache.cache_sources(
+                    {k: src}, c.dir, parts={**vision.cache_parts, "dataset": {
+                        x: str(e[k].get(x, "")) for x in ("source", "annotations", "image_dir",
+                                                          "split")}}, **cache)[k]
+    sources.update(own)
     marginal, marginal_from = word_marginal(config, llm.tokenizer, vocab, sources["train"])
     if jax.process_index() == 0:
         print(f"word marginal: {marginal_from}", flush=True)

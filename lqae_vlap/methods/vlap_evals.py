@@ -10,8 +10,14 @@ every ``config.eval.<name>.every`` steps (``runner.cadence``):
   captioning  zero-shot captions after [visual prefix ; prompt], greedy and beam search
               (``eval.captioning.num_beams``), scored with pycocoevalcap's COCO metrics (BLEU-4,
               METEOR, ROUGE-L, CIDEr-D; SPICE when its jars are present) against every reference
-              caption of the image; the captions go to ``captions_<decoding>_<step>.txt``;
-  retrieval   image->text and text->image Recall@1/5/10 (evals/retrieval.py) beside chance;
+              caption of the image; the captions go to ``captions_<decoding>_<step>.txt``. On
+              NoCaps (``eval.captioning.source='nocaps'``, data/nocaps.py) also per domain
+              (in-domain, near-domain, out-domain), each domain scored as a corpus of its own, so
+              its CIDEr-D document frequencies come from that domain's references alone: what
+              NoCaps' official evaluation reports per domain; 'all' is the 4,500 images together;
+  retrieval   image->text and text->image Recall@1/5/10 (evals/retrieval.py) beside chance, each
+              similarity of ``eval.retrieval.similarities`` side by side; on Flickr30k / COCO
+              (``eval.retrieval.source``, data/karpathy_splits.py) over the whole split;
   vqa         zero-shot VQA: [visual prefix ; "Question: ... Answer:"] -> a short greedy answer,
               scored with VQAv2's soft accuracy and answer normalisation (evals/vqa.py);
   arithmetic  visual semantic arithmetic in the LLM's input-embedding space: the nearest words of
@@ -29,14 +35,21 @@ L_map aligns them only through their scores against the word embeddings.
   'caption_likelihood' scores a pair by the LLM's mean log-likelihood of the caption after
       [image prefix ; prompt] (what L_cap trains). One LLM pass per (image, caption) pair, so it
       is for galleries (N_img x N_txt <= ``max_pairs``), not for COCO 5k x 25k.
-The paper's exact retrieval protocol is not in ../shared/reference/methods.md: verify before
-comparing numbers with its tables.
+Which similarity the VLAP paper ranks by is not known here: the authors' public code has no
+evaluation code and ../shared/reference/methods.md records only "Recall@1/5/10 both ways", so
+configs/vlap_opt.py reports 'word_scores' (first: its pictures) and 'embedding' side by side and
+the JSON names them; verify against the paper (arXiv 2404.09632) before comparing numbers with
+its tables.
 
-Galleries (``eval.retrieval.gallery_size``; ``evals.retrieval.galleries``): 0 ranks all evaluated
-images and captions together (the COCO 5k protocol). A positive size splits them into galleries
-in which no caption text repeats, as needed when several images share a caption, e.g. the demo's
-"a handwritten digit seven": galleries of 10 hold one image per digit. Recall is averaged over
-galleries and chance is computed for the same galleries.
+Galleries. Flickr30k 1k and COCO 5k (``eval.retrieval.source`` 'flickr30k' | 'coco'): one gallery
+of every image of the split and every caption of each image as its own column (5,000 / 25,010
+captions; ``retrieval.every_caption``), the papers' protocol; ``eval.retrieval.gallery_size``
+does not apply to them. For the images of ``eval.source`` (source ''), gallery_size 0 is that same
+one gallery; a positive size splits them into galleries (``evals.retrieval.galleries``) in which no
+caption text repeats, as needed when several images share a caption, e.g. the demo's "a
+handwritten digit seven": galleries of 10 hold one image per digit. Recall is averaged over
+galleries and chance is computed for the same galleries. ``eval_retrieval_<step>.json`` records
+the protocol: dataset, split, images, captions, gallery, similarities.
 """
 
 from __future__ import annotations
@@ -78,7 +91,8 @@ class Evaluator:
         ``host_image``), used when examples carry 'image' rather than cached 'vision_features'.
       host_image: host-side image preprocessing (CLIP resize + crop) or None.
       sources: {'images': random-access eval images with 'caption' or 'references',
-        'vqa': questions with 'image', 'question', 'question_id', 'answers' (optional)}.
+        'captioning' / 'retrieval' (optional; None or absent = 'images'): those evaluations' own
+        datasets (NoCaps; Flickr30k / COCO Karpathy test), 'vqa': questions with 'image', 'question', 'question_id', 'answers' (optional)}.
       loss_batches / loss_fn: held-out batches and the training loss (for 'loss').
       mesh: the device mesh (results are gathered replicated).
 
@@ -250,30 +264,48 @@ def loss(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]
 def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
     """Zero-shot captions of the held-out images per decoding, with COCO metrics."""
     c = ctx.cfg.eval.captioning
-    source = ctx.sources["images"]
+    source = ctx.sources.get("captioning")
+    source = ctx.sources["images"] if source is None else source
     n = min(ctx.limit(source), int(c.get("max_images", 0)) or len(source))
     prompt = [int(t) for t in np.asarray(ctx.frozen["prompt_ids"])]
     refs: dict[int, list[str]] = {}
     preds: dict[str, dict[int, str]] = {}
+    domains: dict[str, list[int]] = {}  # NoCaps: domain -> the evaluated images of it
     for idx, examples, prefix in ctx.batches(source, n):
         for i, ex in zip(idx, examples):
             refs[i] = captioning_lib.references(ex)
+            if ex.get("domain"):
+                domains.setdefault(str(ex["domain"]), []).append(i)
         prefix = prefix[:len(idx)]
         for beams in c.num_beams:
             texts = ctx.generate(prefix, [prompt] * len(idx),
                                  max_new_tokens=int(c.max_new_tokens), num_beams=int(beams))
             preds.setdefault(_decoding(beams), {}).update(zip(idx, texts))
-    result: dict[str, Any] = {"num_images": n, "prompt": ctx.cfg.model.prompt}
+    domains = {d: domains[d] for d in sorted(domains)}
+    dataset, split = _dataset(ctx, "captioning")
+    result: dict[str, Any] = {"num_images": n, "prompt": ctx.cfg.model.prompt, "protocol": {
+        "dataset": dataset, "split": split, "num_images": n, "split_images": len(source),
+        "domains": {d: len(ids) for d, ids in domains.items()},
+        **({"domain_scores": "each domain scored as a corpus of its own (CIDEr-D document "
+                             "frequencies from that domain's references), as NoCaps' official "
+                             "evaluation"} if domains else {})}}
     rows, notes, skipped = [], [], {}
     for decoding, p in preds.items():
         # An empty caption is a legitimate (bad) prediction; the scorers need a token.
         scored = captioning_lib.caption_metrics({k: v or "." for k, v in p.items()}, refs,
-                                                metrics=tuple(c.metrics))
+                                                metrics=tuple(c.metrics),
+                                                groups=domains or None)
         exact = float(np.mean([p[k].strip().lower() in {r.strip().lower() for r in refs[k]}
                                for k in p]))
         result[decoding] = {**scored["scores"], "exact_match": exact,
                             "skipped": scored["skipped"], "tokenizer": scored["tokenizer"]}
-        rows += [Row(f"{decoding} {m}", f"{100 * v:.1f}") for m, v in scored["scores"].items()]
+        if domains:
+            result[decoding]["domains"] = scored["groups"]
+        for m, v in scored["scores"].items():
+            # NoCaps: overall, then each domain alone, side by side.
+            value = "  ".join([f"{'all ' if domains else ''}{100 * v:5.1f}"] + [
+                f"{d} {100 * g[m]:5.1f}" for d, g in scored.get("groups", {}).items() if m in g])
+            rows.append(Row(f"{decoding} {m}", value))
         rows.append(Row(f"{decoding} exact match", pct(exact)))
         skipped.update(scored["skipped"])
         if jax.process_index() == 0:
@@ -297,29 +329,38 @@ def captioning(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
     for k in show[:_CONSOLE_EXAMPLES]:
         gen = " / ".join(f"{d}: {preds[d][k]!r}" for d in preds)
         notes.append(f"image {k}: {gen}  (reference {refs[k][0]!r})")
-    return result, [*rows, f"(COCO metrics x 100 on {n} held-out images)", *notes]
+    where = f"{dataset} {split}".strip()
+    return result, [*rows, f"(COCO metrics x 100 on {n} images of {where}"
+                    f"{'; beside: each domain scored alone' if domains else ''})", *notes]
 
 
 def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
-    """Recall@K both ways per similarity, averaged over galleries, beside chance."""
+    """Recall@K both ways per similarity (side by side), over the full gallery or averaged over
+    galleries, beside chance."""
     r = ctx.cfg.eval.retrieval
-    source = ctx.sources["images"]
+    dataset_source = ctx.sources.get("retrieval")
+    source = ctx.sources["images"] if dataset_source is None else dataset_source
     n = ctx.limit(source)
     sims = tuple(r.similarities)
     v, examples, prefixes = ctx.visual_reprs(source, n, keep_prefix="caption_likelihood" in sims)
     caption_lists = [captioning_lib.references(ex) for ex in examples]
-    groups = retrieval_lib.galleries(caption_lists, int(r.gallery_size))
-    if not groups or not groups[0]:
-        raise ValueError(f"retrieval: no gallery of {r.gallery_size} images with distinct "
-                         f"captions among the {n} evaluated images; lower "
-                         "config.eval.retrieval.gallery_size")
+    # Flickr30k / COCO: the papers' one gallery of the whole split (module docstring).
+    size = 0 if dataset_source is not None else int(r.gallery_size)
+    if size == 0:
+        groups, columns = [list(range(n))], [retrieval_lib.every_caption(caption_lists)]
+    else:
+        groups = retrieval_lib.galleries(caption_lists, size)
+        if not groups or not groups[0]:
+            raise ValueError(f"retrieval: no gallery of {size} images with distinct captions "
+                             f"among the {n} evaluated images; lower "
+                             "config.eval.retrieval.gallery_size")
+        columns = [retrieval_lib.gallery_captions(caption_lists, m) for m in groups]
     ks = tuple(int(k) for k in r.ks)
     words = ctx.word_embeddings()
     recalls: dict[str, list[dict]] = {x: [] for x in sims}
     chances = []
     shown = None  # (members, texts, gt, sim) of the first gallery by the first similarity
-    for members in groups:
-        texts, gt = retrieval_lib.gallery_captions(caption_lists, members)
+    for members, (texts, gt) in zip(groups, columns):
         chances.append(retrieval_lib.chance_recall(gt, len(texts), ks))
         t = ctx.text_reprs(texts) if set(sims) - {"caption_likelihood"} else None
         for name in sims:
@@ -329,7 +370,8 @@ def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], 
                         f"retrieval caption_likelihood needs one LLM pass per pair: "
                         f"{len(members)} x {len(texts)} exceeds "
                         f"config.eval.retrieval.max_pairs={r.max_pairs}; use galleries "
-                        "(eval.retrieval.gallery_size) or the 'word_scores' similarity")
+                        "(eval.retrieval.gallery_size) or drop it from "
+                        "config.eval.retrieval.similarities")
                 sim = ctx.likelihood_sim(prefixes[members], texts)
             elif name == "word_scores":
                 sim = (unit_rows(retrieval_lib.word_score_embedding(v[members], words))
@@ -339,18 +381,29 @@ def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], 
             recalls[name].append(retrieval_lib.recall_at_k(sim, gt, ks))
             shown = shown or (members, texts, gt, sim)
     chance = {k: float(np.mean([x[k] for x in chances])) for k in chances[0]}
+    dataset, split = _dataset(ctx, "retrieval")
+    num_captions = sum(len(texts) for texts, _ in columns)
     result: dict[str, Any] = {"chance": chance, "num_galleries": len(groups),
-                              "gallery_images": len(groups[0])}
+                              "gallery_images": len(groups[0]), "protocol": {
+                                  "dataset": dataset, "split": split, "num_images": n,
+                                  "split_images": len(source), "num_captions": num_captions,
+                                  "gallery": "full" if size == 0 else f"galleries of {size}",
+                                  "gallery_images": len(groups[0]),
+                                  "similarities": list(sims), "ks": list(ks)}}
     where = (f"{len(groups)} galleries of {len(groups[0])} images" if len(groups) > 1
-             else f"{len(groups[0])} images")
+             else f"{len(groups[0])} images x {num_captions} captions")
     rows = []
     for name in sims:
-        mean = {k: float(np.mean([x[k] for x in recalls[name]])) for k in recalls[name][0]}
-        result[name] = mean
-        for d, arrow in (("i2t", "image->text"), ("t2i", "text->image")):
-            rows += [Row(f"{arrow} R@{k} by {name}", pct(mean[f"{d}_R@{k}"]),
-                         f"chance {pct(chance[f'{d}_R@{k}'])}") for k in ks]
-    notes = [f"over {where}"]
+        result[name] = {k: float(np.mean([x[k] for x in recalls[name]]))
+                        for k in recalls[name][0]}
+    for d, arrow in (("i2t", "image->text"), ("t2i", "text->image")):
+        for k in ks:
+            value = "  ".join(f"{name} {pct(result[name][f'{d}_R@{k}']):>6}" for name in sims)
+            rows.append(Row(f"{arrow} R@{k}", value, f"chance {pct(chance[f'{d}_R@{k}'])}"))
+    notes = [f"over {where} of {dataset} {split}".rstrip()]
+    if dataset_source is not None and int(r.gallery_size):
+        notes.append(f"(config.eval.retrieval.gallery_size={r.gallery_size} applies to "
+                     f"source ''; {dataset} is ranked as one gallery)")
     if jax.process_index() == 0:
         notes += _retrieval_pictures(source, *shown, int(r.num_show), sims[0], step, workdir)
     return result, rows + notes
@@ -479,6 +532,20 @@ def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
                  Row("control: the image alone", pct(acc["image_only"])),
                  Row("control: word(b) alone", pct(acc["word_only"])), *lines]
     return result, lines
+
+
+def _dataset(ctx: Evaluator, name: str) -> tuple[str, str]:
+    """(dataset, split) evaluation ``name`` ('captioning' | 'retrieval') reads, for its JSON."""
+    e = ctx.cfg.eval
+    section = e.get(name) or {}
+    if ctx.sources.get(name) is not None:  # its own source: nocaps, flickr30k, coco
+        source = section.get("source", "")
+        split = "validation" if source == "nocaps" else section.get("split", "test")
+        return source, split
+    if e.get("source") and e.source.name:
+        return e.source.name, e.source.get("split", "")
+    d = ctx.cfg.data
+    return d.name, "validation" if d.name == "digits" else d.get("eval_split", "")
 
 
 def _image(source, index: int) -> np.ndarray | None:

@@ -50,3 +50,29 @@ def test_evaluation_sources():
     vqa.source = "okvqa"
     with pytest.raises(ValueError, match="config.eval.vqa.source='okvqa' is not known"):
         sources.vqa_questions(vqa, 16)
+
+
+def test_captioning_and_retrieval_sources(tmp_path):
+    from tests.helpers import write_karpathy, write_nocaps
+
+    section = ml_collections.ConfigDict(dict(source="", annotations="", image_dir="",
+                                             split="test"))
+    assert sources.captioning_images(section, data()) is None
+    assert sources.retrieval_images(section, data()) is None
+    section.source = "coco_karpathy"
+    with pytest.raises(ValueError, match="config.eval.captioning.source='coco_karpathy'"):
+        sources.captioning_images(section, data())
+    with pytest.raises(ValueError, match="config.eval.retrieval.source='coco_karpathy'"):
+        sources.retrieval_images(section, data())
+    section.source = "nocaps"
+    with pytest.raises(FileNotFoundError, match="NoCaps annotations: no file given"):
+        sources.captioning_images(section, data())
+    section.annotations, section.image_dir = map(str, write_nocaps(tmp_path / "n"))
+    nocaps = sources.captioning_images(section, data())
+    assert len(nocaps) == 6 and nocaps.name == "captioning" and nocaps[0]["domain"]
+    for dataset in ("flickr30k", "coco"):
+        section.source = dataset
+        section.annotations, section.image_dir = map(str, write_karpathy(tmp_path / dataset,
+                                                                         dataset))
+        split = sources.retrieval_images(section, data())
+        assert len(split) == 6 and len(split[5]["references"]) == 5

@@ -4,11 +4,13 @@ values, the Java-free fallback and the SPICE skip (never a download)."""
 import importlib
 import math
 
+import numpy as np
 import pytest
 
 from lqae_vlap.evals import captioning
 from lqae_vlap.evals.captioning import (PIP_REQUIREMENT, caption_metrics, references,
                                         simple_tokenize)
+from tests.helpers import tiny_captions
 
 try:
     importlib.import_module("pycocoevalcap")
@@ -119,6 +121,71 @@ def test_spice_never_downloads_when_jars_are_missing(monkeypatch):
         assert out["scores"] == {} and "SPICE" in out["skipped"]
     else:
         pytest.skip("CoreNLP jars are installed here; SPICE would run")
+
+
+# NoCaps-like: six images in three domains, captions over one small vocabulary, so each domain's
+# document frequencies differ from those of all six images.
+DOMAIN_REFS = {i: tiny_captions(i, 3) for i in range(6)}
+DOMAIN_PREDS = {i: tiny_captions(50 + i, 1)[0] if i % 2 else DOMAIN_REFS[i][1] for i in range(6)}
+DOMAINS = {"in-domain": [0, 3], "near-domain": [1, 4], "out-domain": [2, 5]}
+
+
+def _check_domains(out, tokenize, metrics):
+    """Each domain's scores = pycocoevalcap's scorers run directly on that domain's images, as
+    NoCaps' evaluation does (tokenizing is per caption, so the corpus is tokenized once)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    assert set(out["groups"]) == set(DOMAINS)
+    gts = tokenize(DOMAIN_REFS)
+    res = tokenize({k: [v] for k, v in DOMAIN_PREDS.items()})
+    meteor = None
+    if "METEOR" in metrics:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        meteor = Meteor()
+    try:
+        for domain, ids in DOMAINS.items():
+            g, r = {k: gts[k] for k in ids}, {k: res[k] for k in ids}
+            want = {"BLEU-4": Bleu(4).compute_score(g, r, verbose=0)[0][3],
+                    "CIDEr": Cider().compute_score(g, r)[0]}
+            if meteor is not None:
+                want["METEOR"] = meteor.compute_score(g, r)[0]
+            for m in metrics:
+                assert out["groups"][domain][m] == pytest.approx(want[m], abs=1e-9), (domain, m)
+    finally:
+        if meteor is not None:
+            meteor.meteor_p.stdin.close()
+            meteor.meteor_p.kill()
+            meteor.meteor_p.wait()
+    # Scored as its own corpus: not the mean of the whole corpus's per-image CIDEr-D.
+    _, per_image = Cider().compute_score(gts, res)
+    whole_idf = float(np.mean(per_image[DOMAINS["in-domain"]]))
+    assert abs(out["groups"]["in-domain"]["CIDEr"] - whole_idf) > 1e-3
+
+
+def test_groups_are_scored_on_their_own_subset():
+    metrics = ("BLEU-4", "CIDEr")
+    out = caption_metrics(DOMAIN_PREDS, DOMAIN_REFS, metrics=metrics, use_java=False,
+                          groups=DOMAINS)
+    assert out["tokenizer"] == "simple"
+    assert out["scores"] == caption_metrics(DOMAIN_PREDS, DOMAIN_REFS, metrics=metrics,
+                                            use_java=False)["scores"]
+    _check_domains(out, lambda c: {k: [simple_tokenize(x) for x in v] for k, v in c.items()},
+                   metrics)
+    with pytest.raises(ValueError, match="caption group 'x'"):
+        caption_metrics(DOMAIN_PREDS, DOMAIN_REFS, use_java=False, groups={"x": [0, 9]})
+
+
+@needs_java
+def test_groups_with_the_ptb_tokenizer_and_meteor():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    metrics = ("BLEU-4", "METEOR", "CIDEr")
+    out = caption_metrics(DOMAIN_PREDS, DOMAIN_REFS, metrics=metrics, groups=DOMAINS)
+    assert out["tokenizer"] == "ptb"
+    _check_domains(out, lambda c: PTBTokenizer().tokenize(
+        {k: [{"caption": x} for x in v] for k, v in c.items()}), metrics)
 
 
 def test_bad_inputs():

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from lqae_vlap.evals.retrieval import (chance_recall, galleries, gallery_captions, recall_at_k,
-                                       retrieval_ranks, word_score_embedding)
+from lqae_vlap.evals.retrieval import (chance_recall, every_caption, galleries, gallery_captions,
+                                       recall_at_k, retrieval_ranks, word_score_embedding)
 
 
 def test_hand_computed_two_captions_per_image():
@@ -171,3 +171,19 @@ def test_word_score_embedding_reproduces_word_score_dot_products():
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
     s = unit(x) @ unit(words).T  # [7, 50] the cosine scores L_map uses
     np.testing.assert_allclose(f @ f.T, s @ s.T, rtol=1e-10, atol=1e-10)
+
+
+def test_every_caption_keeps_repeated_texts_as_their_own_columns():
+    # COCO 5k / Flickr30k 1k: 5N columns even when two images share a caption word for word
+    # (the one gallery of galleries(caps, 0) drops the repeat instead).
+    caps = [["a dog", "a red ball"], ["a cat", "a dog"], ["a bird"]]
+    texts, gt = every_caption(caps)
+    assert texts == ["a dog", "a red ball", "a cat", "a dog", "a bird"]
+    assert gt == [[0, 1], [2, 3], [4]]
+    assert len(gallery_captions(caps, galleries(caps, 0)[0])[0]) == 4
+    # Both "a dog" columns are queries with their own image: column 3 finds image 1 (0.95 > 0.9).
+    # Image 0 ties its own "a dog" (0.9) with image 1's (0.9): pessimistic, a miss at R@1.
+    sim = np.array([[0.9, 0.8, 0.0, 0.9, 0.0], [0.5, 0.0, 0.7, 0.95, 0.0], [0, 0, 0, 0, 1.0]])
+    out = recall_at_k(sim, gt, ks=(1,))
+    assert out["t2i_R@1"] == pytest.approx(1.0)
+    assert out["i2t_R@1"] == pytest.approx(2 / 3)
