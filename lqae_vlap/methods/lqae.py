@@ -257,8 +257,10 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
     # Evaluations read deterministic, labelled images (centre crops, no augmentation).
     eval_sources = {"train": splits["train_eval"], "validation": val_src}
     if config.eval.get("mini_imagenet_root", ""):
+        names_file = config.eval.get("mini_imagenet_label_names", "")
         eval_sources["mini_imagenet"] = mini_imagenet.MiniImageNet(
-            config.eval.mini_imagenet_root, split="test", image_size=m.image_size)
+            config.eval.mini_imagenet_root, split="test", image_size=m.image_size,
+            label_names=mini_imagenet.read_label_names(names_file) if names_file else None)
     train_batches = batches_lib.IndexedBatches(
         train_src, global_batch_size=config.data.batch_size, seed=config.data.seed,
         shuffle=True, process_index=jax.process_index(), process_count=jax.process_count(),

@@ -16,6 +16,10 @@ Each runs every ``config.eval.<name>.every`` steps (``runner.cadence``):
   fewshot_llm     the same episodes by prompting a causal LLM (``eval.llm_path``: any
                   ``models.load_pretrained`` checkpoint or GGUF file) and scoring each class name
                   by log-likelihood;
+  fewshot_frozen  Frozen's protocol (Tsimpoukelli et al. 2021; evals/fewshot_frozen.py) with the
+                  same LLM: nonsense ('dax', 'blicket') or real names per episode, task induction,
+                  repeats; the LLM generates the answer (exact match), the likelihood ranking of the
+                  episode's names beside it; long prompts by ``eval.fewshot_frozen.prompt_policy``;
   linear_probe    the released linear probe (evals/linear_probe.py): LayerNorm + Dense trained
                   with LARS on every ViT-encoder block's and every LM hidden state's token means
                   (``eval.probe.features='released'``) or on one LM layer's ('lm_layer'), features
@@ -26,16 +30,19 @@ Each runs every ``config.eval.<name>.every`` steps (``runner.cadence``):
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from lqae_vlap.core import files
 from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.evals import fewshot as fewshot_lib
+from lqae_vlap.evals import fewshot_frozen as frozen_lib
 from lqae_vlap.evals import linear_probe as probe_lib
 from lqae_vlap.evals import pictures
 from lqae_vlap.evals import reconstruction as recon_lib
@@ -108,7 +115,7 @@ class Evaluator:
         self._probe_features = jax.jit(
             functools.partial(released_probe_features, model=model, lm=lm, cfg=cfg),
             out_shardings=replicated)
-        self.llm_scorer = None  # built on first use of fewshot_llm, then kept
+        self.causal = None  # the causal LLM of eval.llm_path (CausalLM), loaded on first use
         self.params = self.frozen = self.words = None
 
     def run(self, params, frozen, step: int, workdir: str,
@@ -229,25 +236,128 @@ def fewshot(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], 
         num_episodes=fs.episodes, seed=fs.seed, features=features))
 
 
+class CausalLM:
+    """The causal LLM of ``eval.llm_path`` as the few-shot evaluations use it: a likelihood
+    ``scorer``, a greedy ``generate(prompts, max_new_tokens) -> texts``, ``count_tokens`` and its
+    ``context_length`` (the config's max_position_embeddings)."""
+
+    def __init__(self, path: str, pad_multiple: int = 64):
+        from lqae_vlap import models  # noqa: PLC0415  (loads a causal LLM only when asked)
+        from lqae_vlap.models import generate as gen  # noqa: PLC0415
+
+        family = models.checkpoint_family(path)
+        if family not in (None, "opt", "llama"):
+            raise ValueError(f"config.eval.llm_path={path!r} holds a {family} model; the few-shot "
+                             "prompts need a causal LM (OPT or Llama family, or a GGUF file)")
+        module, variables, hf_config = models.load_pretrained(path)
+        family = family or models.family(hf_config, where=path)
+        self.tokenizer = tok = models.load_tokenizer(path)
+        self.context_length = int(module.config.max_position_embeddings)
+        # Score rows are right-padded to a multiple of 64: within OPT's 2048 positions.
+        self.scorer = fewshot_lib.make_lm_scorer(
+            tok, fewshot_lib.causal_lm_logprob_fn(module, variables), pad_multiple=pad_multiple)
+        self._gen, self._pad_multiple = gen, pad_multiple
+        # Static arguments of generate.py's jit: built once, so every call hits the same cache.
+        self._apply = module.apply
+        self._cache_fn = models.family_module(family).cache_fn(module.config, dtype=module.dtype)
+        self._variables = variables
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.eos_id = tok.eos_token_id
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as a prompt (with the tokenizer's special tokens, as scored)."""
+        return len(self.tokenizer(text)["input_ids"])
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of the prompts (one left-padded batch), decoded up to EOS."""
+        rows = [self.tokenizer(p)["input_ids"] for p in prompts]
+        longest = max(map(len, rows))
+        # Few compiled shapes, never more cache slots than the model has positions.
+        length = -(-longest // self._pad_multiple) * self._pad_multiple
+        length = max(longest, min(length, self.context_length - max_new_tokens))
+        ids = np.full((len(rows), length), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for r, row in enumerate(rows):
+            ids[r, length - len(row):], mask[r, length - len(row):] = row, 1
+        out = np.asarray(self._gen.greedy_search(
+            self._apply, self._variables, input_ids=jnp.asarray(ids),
+            attention_mask=jnp.asarray(mask), max_new_tokens=int(max_new_tokens),
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id, init_cache_fn=self._cache_fn))
+        texts = []
+        for row in out.tolist():
+            if self.eos_id is not None and self.eos_id in row:
+                row = row[:row.index(self.eos_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+
+def causal_lm(ctx: Evaluator, eval_name: str) -> CausalLM:
+    """The run's causal LLM (``eval.llm_path``), loaded once and shared by the evaluations."""
+    if not ctx.cfg.eval.llm_path:
+        raise ValueError(f"config.eval.evals has {eval_name!r} but config.eval.llm_path is "
+                         "empty; point it at a causal LM folder or GGUF file")
+    if ctx.causal is None:
+        ctx.causal = CausalLM(ctx.cfg.eval.llm_path)
+    return ctx.causal
+
+
 def fewshot_llm(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, float], list]:
     """The same episodes, classified by prompting the causal LLM at ``eval.llm_path``."""
-    from lqae_vlap import models  # noqa: PLC0415  (loads a causal LLM only when asked)
-
     fs = ctx.cfg.eval.fewshot
-    if not ctx.cfg.eval.llm_path:
-        raise ValueError("config.eval.evals has 'fewshot_llm' but config.eval.llm_path is "
-                         "empty; point it at a causal LM folder or GGUF file")
-    if ctx.llm_scorer is None:
-        module, variables, _ = models.load_pretrained(ctx.cfg.eval.llm_path)
-        tok = models.load_tokenizer(ctx.cfg.eval.llm_path)
-        ctx.llm_scorer = fewshot_lib.make_lm_scorer(
-            tok, fewshot_lib.causal_lm_logprob_fn(module, variables))
+    scorer = causal_lm(ctx, "fewshot_llm").scorer
     ids, labels = ctx.split_words(fs.split)
     texts = [fewshot_lib.image_text(row, ctx.tokenizer) for row in ids]
     class_names = ctx.sources[fs.split].class_names
     return _episodes(fs, lambda n, k: fewshot_lib.run_fewshot(
         labels, class_names, n_way=n, k_shot=k, n_query=fs.queries,
-        num_episodes=fs.llm_episodes, seed=fs.seed, texts=texts, lm_scorer=ctx.llm_scorer))
+        num_episodes=fs.llm_episodes, seed=fs.seed, texts=texts, lm_scorer=scorer))
+
+
+_WORDNET_ID = re.compile(r"n\d{8}")
+
+
+def fewshot_frozen(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
+    """Frozen's open-ended / real-name few-shot protocol (``eval.fewshot_frozen``) on the words,
+    with the causal LLM at ``eval.llm_path`` generating each answer."""
+    fz = ctx.cfg.eval.fewshot_frozen
+    llm = causal_lm(ctx, "fewshot_frozen")
+    ids, labels = ctx.split_words(fz.split)
+    class_names = ctx.sources[fz.split].class_names
+    if fz.names == "real" and any(_WORDNET_ID.fullmatch(str(n)) for n in class_names):
+        raise ValueError(f"eval.fewshot_frozen.names='real' but the {fz.split!r} classes are named "
+                         f"by WordNet ids ({class_names[0]!r}, ...); set "
+                         "config.eval.mini_imagenet_label_names to a synset-to-name file")
+    proto = frozen_lib.protocol(
+        names=fz.names, ways=fz.ways, inner_shots=fz.inner_shots, repeats=fz.repeats,
+        queries=fz.queries, episodes=fz.episodes, seed=fz.seed, task_induction=fz.task_induction,
+        max_new_tokens=fz.max_new_tokens, prompt_policy=fz.prompt_policy,
+        context_length=llm.context_length, split=fz.split)
+    mode = fz.get("text_mode", "decode")
+    r: dict[str, Any] = {"protocol": proto}
+    rows: list = []
+    for n_way in fz.ways:
+        for k_shot in fz.inner_shots:
+            cell = frozen_lib.run_frozen_fewshot(
+                labels, class_names, ids, lambda row: fewshot_lib.image_text(
+                    row, ctx.tokenizer, mode=mode), generate_fn=llm.generate,
+                count_tokens=llm.count_tokens, lm_scorer=llm.scorer,
+                context_length=llm.context_length, n_way=n_way, inner_shots=k_shot,
+                repeats=fz.repeats, n_query=fz.queries, num_episodes=fz.episodes, seed=fz.seed,
+                names=fz.names, task_induction=fz.task_induction,
+                max_new_tokens=fz.max_new_tokens, prompt_policy=fz.prompt_policy)
+            key = f"{n_way}way_{k_shot}shot"
+            r[key] = cell
+            words = int(cell["words_per_image"])
+            rows.append(Row(f"{n_way}way {k_shot}shot", f"{pct(cell['accuracy'])} +- "
+                            f"{100 * cell['ci95']:.1f}",
+                            f"chance {pct(cell['chance'], 0)}, ranking {pct(cell['ranking_accuracy'])}"
+                            f" +- {100 * cell['ranking_ci95']:.1f}, {words} words/image, "
+                            f"<= {int(cell['prompt_tokens_max'])} tokens"))
+    return r, rows + [
+        f"({proto['name']}: {fz.names} names, repeats {fz.repeats}, task induction "
+        f"{'on' if fz.task_induction else 'off'}, policy {fz.prompt_policy})",
+        "(value: exact match of the generated answer; ranking: likelihood of the names; +- 95% "
+        "CI over episodes)"]
 
 
 def linear_probe(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
@@ -316,4 +426,4 @@ def _episodes(fs: Any, run_one: Callable[[int, int], dict[str, float]]
 
 EVALS: dict[str, eval_runner.Evaluation] = {
     "reconstruction": reconstruction, "fewshot": fewshot, "fewshot_llm": fewshot_llm,
-    "linear_probe": linear_probe}
+    "fewshot_frozen": fewshot_frozen, "linear_probe": linear_probe}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lqae_vlap.data.mini_imagenet import MiniImageNet
+from lqae_vlap.data.mini_imagenet import MiniImageNet, read_label_names
 
 
 def make_folder(root, splits=None):
@@ -61,3 +61,19 @@ def test_clear_errors(tmp_path):
     (tmp_path / "images").rename(tmp_path / "imgs")
     with pytest.raises(FileNotFoundError, match="images"):
         MiniImageNet(tmp_path, split="test")
+
+
+def test_read_label_names_both_formats(tmp_path):
+    txt = tmp_path / "LOC_synset_mapping.txt"
+    txt.write_text("n01532829 house finch, linnet, Carpodacus mexicanus\nn02110063 malamute\n\n")
+    assert read_label_names(str(txt)) == {"n01532829": "house finch", "n02110063": "malamute"}
+    js = tmp_path / "names.json"
+    js.write_text('{"n01532829": "house finch"}')
+    assert read_label_names(str(js)) == {"n01532829": "house finch"}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("n01532829 house finch\nn02110063\n")
+    with pytest.raises(ValueError, match="bad.txt:2: expected '<wnid> <name>"):
+        read_label_names(str(bad))
+    js.write_text('{"n01532829": ["house finch"]}')
+    with pytest.raises(ValueError, match="maps WordNet ids to strings"):
+        read_label_names(str(js))

@@ -2,8 +2,10 @@
 
 import json
 import os
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,77 @@ def test_unknown_probe_features_are_named(tiny_mlm_dir):
                                           "eval.probe.features": "cls"})
     with pytest.raises(ValueError, match=r"config.eval.probe.features='cls'"):
         lqae.build(config, sharding.make_mesh({"data": -1}, jax.devices()[:1]))
+
+
+def test_fewshot_frozen_writes_protocol_and_fits_the_context(tmp_path, tiny_mlm_dir,
+                                                             tiny_llama_dir, capsys):
+    """Frozen's protocol end to end on the tiny LQAE and a tiny Llama of 64 positions: 2-way
+    1-shot = 3 images of 16 words do not fit, so the words are cut to fit."""
+    config = tiny_config(tiny_mlm_dir)
+    config.eval.evals = ("fewshot_frozen",)
+    config.eval.llm_path = tiny_llama_dir
+    config.eval.max_images = 64
+    config.eval.fewshot_frozen.update(dict(episodes=3, max_new_tokens=3))
+    # mini-ImageNet's test split, named through a synset file (its images are never read here).
+    (tmp_path / "mini" / "images").mkdir(parents=True)
+    (tmp_path / "mini" / "test.csv").write_text("filename,label\na.jpg,n02\nb.jpg,n01\n")
+    (tmp_path / "names.txt").write_text("n01 house finch, linnet\nn02 malamute\n")
+    config.eval.mini_imagenet_root = str(tmp_path / "mini")
+    config.eval.mini_imagenet_label_names = str(tmp_path / "names.txt")
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    method = lqae.build(config, mesh)
+    params = sharding.unbox(method.init_params(jax.random.PRNGKey(0)))
+    scalars = method.evaluate(params, method.frozen, 5, str(tmp_path))
+    with open(tmp_path / "eval_fewshot_frozen_000005.json") as f:
+        result = json.load(f)
+    p = result["protocol"]
+    assert p["name"] == "frozen_open_ended" and p["names"] == "nonsense"
+    assert (p["ways"], p["inner_shots"], p["repeats"], p["episodes"]) == ([2], [1], 1, 3)
+    assert p["task_induction"] and p["prompt_policy"] == "truncate_words"
+    assert p["context_length"] == 64 and p["nonsense_words"][:2] == ["dax", "blicket"]
+    cell = result["2way_1shot"]
+    assert cell["chance"] == 0.5 and 0 <= cell["accuracy"] <= 1
+    assert 0 <= cell["ranking_accuracy"] <= 1 and cell["num_episodes"] == 3
+    assert cell["words_per_image_full"] == 16 and 1 <= cell["words_per_image"] < 16
+    assert cell["prompt_tokens_max"] <= 64 - 3
+    assert all(e["answer"] in p["nonsense_words"] for e in cell["examples"])
+    assert scalars["fewshot_frozen/2way_1shot/accuracy"] == cell["accuracy"]
+    out = capsys.readouterr().out
+    assert "fewshot_frozen @ step 5" in out and "2way 1shot" in out and "words/image" in out
+    ctx = method.evaluate.__self__
+    assert ctx.sources["mini_imagenet"].class_names == ("house finch", "malamute")
+    ctx.cfg.eval.fewshot_frozen.prompt_policy = "error"  # the same LLM and words
+    with pytest.raises(ValueError, match=r"exceeds the \d+ the LLM's context.*truncate_words"):
+        method.evaluate(params, method.frozen, 6, str(tmp_path))
+
+
+def test_causal_lm_generate_equals_transformers_greedy(tiny_llama_dir):
+    """CausalLM.generate (one left-padded batch through generate.py) against transformers'
+    generate(do_sample=False) on each prompt alone."""
+    llm = lqae_evals.CausalLM(tiny_llama_dir)
+    assert llm.context_length == 64
+    prompts = ["a cat This is a dax.\nQ: What is this? A: This is a", "red sky"]
+    got = llm.generate(prompts, 4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    for prompt, text in zip(prompts, got):
+        ids = torch.as_tensor([llm.tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                 do_sample=False, pad_token_id=llm.pad_id,
+                                 eos_token_id=llm.eos_id)[0, ids.shape[1]:].tolist()
+        if llm.eos_id in out:
+            out = out[:out.index(llm.eos_id)]
+        assert text == llm.tokenizer.decode(out, skip_special_tokens=True)
+    assert llm.count_tokens("red sky") == len(llm.tokenizer("red sky")["input_ids"])
+
+
+def test_fewshot_frozen_real_names_need_more_than_wordnet_ids():
+    """names='real' on classes still named by WordNet ids stops with the config key to set."""
+    cfg = ml_collections.ConfigDict(dict(eval=dict(llm_path="x", fewshot_frozen=dict(
+        split="mini_imagenet", names="real"))))
+    ctx = types.SimpleNamespace(
+        cfg=cfg, causal=object(), sources={"mini_imagenet": types.SimpleNamespace(
+            class_names=("n01532829", "n02110063"))},
+        split_words=lambda split: (np.zeros((2, 4), np.int32), np.array([0, 1])))
+    with pytest.raises(ValueError, match="WordNet ids.*eval.mini_imagenet_label_names"):
+        lqae_evals.fewshot_frozen(ctx, 0, "")
