@@ -99,12 +99,12 @@ def get_config(arg=None):
         fewshot_llm=dict(every=-1),  # its episodes are eval.fewshot's (llm_episodes of them)
         # Frozen's protocol (Tsimpoukelli et al. 2021; evals/fewshot_frozen.py) with eval.llm_path:
         # names 'nonsense' (Open-Ended: dax, blicket, ... per episode) or 'real' (Real-Name; on
-        # mini-ImageNet needs eval.mini_imagenet_label_names); repeats = copies of the support
-        # block (>= 1); the LLM generates max_new_tokens greedily, scored by exact match.
+        # mini-ImageNet needs eval.mini_imagenet_label_names); repeats = EXTRA copies of the
+        # support block (Frozen's convention: 0 = each support image shown once); the LLM generates max_new_tokens greedily, scored by exact match.
         # prompt_policy: 'truncate_words' (fewer evenly spaced words per image so the prompt fits
         # the LLM's max_position_embeddings) or 'error'. text_mode: fewshot.image_text's mode.
         fewshot_frozen=dict(every=-1, split="validation", names="nonsense", ways=(2, 5),
-                            inner_shots=(1, 3, 5), repeats=1, queries=1, episodes=20, seed=0,
+                            inner_shots=(1, 3, 5), repeats=0, queries=1, episodes=20, seed=0,
                             task_induction=True, max_new_tokens=8,
                             prompt_policy="truncate_words", text_mode="decode"),
         linear_probe=dict(every=-1),  # its knobs are eval.probe's

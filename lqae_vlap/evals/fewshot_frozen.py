@@ -9,7 +9,7 @@ here every image is its words (``fewshot.image_text``) and the LM reads plain te
     true names (the dataset's ``class_names``);
   * prompt (``build_frozen_prompt``): optionally Frozen's task induction sentence ("Answer with
     dax or blicket."), then every support image as "<words> This is a <name>." (shot by shot,
-    classes interleaved, the whole block ``repeats`` times), then the query "<words> Q: What is
+    classes interleaved, the whole block 1 + ``repeats`` times), then the query "<words> Q: What is
     this? A: This is a";
   * answer: the LM GENERATES greedily (``max_new_tokens``) after the query, scored by
     ``exact_match`` after ``normalize_answer``; beside it, the log-likelihood ranking of the
@@ -18,9 +18,15 @@ here every image is its words (``fewshot.image_text``) and the LM reads plain te
     keeps n evenly spaced words of each image (``subsample_codes``), n = floor((context -
     overhead) / images), lowered until every prompt of the cell fits (``fit_words_per_image``).
 
-The templates, the nonsense words beyond "dax"/"blicket", and repeats = "copies of the support
-block" are as described in the issue, to verify against the paper (its Fig. 4 / Table 3 text):
-in particular whether Frozen's "repeats 0" means each support image shown once (here repeats=1).
+Repeats follow Frozen's convention: ``repeats`` = how many EXTRA times the support block is
+written (0 = each support image shown once), as a reproduction of Frozen's Open-Ended
+miniImageNet reads its Table 3 (secondary source; the paper itself was not readable here). Frozen
+scores an answer only when the model generates exactly the name and then ends; ``exact_match``
+here is a little more lenient: the first words of the generation (as many as the name has) must
+equal the name, so " dax. dax" counts. The templates and the nonsense words beyond
+"dax"/"blicket" are to verify against the paper (arXiv 2106.13884, its Fig. 4 / Table 3 text);
+Frozen's benchmark also ships fixed episodes (``<task>_<shots>_<ways>_all_questions.json``,
+fh295.github.io/frozen.html) that this module does not read: its episodes are sampled, seeded.
 Nothing here imports a model: generation, token counting and likelihood scoring are passed in.
 """
 
@@ -71,13 +77,13 @@ def join_names(names: Sequence[str]) -> str:
 
 
 def build_frozen_prompt(support_texts_by_class: Sequence[Sequence[str]], names: Sequence[str],
-                        query_text: str, *, repeats: int = 1, task_induction: bool = True,
+                        query_text: str, *, repeats: int = 0, task_induction: bool = True,
                         template: FrozenTemplate = FrozenTemplate()) -> str:
-    """The prompt of one query: [induction] support lines (x repeats), the query line.
+    """The prompt of one query: [induction] support lines (x (1 + repeats)), the query line.
 
     support_texts_by_class: [n_way][k_shot] texts; row i is named names[i]. Lines go shot by shot
     (class 0 shot 0, class 1 shot 0, ..., class 0 shot 1, ...) and the whole block is written
-    ``repeats`` times, so n_way * k_shot * repeats support images precede the query.
+    1 + ``repeats`` times, so n_way * k_shot * (1 + repeats) support images precede the query.
     """
     if len(support_texts_by_class) != len(names):
         raise ValueError(f"build_frozen_prompt: {len(support_texts_by_class)} support rows for "
@@ -86,13 +92,14 @@ def build_frozen_prompt(support_texts_by_class: Sequence[Sequence[str]], names: 
     if len(shots) != 1 or 0 in shots:
         raise ValueError(f"build_frozen_prompt: every class needs the same number (>= 1) of "
                          f"support texts, got {sorted(shots)}")
-    if int(repeats) != repeats or repeats < 1:
-        raise ValueError(f"build_frozen_prompt: repeats must be an integer >= 1, got {repeats}")
+    if int(repeats) != repeats or repeats < 0:
+        raise ValueError(f"build_frozen_prompt: repeats (extra copies of the support block, 0 = "
+                         f"shown once) must be an integer >= 0, got {repeats}")
     k_shot = shots.pop()
     lines = [template.task_induction.format(names=join_names(names))] if task_induction else []
     block = [template.example.format(text=row[k], label=name)
              for k in range(k_shot) for row, name in zip(support_texts_by_class, names)]
-    lines += block * int(repeats)
+    lines += block * (1 + int(repeats))
     lines.append(template.query.format(text=query_text))
     return template.separator.join(lines)
 
@@ -193,7 +200,7 @@ def fit_words_per_image(full_words: int, num_images: int, limit: int,
 def run_frozen_fewshot(labels: Sequence[int] | np.ndarray, class_names: Sequence[str],
                        token_ids: np.ndarray, text_fn: TextFn, *, generate_fn: GenerateFn,
                        count_tokens: CountFn, lm_scorer: LMScorer | None, context_length: int,
-                       n_way: int, inner_shots: int, repeats: int = 1, n_query: int = 1,
+                       n_way: int, inner_shots: int, repeats: int = 0, n_query: int = 1,
                        num_episodes: int = 20, seed: int = 0, names: str = "nonsense",
                        task_induction: bool = True, max_new_tokens: int = 8,
                        prompt_policy: str = "truncate_words",
@@ -251,7 +258,7 @@ def run_frozen_fewshot(labels: Sequence[int] | np.ndarray, class_names: Sequence
     def lengths_at(n: int) -> list[int]:
         return [count_tokens(q.prompt) for qs in queries_at(n) for q in qs]
 
-    num_images = n_way * inner_shots * repeats + 1
+    num_images = n_way * inner_shots * (1 + repeats) + 1
     words, lengths = fit_words_per_image(ids.shape[1], num_images, limit, lengths_at,
                                          prompt_policy)
     match_acc, rank_acc, examples = [], [], []

@@ -12,7 +12,7 @@ from lqae_vlap.evals import fewshot_frozen as ff
 
 def test_build_frozen_prompt_exact():
     got = ff.build_frozen_prompt([["red sky", "pink sky"], ["a cat", "two cats"]],
-                                 ["dax", "blicket"], "grey sky", repeats=2)
+                                 ["dax", "blicket"], "grey sky", repeats=1)
     want = ("Answer with dax or blicket.\n"
             "red sky This is a dax.\n"
             "a cat This is a blicket.\n"
@@ -28,9 +28,12 @@ def test_build_frozen_prompt_exact():
                                  task_induction=False)
     assert got == ("x This is a wug.\ny This is a dax.\nz This is a fep.\n"
                    "q Q: What is this? A: This is a")
+    # Frozen's convention: repeats counts EXTRA copies; the default 0 shows each support once.
+    assert ff.build_frozen_prompt([["x"], ["y"]], ["wug", "dax"], "q", task_induction=False) == (
+        "x This is a wug.\ny This is a dax.\nq Q: What is this? A: This is a")
     assert ff.join_names(["dax", "blicket", "wug"]) == "dax, blicket or wug"
     with pytest.raises(ValueError, match="repeats"):
-        ff.build_frozen_prompt([["x"], ["y"]], ["a", "b"], "q", repeats=0)
+        ff.build_frozen_prompt([["x"], ["y"]], ["a", "b"], "q", repeats=-1)
     with pytest.raises(ValueError, match="same number"):
         ff.build_frozen_prompt([["x"], []], ["a", "b"], "q")
 
@@ -140,7 +143,7 @@ def oracle_scorer(prompt, names):
 def test_run_frozen_fewshot_with_a_reading_lm():
     ids, labels = class_data()
     kw = dict(generate_fn=oracle_generate, count_tokens=count_words, lm_scorer=oracle_scorer,
-              context_length=1000, n_way=2, inner_shots=3, repeats=2, num_episodes=15,
+              context_length=1000, n_way=2, inner_shots=3, repeats=1, num_episodes=15,
               max_new_tokens=4)
     out = ff.run_frozen_fewshot(labels, ["a", "b", "c", "d"], ids, text_fn, seed=3, **kw)
     assert out["accuracy"] == 1.0 and out["ranking_accuracy"] == 1.0 and out["chance"] == 0.5

@@ -187,7 +187,7 @@ def test_fewshot_frozen_writes_protocol_and_fits_the_context(tmp_path, tiny_mlm_
         result = json.load(f)
     p = result["protocol"]
     assert p["name"] == "frozen_open_ended" and p["names"] == "nonsense"
-    assert (p["ways"], p["inner_shots"], p["repeats"], p["episodes"]) == ([2], [1], 1, 3)
+    assert (p["ways"], p["inner_shots"], p["repeats"], p["episodes"]) == ([2], [1], 0, 3)
     assert p["task_induction"] and p["prompt_policy"] == "truncate_words"
     assert p["context_length"] == 64 and p["nonsense_words"][:2] == ["dax", "blicket"]
     cell = result["2way_1shot"]
