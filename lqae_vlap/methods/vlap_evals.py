@@ -459,9 +459,9 @@ def vqa(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
     if not annotated:
         return result, [f"vqa: {n} questions answered, none annotated (test split); "
                         f"predictions in eval_vqa_{step:06d}.json"]
-    types = {}
-    for key, field in (("answer_types", "answer_types"), ("question_types", "question_types")):
-        found = getattr(data, field, None) or {}
+    types = {}  # scored per type where the annotations type every question
+    for key in ("answer_types", "question_types"):
+        found = getattr(data, key, None) or {}
         if all(k in found for k in annotated):
             types[key] = {k: found[k] for k in annotated}
     acc = vqa_lib.vqa_accuracy({k: preds[k] for k in annotated}, annotated, **types)
