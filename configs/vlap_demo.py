@@ -57,9 +57,11 @@ def get_config(arg=None):
         # is 10% (R@10 would be 100% by construction, hence ks 1 and 5).
         retrieval=dict(similarities=("word_scores", "caption_likelihood"), gallery_size=10,
                        ks=(1, 5), max_pairs=100),
+        # shots > 0: solved examples from the digits' train split before each question.
         vqa=dict(source="digits", questions="", annotations="", image_dir="",
-                 prompt="Question: {question} Answer:", max_new_tokens=4, max_questions=64,
-                 num_show=4),
+                 template="Question: {question} Answer:", max_new_tokens=4, max_questions=64,
+                 num_show=4, shots=0, shot_seed=0, shot_separator="\n", shot_questions="",
+                 shot_annotations="", shot_image_dir=""),
         # image of a 3 - "three" + "eight" -> is the nearest held-out image an 8? (all 90 pairs)
         arithmetic=dict(pairs=tuple(f"{a}->{b}" for a in digits for b in digits if a != b),
                         top_k=5, num_show=3),

@@ -191,8 +191,11 @@ def get_config(arg=None):
     c.train = dict(steps=32 * steps_per_epoch, log_every=100, checkpoint_every=5000,
                    keep_checkpoints=3, eval_every=5000, init_from="", async_checkpoint=True)
     # Evaluations (methods/vlap_evals.py), each every eval.<name>.every steps, at the end, or
-    # alone with --config.mode=eval on a checkpoint. Add "vqa" with eval.vqa.source="vqav2" and
-    # the official VQAv2 files (questions / annotations JSON, COCO image folder).
+    # alone with --config.mode=eval on a checkpoint. Add "vqa" with eval.vqa.source="vqav2" or
+    # "okvqa" and the official files (questions / annotations JSON, COCO image folder:
+    # data/vqa_source.py); shots > 0 shows that many solved TRAIN examples first (each its own
+    # image; shot_questions / shot_annotations / shot_image_dir), drawn per question with
+    # shot_seed, each followed by shot_separator.
     c.eval = dict(
         evals=("loss", "captioning", "retrieval", "arithmetic"),
         # Held-out images with their references: '' = the training data's held-out split;
@@ -223,8 +226,9 @@ def get_config(arg=None):
                        ks=(1, 5, 10), max_pairs=100_000, num_show=6, source="", annotations="",
                        image_dir="", split="test"),
         vqa=dict(every=-1, source="", questions="", annotations="", image_dir="",
-                 prompt="Question: {question} Answer:", max_new_tokens=10, max_questions=0,
-                 num_show=5),
+                 template="Question: {question} Answer:", max_new_tokens=10, max_questions=0,
+                 num_show=5, shots=0, shot_seed=0, shot_separator="\n", shot_questions="",
+                 shot_annotations="", shot_image_dir=""),
         # image - word(a) + word(b) -> nearest image, scored when captions name a and b.
         arithmetic=dict(every=-1, pairs=("dog->cat", "man->woman", "grass->snow", "day->night"),
                         top_k=5, num_show=5),

@@ -179,13 +179,22 @@ def retrieval_images(r: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     return images_lib.ReplaceBadImages(src, d.get("on_bad_image", "skip"), name="retrieval")
 
 
-VQA_SOURCES = ("", "digits", "vqav2")
+VQA_SOURCES = ("", "digits", "vqav2", "okvqa")
+
+
+def _vqa_files(vqa: ml_collections.ConfigDict, questions: str, annotations: str, image_dir: str,
+               on_bad_image: str, name: str) -> Any:
+    from lqae_vlap.data.vqa_source import OkVqaSource, VqaV2Source  # noqa: PLC0415
+
+    cls = OkVqaSource if vqa.source == "okvqa" else VqaV2Source
+    return images_lib.ReplaceBadImages(cls(questions, annotations or None, image_dir),
+                                       on_bad_image, name=name)
 
 
 def vqa_questions(vqa: ml_collections.ConfigDict, image_size: int,
                   on_bad_image: str = "skip") -> Any:
-    """``config.eval.vqa.source``'s questions, or None for '' (no VQA); VQAv2's images are read
-    from files, so ``on_bad_image`` applies to them (``images.ReplaceBadImages``)."""
+    """``config.eval.vqa.source``'s questions, or None for '' (no VQA); VQAv2's and OK-VQA's
+    images are read from files, so ``on_bad_image`` applies to them (``images.ReplaceBadImages``)."""
     if vqa.source not in VQA_SOURCES:
         raise ValueError(f"config.eval.vqa.source={vqa.source!r} is not known; use one of "
                          f"{VQA_SOURCES} ('' = no VQA)")
@@ -193,10 +202,29 @@ def vqa_questions(vqa: ml_collections.ConfigDict, image_size: int,
         from lqae_vlap.data.vqa_source import DigitQuestions  # noqa: PLC0415
 
         return DigitQuestions("validation", image_size=int(image_size))
-    if vqa.source == "vqav2":
-        from lqae_vlap.data.vqa_source import VqaV2Source  # noqa: PLC0415
-
-        return images_lib.ReplaceBadImages(
-            VqaV2Source(vqa.questions, vqa.annotations or None, vqa.image_dir), on_bad_image,
-            name="vqa")
+    if vqa.source:
+        return _vqa_files(vqa, vqa.questions, vqa.annotations, vqa.image_dir, on_bad_image, "vqa")
     return None
+
+
+def vqa_shot_pool(vqa: ml_collections.ConfigDict, image_size: int,
+                  on_bad_image: str = "skip") -> Any:
+    """The solved examples few-shot VQA shows (``config.eval.vqa.shots`` > 0), or None: the
+    train split of the same dataset, ``eval.vqa.shot_questions`` / ``shot_annotations`` /
+    ``shot_image_dir`` (e.g. OK-VQA's OpenEnded_mscoco_train2014_questions.json,
+    mscoco_train2014_annotations.json and COCO's train2014/); the digits' train split for
+    'digits'."""
+    if not vqa.source or int(vqa.get("shots", 0)) <= 0:
+        return None
+    if vqa.source == "digits":
+        from lqae_vlap.data.vqa_source import DigitQuestions  # noqa: PLC0415
+
+        return DigitQuestions("train", image_size=int(image_size))
+    missing = [k for k in ("shot_questions", "shot_annotations", "shot_image_dir")
+               if not vqa.get(k)]
+    if missing:
+        raise ValueError(f"config.eval.vqa.shots={vqa.shots} needs the train split's files: set "
+                         f"config.eval.vqa.{', '.join(missing)} (questions / annotations JSON and "
+                         "the COCO train2014 image folder), or shots=0")
+    return _vqa_files(vqa, vqa.shot_questions, vqa.shot_annotations, vqa.shot_image_dir,
+                      on_bad_image, "vqa_shots")

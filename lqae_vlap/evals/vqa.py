@@ -14,7 +14,15 @@ including its quirks, so our numbers are comparable with published VQAv2 accurac
     ``sub("", text, re.UNICODE)``, which passes re.UNICODE (= 32) as the replacement COUNT.
 
 Accuracies are returned as fractions in [0, 1] (the official script prints 100x, rounded to 2
-decimals); multiply by 100 for the papers' tables.
+decimals); multiply by 100 for the papers' tables. OK-VQA is scored the same way, on its own
+answers (5 annotators, released as 10; data/vqa_source.py).
+
+Few-shot prompts (``fewshot_prompt``, ``pick_shots``), as MAGMA and LiMBeR evaluate: n solved
+examples from the TRAIN split, each its own image and "template + answer", then the query's image
+and template; the model continues with the answer:
+
+  [image_1] "Question: q_1 Answer: a_1\n" ... [image_n] "Question: q_n Answer: a_n\n"
+  [image_q] "Question: q Answer:"
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 # --- Official lists (vqaEval.py) -----------------------------------------------------------------
 CONTRACTIONS = {
@@ -165,3 +175,46 @@ def vqa_accuracy(predictions: Mapping[Any, str], annotations: Mapping[Any, Seque
             groups.setdefault(types[q], []).append(acc)
         out[key] = {t: sum(v) / len(v) for t, v in groups.items()}
     return out
+
+
+def pick_shots(pool_question_ids: Sequence[int], query_id: int, n: int, seed: int) -> list[int]:
+    """Positions in the shot pool of the ``n`` solved examples shown before question ``query_id``.
+
+    Drawn without replacement by a generator seeded with (seed, query_id), so a question gets the
+    same shots whatever else is evaluated and in whatever order; never the query's own question
+    (a pool entry with its question_id), which matters when the pool is the evaluated split.
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"config.eval.vqa.shots={n} must be >= 0")
+    if n == 0:
+        return []
+    size = len(pool_question_ids)
+    rng = np.random.default_rng([int(seed), int(query_id)])
+    # n + 1 distinct candidates: at most one of them can be the query itself.
+    take = min(n + 1, size)
+    candidates = [int(i) for i in rng.choice(size, size=take, replace=False)]
+    chosen = [i for i in candidates if int(pool_question_ids[i]) != int(query_id)][:n]
+    if len(chosen) < n:
+        raise ValueError(f"config.eval.vqa.shots={n}: the shot pool has only {size} questions "
+                         f"({len(chosen)} usable for question {query_id}); lower shots")
+    return chosen
+
+
+def fewshot_prompt(template: str, question: str, shots: Sequence[tuple[Any, str, str]],
+                   separator: str = "\n", query_image: Any = "query") -> list[tuple[str, Any]]:
+    """The interleaved prompt as segments ('image', key) / ('text', str), in order.
+
+    Args:
+      template: the question template with ``{question}``, e.g. 'Question: {question} Answer:'.
+      question: the query's question.
+      shots: (image key, question, answer) of each solved example, shown first.
+      separator: text after each shown answer (it marks where an answer ends).
+      query_image: the key of the query's image.
+    """
+    if "{question}" not in template:
+        raise ValueError(f"config.eval.vqa.template={template!r} has no '{{question}}' to fill")
+    out: list[tuple[str, Any]] = []
+    for key, q, a in shots:
+        out += [("image", key), ("text", f"{template.format(question=q)} {a}{separator}")]
+    return out + [("image", query_image), ("text", template.format(question=question))]

@@ -217,8 +217,9 @@ def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
       vision: vlap_vision.VisionTower, vision_width: its token width Dv, frozen: {'llm',
       'vision', 'prompt_ids' [P], 'word_marginal' [V]} on ``mesh`` (ShapeDtypeStructs when
       abstract), sources: data/sources.py's 'train', 'validation', 'images' (features instead
-      of images with ``data.feature_cache.enabled``), 'vqa', and 'captioning' / 'retrieval'
-      when those evaluations name their own dataset (None when abstract),
+      of images with ``data.feature_cache.enabled``), 'vqa' and 'vqa_shots' (the solved
+      examples of few-shot VQA, or None), and 'captioning' / 'retrieval' when those
+      evaluations name their own dataset (None when abstract),
       marginal_from: where the word marginal came from (None when abstract)).
     """
     m, rep = config.model, sharding_lib.replicated(mesh)
@@ -243,6 +244,8 @@ def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
         sources["images"] = sources_lib.eval_images(e.source, d)
     sources["vqa"] = (sources_lib.vqa_questions(e.vqa, vision.image_size) if e.get("vqa")
                       else None)
+    sources["vqa_shots"] = (sources_lib.vqa_shot_pool(e.vqa, vision.image_size) if e.get("vqa")
+                            else None)
     # NoCaps for captioning, Flickr30k / COCO for retrieval (None: sources['images']).
     own = {k: open_(e[k], d) for k, open_ in (("captioning", sources_lib.captioning_images),
                                               ("retrieval", sources_lib.retrieval_images))

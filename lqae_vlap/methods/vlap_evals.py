@@ -18,8 +18,11 @@ every ``config.eval.<name>.every`` steps (``runner.cadence``):
   retrieval   image->text and text->image Recall@1/5/10 (evals/retrieval.py) beside chance, each
               similarity of ``eval.retrieval.similarities`` side by side; on Flickr30k / COCO
               (``eval.retrieval.source``, data/karpathy_splits.py) over the whole split;
-  vqa         zero-shot VQA: [visual prefix ; "Question: ... Answer:"] -> a short greedy answer,
-              scored with VQAv2's soft accuracy and answer normalisation (evals/vqa.py);
+  vqa         zero- or n-shot VQA (VQAv2, OK-VQA, or the digits stand-in; ``eval.vqa.source``):
+              [visual prefix ; "Question: ... Answer:"] -> a short greedy answer, after
+              ``eval.vqa.shots`` solved train examples [prefix_i ; "Question: q_i Answer: a_i"]
+              (seeded per question by ``eval.vqa.shot_seed``), scored with VQAv2's soft accuracy
+              and answer normalisation (evals/vqa.py);
   arithmetic  visual semantic arithmetic in the LLM's input-embedding space: the nearest words of
               a few images, and image - word(a) + word(b) -> nearest image (evals/arithmetic.py),
               scored when captions name a and b.
@@ -66,6 +69,7 @@ import numpy as np
 from lqae_vlap.core import files
 from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import captions as captions_lib
+from lqae_vlap.data import vqa_source
 from lqae_vlap.evals import arithmetic as arithmetic_lib
 from lqae_vlap.evals import captioning as captioning_lib
 from lqae_vlap.evals import pictures
@@ -112,8 +116,12 @@ class Evaluator:
                                  f": choose one or more of {SIMILARITIES}")
         if "vqa" in e.evals and sources.get("vqa") is None:
             raise ValueError("config.eval.evals has 'vqa' but no VQA source is configured; set "
-                             "config.eval.vqa.source ('digits' or 'vqav2' with its paths) or drop "
-                             "'vqa' from config.eval.evals")
+                             "config.eval.vqa.source ('digits', or 'vqav2' / 'okvqa' with its "
+                             "paths) or drop 'vqa' from config.eval.evals")
+        if "vqa" in e.evals and int(e.vqa.get("shots", 0)) and sources.get("vqa_shots") is None:
+            raise ValueError(f"config.eval.vqa.shots={e.vqa.shots} but no shot pool is configured "
+                             "(config.eval.vqa.shot_questions / shot_annotations / "
+                             "shot_image_dir); set them or shots=0")
         self.cfg, self.llm, self.sources = cfg, llm, sources
         self.host_image, self.loss_batches = host_image, loss_batches
         self.params = self.frozen = self.cache = None
@@ -237,6 +245,23 @@ class Evaluator:
                                    max_new_tokens=max_new_tokens, num_beams=num_beams,
                                    length_penalty=float(self.cfg.eval.captioning.length_penalty))
         return self.llm.decode(tokens)
+
+    def prefixes(self, source, indices: Sequence[int]) -> jax.Array:
+        """Visual prefixes [len(indices), T, D] of source[i] for i in indices (repeats allowed),
+        in batches of ``eval.batch_size``."""
+        bs, out = int(self.cfg.eval.batch_size), []
+        for start in range(0, len(indices), bs):
+            chunk = [source[int(i)] for i in indices[start:start + bs]]
+            x, from_features = self._inputs(chunk)
+            out.append(self._encode[from_features](self.params, self.frozen,
+                                                   pad_rows(x, bs))[:len(chunk)])
+        return jnp.concatenate(out)
+
+    def generate_interleaved(self, rows: list[list[Any]], *, max_new_tokens: int) -> list[str]:
+        """Greedy continuations of interleaved rows (prefixes [T, D] and token-id lists; see
+        methods/vlap_llm.FrozenLLM.embed_segments) as strings."""
+        return self.llm.decode(self.llm.generate_interleaved(
+            self.frozen["llm"], rows, max_new_tokens=max_new_tokens))
 
     def word_embeddings(self, dtype=None) -> np.ndarray:
         """The frozen LLM's input word embeddings [V, D] on the host (dtype None: the LLM's)."""
@@ -435,30 +460,64 @@ def _retrieval_pictures(source, members: list[int], texts: list[str], gt: list[l
 
 
 def vqa(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
-    """Zero-shot short greedy answers, VQAv2 accuracy beside a constant-answer control."""
+    """Zero- or few-shot short greedy answers (``eval.vqa.shots`` solved train examples, each its
+    own visual prefix, before the query; evals/vqa.fewshot_prompt), VQAv2's soft accuracy (also
+    per answer and question type where the annotations give them) beside a constant-answer
+    control."""
     q = ctx.cfg.eval.vqa
     source = ctx.sources["vqa"]
     n = min(len(source), int(q.get("max_questions", 0)) or len(source))
+    shots, seed = int(q.get("shots", 0)), int(q.get("shot_seed", 0))
+    separator = str(q.get("shot_separator", "\n"))
+    pool = ctx.sources.get("vqa_shots") if shots else None
     tok = ctx.llm.tokenizer
-    preds, answers, qtypes = {}, {}, {}
+
+    def ids(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    preds, answers, shown = {}, {}, {}
     for idx, examples, prefix in ctx.batches(source, n):
-        prompts = [tok(q.prompt.format(question=ex["question"]),
-                       add_special_tokens=False)["input_ids"] for ex in examples]
-        texts = ctx.generate(prefix[:len(idx)], prompts, max_new_tokens=int(q.max_new_tokens))
-        for ex, text in zip(examples, texts):
-            qid = ex.get("question_id", len(preds))
+        qids = [int(ex.get("question_id", i)) for i, ex in zip(idx, examples)]
+        picks = [vqa_lib.pick_shots(pool.question_ids, qid, shots, seed) if shots else []
+                 for qid in qids]
+        prompts = [vqa_lib.fewshot_prompt(
+            q.template, ex["question"],
+            [(j, pool.data.questions[pool.question_ids[j]],
+              vqa_source.shot_answer(pool.data, pool.question_ids[j])) for j in pick],
+            separator) for ex, pick in zip(examples, picks)]
+        if shots:
+            # Every shot's image, in prompt order: [sum(len(pick)), T, D].
+            shot_prefix = iter(ctx.prefixes(pool, [j for pick in picks for j in pick]))
+            rows = [[ids(value) if kind == "text" else
+                     prefix[b] if value == "query" else next(shot_prefix)
+                     for kind, value in segments] for b, segments in enumerate(prompts)]
+            texts = ctx.generate_interleaved(rows, max_new_tokens=int(q.max_new_tokens))
+        else:  # [prefix ; template]: the zero-shot path captioning uses too
+            texts = ctx.generate(prefix[:len(idx)], [ids(p[-1][1]) for p in prompts],
+                                 max_new_tokens=int(q.max_new_tokens))
+        for qid, ex, text, pick in zip(qids, examples, texts, picks):
             preds[qid] = vqa_lib.first_answer(text)
             answers[qid] = list(ex.get("answers") or [])
-            if ex.get("answer_type"):
-                qtypes[qid] = ex["answer_type"]
+            if shots:
+                shown[str(qid)] = [int(pool.question_ids[j]) for j in pick]
+    data = getattr(source, "data", None)
+    result: dict[str, Any] = {
+        "dataset": q.source, "split": _vqa_split(source), "num_questions": n, "shots": shots,
+        "template": q.template, "shot_seed": seed, "shot_separator": separator,
+        "shot_split": _vqa_split(pool) if pool is not None else None,
+        "predictions": {str(k): v for k, v in preds.items()}}
+    if shots:
+        result["shot_question_ids"] = shown
     annotated = {k: a for k, a in answers.items() if a}
-    result: dict[str, Any] = {"num_questions": n, "prompt": q.prompt,
-                              "predictions": {str(k): v for k, v in preds.items()}}
     if not annotated:
         return result, [f"vqa: {n} questions answered, none annotated (test split); "
                         f"predictions in eval_vqa_{step:06d}.json"]
-    acc = vqa_lib.vqa_accuracy({k: preds[k] for k in annotated}, annotated,
-                               answer_types=qtypes or None)
+    types = {}  # scored per type where the annotations type every question
+    for key in ("answer_types", "question_types"):
+        found = getattr(data, key, None) or {}
+        if all(k in found for k in annotated):
+            types[key] = {k: found[k] for k in annotated}
+    acc = vqa_lib.vqa_accuracy({k: preds[k] for k in annotated}, annotated, **types)
     # Control: answering every question with the most common human answer of the set.
     # Raw answers: the official scorer normalises only when the humans disagree.
     counts: dict[str, int] = {}
@@ -467,14 +526,27 @@ def vqa(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
             counts[x.strip().lower()] = counts.get(x.strip().lower(), 0) + 1
     top = max(counts, key=counts.get)
     constant = vqa_lib.vqa_accuracy({k: top for k in annotated}, annotated)["overall"]
-    result.update(accuracy=acc["overall"], constant_answer=top,
+    names = getattr(data, "question_type_names", None) or {}
+    result.update(accuracy=acc["overall"], num_annotated=len(annotated), constant_answer=top,
                   constant_answer_accuracy=constant,
-                  per_answer_type=acc.get("per_answer_type", {}))
-    lines = [Row(f"accuracy on {len(annotated)} questions", pct(acc["overall"]),
+                  per_answer_type=acc.get("per_answer_type", {}),
+                  per_question_type=acc.get("per_question_type", {}))
+    if names:
+        result["question_type_names"] = names
+    how = f"{shots}-shot" if shots else "zero-shot"
+    lines = [Row(f"{how} accuracy on {len(annotated)} questions", pct(acc["overall"]),
                  f"always answering {top!r}: {pct(constant)}")]
+    if len(acc.get("per_answer_type", {})) > 1:
+        lines += [Row(f"  answer type {t!r}", pct(v)) for t, v in acc["per_answer_type"].items()]
     for k in list(annotated)[:int(q.num_show)]:
         lines.append(f"question {k}: answered {preds[k]!r} (humans: {annotated[k][0]!r})")
     return result, lines
+
+
+def _vqa_split(source) -> str:
+    """The questions' split as the files name it ('val2014'), or the stand-in's ('validation')."""
+    data = getattr(source, "data", None)
+    return str(getattr(data, "data_subtype", "") or getattr(source, "split", "") or "")
 
 
 def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:

@@ -8,6 +8,8 @@ family, HF folder or GGUF file, real or abstract for plan mode) and its tokenize
     text_hidden   = the LM's last hidden states on the caption alone.
     caption_loss  = next-token cross-entropy on the caption tokens of [prefix ; prompt ; caption].
     generate      = models/generate.py with the prefix, prompts LEFT-padded.
+    generate_interleaved = the same on interleaved [prefix_1 ; text_1 ; ... ; prefix_q ; text]
+                    rows (few-shot VQA), each row LEFT-padded as a whole (``embed_segments``).
   EncoderDecoderLLM ('t5'): the visual prefix is ENCODER input (VLAP's T5 setting).
     text_hidden   = the ENCODER's last hidden states on the caption alone.
     caption_loss  = decoder cross-entropy: encoder input [prefix ; prompt], decoder input
@@ -15,6 +17,7 @@ family, HF folder or GGUF file, real or abstract for plan mode) and its tokenize
                     T5ForConditionalGeneration(labels=...)).
     generate      = models/t5.py's greedy / beam search with the prefix, prompts RIGHT-padded so
                     the relative positions between prefix and prompt are those of the unpadded row.
+    generate_interleaved = the same with an interleaved encoder input, RIGHT-padded as a whole.
 
 word_embeddings / text_hidden / caption_loss are pure functions of (llm_params, arrays): they run
 under the caller's jit. generate / decode are host-level (numpy in, numpy / str out) and call
@@ -94,6 +97,14 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, *, left: bo
             ids[i, sl] = np.asarray(p, np.int32)
             mask[i, sl] = 1
     return ids, mask
+
+
+@jax.jit
+def _assemble(words: jax.Array, blocks: jax.Array, ids: jax.Array, index: jax.Array,
+              is_token: jax.Array) -> jax.Array:
+    """[B, L, D]: words[ids] where is_token, else blocks[index] (words [V, D], blocks [N, D])."""
+    return jnp.where(is_token[..., None], jnp.take(words, ids, axis=0),
+                     jnp.take(blocks, index, axis=0))
 
 
 def _tree(llm_params: Any) -> Any:
@@ -228,8 +239,75 @@ class FrozenLLM:
                            int(max_new_tokens), int(num_beams), float(length_penalty))
         return np.asarray(jax.device_get(out), np.int32)
 
-    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
+    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty,
+                prefix_mask=None):
         raise NotImplementedError
+
+    def embed_segments(self, llm_params: Any, rows: Sequence[Sequence[Any]]
+                       ) -> tuple[jax.Array, np.ndarray]:
+        """Interleaved inputs -> one embedded sequence per row, e.g. a few-shot VQA prompt
+        [prefix_1 ; text_1 ; prefix_2 ; text_2 ; prefix_q ; question].
+
+        Args:
+          rows: B lists of segments, in order; a segment is either embeddings [T, D] (a visual
+            prefix; jax or numpy) or a list of token ids (embedded with the LLM's input table).
+
+        Returns:
+          (embeds [B, L, D] in the LLM's dtype, mask [B, L] int32, 1 = real slot). Each row is
+          padded AS A WHOLE, on the side generation needs (``left_pad``: the left for decoder-only
+          models, whose positions skip masked slots; the right for T5, whose relative positions
+          count slots, so real slots stay contiguous), to L = the longest row rounded up to a
+          multiple of ``PROMPT_MULTIPLE``.
+        """
+        words = self.word_embeddings(llm_params)
+        blocks, layout = [], []  # layout[b]: (is_token, index) per real slot
+        n_block_rows = 0
+        for row in rows:
+            slots = []
+            for seg in row:
+                if getattr(seg, "ndim", 1) == 2:
+                    if seg.shape[-1] != self.embed_dim:
+                        raise ValueError(f"embed_segments: an embedded segment must be [tokens, "
+                                         f"{self.embed_dim}], got {tuple(seg.shape)}")
+                    blocks.append(jnp.asarray(seg))
+                    slots += [(False, n_block_rows + t) for t in range(seg.shape[0])]
+                    n_block_rows += int(seg.shape[0])
+                else:
+                    slots += [(True, int(t)) for t in seg]
+            layout.append(slots)
+        if not layout or not all(layout):
+            raise ValueError("embed_segments: every row needs at least one segment slot")
+        longest = max(len(x) for x in layout)
+        length = math.ceil(longest / PROMPT_MULTIPLE) * PROMPT_MULTIPLE
+        ids = np.zeros((len(rows), length), np.int32)
+        index = np.zeros((len(rows), length), np.int32)
+        is_token = np.zeros((len(rows), length), bool)
+        mask = np.zeros((len(rows), length), np.int32)
+        for b, slots in enumerate(layout):
+            start = length - len(slots) if self.left_pad else 0
+            for k, (tok, i) in enumerate(slots):
+                (ids if tok else index)[b, start + k] = i
+                is_token[b, start + k] = tok
+            mask[b, start:start + len(slots)] = 1
+        stacked = (jnp.concatenate(blocks).astype(words.dtype) if blocks
+                   else jnp.zeros((1, words.shape[1]), words.dtype))
+        return _assemble(words, stacked, ids, index, is_token), mask
+
+    def generate_interleaved(self, llm_params: Any, rows: Sequence[Sequence[Any]], *,
+                             max_new_tokens: int, num_beams: int = 1,
+                             length_penalty: float = 1.0) -> np.ndarray:
+        """Greedy / beam-search continuations of interleaved rows (``embed_segments``): what
+        ``generate`` does for [prefix ; prompt], for any order of embedded and token segments
+        (T5: the whole row is the encoder input). Returns [B, max_new_tokens] int32 as
+        ``generate``."""
+        if int(max_new_tokens) < 1 or int(num_beams) < 1:
+            raise ValueError(f"generate: max_new_tokens and num_beams must be >= 1, got "
+                             f"{max_new_tokens} and {num_beams}")
+        embeds, mask = self.embed_segments(llm_params, rows)
+        empty = jnp.zeros((embeds.shape[0], 0), jnp.int32)  # every slot is in the prefix
+        out = self._search(_tree(llm_params), embeds, empty, empty, int(max_new_tokens),
+                           int(num_beams), float(length_penalty), prefix_mask=jnp.asarray(mask))
+        return np.asarray(jax.device_get(out), np.int32)
 
     def decode(self, tokens: Any) -> list[str]:
         """[B, N] generated tokens -> B strings: cut at the first EOS, special tokens skipped,
@@ -315,11 +393,12 @@ class DecoderOnlyLLM(FrozenLLM):
                              "after the visual prefix (e.g. the tokenised 'A picture of')")
         return super().generate(llm_params, prefix, prompts, **kw)
 
-    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
+    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty,
+                prefix_mask=None):
         kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                   eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                   prefix_embeds=prefix, embed_fn=self._embed_fn, init_cache_fn=self._cache_fn,
-                  mesh=self.mesh)
+                  mesh=self.mesh, prefix_mask=prefix_mask)
         if num_beams == 1:
             return gen.greedy_search(self._apply, {"params": params}, **kw)
         return gen.beam_search(self._apply, {"params": params}, num_beams=num_beams,
@@ -379,16 +458,17 @@ class EncoderDecoderLLM(FrozenLLM):
                                             chunk_size=self.loss_chunk, vocab_axis=0 if tied else 1,
                                             scale=scale)
 
-    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty):
+    def _search(self, params, prefix, ids, mask, max_new_tokens, num_beams, length_penalty,
+                prefix_mask=None):
         variables = {"params": params}
         if num_beams == 1:
             out = t5.greedy_generate(self._gen_module, variables, ids, mask,
                                      max_new_tokens=max_new_tokens, prefix_embeds=prefix,
-                                     mesh=self.mesh)
+                                     mesh=self.mesh, prefix_mask=prefix_mask)
             return out["sequences"][:, 1:]  # drop the decoder-start token
         out = t5.beam_search(self._gen_module, variables, ids, mask, max_new_tokens=max_new_tokens,
                              num_beams=num_beams, length_penalty=length_penalty,
-                             prefix_embeds=prefix, mesh=self.mesh)
+                             prefix_embeds=prefix, mesh=self.mesh, prefix_mask=prefix_mask)
         return out["sequences"][:, 0, 1:]  # the best beam, without the decoder-start token
 
 

@@ -24,7 +24,8 @@ The model contract (OPT in models/opt.py and Llama in models/llama.py follow it)
 Callables are static arguments of the jit: build them once (not a fresh ``partial`` per call)
 or every call recompiles.
 
-Layout of one row in the cache: [prefix_embeds (P, all real)] [prompt, left-padded (L)]
+Layout of one row in the cache: [prefix_embeds (P, all real unless prefix_mask)] [prompt,
+left-padded (L)]
 [generated tokens (max_new_tokens)]. Positions are cumsum(mask) - 1, so padding between the
 prefix and the prompt changes nothing (as in transformers, where the same mask gives the same
 positions). The decode loop is a ``lax.while_loop`` that stops as soon as every row is done; no
@@ -75,7 +76,8 @@ def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
 
 def _check_inputs(input_ids: jax.Array, attention_mask: jax.Array, max_new_tokens: int,
                   prefix_embeds: jax.Array | None, embed_fn: Callable | None,
-                  max_length: int | None) -> tuple[int, int]:
+                  max_length: int | None, prefix_mask: jax.Array | None = None
+                  ) -> tuple[int, int]:
     """Validates shapes; returns (prompt slots T = P + L, cache length)."""
     if input_ids.ndim != 2:
         raise ValueError(f"generate: input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -93,6 +95,10 @@ def _check_inputs(input_ids: jax.Array, attention_mask: jax.Array, max_new_token
             raise ValueError(f"generate: prefix_embeds must be [batch={input_ids.shape[0]}, prefix, "
                              f"dim], got shape {prefix_embeds.shape}")
         prefix = prefix_embeds.shape[1]
+    if prefix_mask is not None and (prefix_embeds is None
+                                    or prefix_mask.shape != prefix_embeds.shape[:2]):
+        raise ValueError(f"generate: prefix_mask {prefix_mask.shape} must be [batch, prefix] of "
+                         "prefix_embeds (1 = real slot)")
     prompt = prefix + input_ids.shape[1]
     need = prompt + max_new_tokens
     if max_length is not None and max_length < need:
@@ -103,7 +109,8 @@ def _check_inputs(input_ids: jax.Array, attention_mask: jax.Array, max_new_token
 
 def _prefill(apply_fn: Callable, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
              prefix_embeds: jax.Array | None, embed_fn: Callable | None, init_cache_fn: Callable,
-             cache_len: int, mesh: Mesh | None) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+             cache_len: int, mesh: Mesh | None, prefix_mask: jax.Array | None = None
+             ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
     """Runs the prompt through the model once.
 
     Returns (last-slot logits [B, V] float32, cache, cache mask [B, cache_len], next position [B]).
@@ -111,8 +118,9 @@ def _prefill(apply_fn: Callable, params: Any, input_ids: jax.Array, attention_ma
     batch, _ = input_ids.shape
     prompt_mask = attention_mask.astype(jnp.int32)
     if prefix_embeds is not None:
-        prompt_mask = jnp.concatenate(
-            [jnp.ones(prefix_embeds.shape[:2], jnp.int32), prompt_mask], axis=1)
+        pm = (jnp.ones(prefix_embeds.shape[:2], jnp.int32) if prefix_mask is None
+              else prefix_mask.astype(jnp.int32))
+        prompt_mask = jnp.concatenate([pm, prompt_mask], axis=1)
     prompt = prompt_mask.shape[1]
     # Decode slots are real from the start; causality hides the ones not yet written.
     mask = jnp.concatenate([prompt_mask, jnp.ones((batch, cache_len - prompt), jnp.int32)], axis=1)
@@ -178,12 +186,13 @@ def greedy_loop(step_fn: StepFn, context: Any, logits: jax.Array, cache: Any, eo
 @functools.partial(jax.jit, static_argnames=(
     "apply_fn", "max_new_tokens", "pad_token_id", "embed_fn", "init_cache_fn", "max_length",
     "mesh"))
-def _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, *, max_new_tokens,
-            pad_token_id, embed_fn, init_cache_fn, max_length, mesh):
+def _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds, prefix_mask, eos, *,
+            max_new_tokens, pad_token_id, embed_fn, init_cache_fn, max_length, mesh):
     prompt, cache_len = _check_inputs(input_ids, attention_mask, max_new_tokens, prefix_embeds,
-                                      embed_fn, max_length)
+                                      embed_fn, max_length, prefix_mask)
     logits, cache, mask, next_pos = _prefill(apply_fn, params, input_ids, attention_mask,
-                                             prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh)
+                                             prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh,
+                                             prefix_mask)
     return greedy_loop(_decoder_step(apply_fn, params, prompt), (mask, next_pos), logits, cache,
                        eos, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                        mesh=mesh)[0]
@@ -194,7 +203,7 @@ def greedy_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
                   eos_token_id: int | Sequence[int] | None, pad_token_id: int,
                   prefix_embeds: jax.Array | None = None, embed_fn: Callable | None = None,
                   init_cache_fn: Callable[[int, int], Any], max_length: int | None = None,
-                  mesh: Mesh | None = None) -> jax.Array:
+                  mesh: Mesh | None = None, prefix_mask: jax.Array | None = None) -> jax.Array:
     """Greedy decoding (transformers ``generate(do_sample=False)``), one jit for the whole loop.
 
     Args:
@@ -204,7 +213,10 @@ def greedy_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
       eos_token_id: an id or ids that end a row (None: rows never end early).
       pad_token_id: emitted after a row's EOS.
       prefix_embeds: [B, P, D] embeddings placed before the prompt's token embeddings (VLAP's
-        visual tokens), all treated as real.
+        visual tokens), all treated as real unless ``prefix_mask`` is given.
+      prefix_mask: [B, P], 1 = real prefix slot, 0 = padding (e.g. rows of an interleaved
+        [image ; text ; image ; ...] sequence of different lengths, left-padded as a whole with
+        empty input_ids [B, 0]); positions skip the padding as they skip the prompt's.
       max_length: cache slots (default P + L + max_new_tokens); must be at least that.
       mesh: keep every cache leaf sharded on this mesh through the loop (batch over ('data',
         'fsdp'), heads over 'tensor': ``layers.kv_cache_sharding``); pass params placed on the
@@ -214,7 +226,7 @@ def greedy_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
     Returns:
       [B, max_new_tokens] int32 generated tokens (the prompt is not repeated).
     """
-    return _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds,
+    return _greedy(apply_fn, params, input_ids, attention_mask, prefix_embeds, prefix_mask,
                    eos_array(eos_token_id), max_new_tokens=int(max_new_tokens),
                    pad_token_id=int(pad_token_id), embed_fn=embed_fn, init_cache_fn=init_cache_fn,
                    max_length=max_length, mesh=mesh)
@@ -335,15 +347,17 @@ def beam_loop(step_fn: StepFn, context: Any, logits: jax.Array, cache: Any, eos:
 @functools.partial(jax.jit, static_argnames=(
     "apply_fn", "max_new_tokens", "pad_token_id", "embed_fn", "init_cache_fn", "max_length",
     "num_beams", "mesh"))
-def _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, eos, length_penalty, stop_mode,
-          *, max_new_tokens, pad_token_id, embed_fn, init_cache_fn, max_length, num_beams, mesh):
+def _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, prefix_mask, eos,
+          length_penalty, stop_mode, *, max_new_tokens, pad_token_id, embed_fn, init_cache_fn,
+          max_length, num_beams, mesh):
     # eos, length_penalty and stop_mode (STOP_MODES[early_stopping]) are traced: changing them
     # does not recompile.
     prompt, cache_len = _check_inputs(input_ids, attention_mask, max_new_tokens, prefix_embeds,
-                                      embed_fn, max_length)
+                                      embed_fn, max_length, prefix_mask)
     # The prompt is identical for every beam: prefill once, beam_loop copies the rows.
     logits, cache, mask, next_pos = _prefill(apply_fn, params, input_ids, attention_mask,
-                                             prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh)
+                                             prefix_embeds, embed_fn, init_cache_fn, cache_len, mesh,
+                                             prefix_mask)
     out = beam_loop(_decoder_step(apply_fn, params, prompt), (mask, next_pos), logits, cache, eos,
                     length_penalty, stop_mode, num_beams=num_beams, max_new_tokens=max_new_tokens,
                     pad_token_id=pad_token_id, mesh=mesh)
@@ -356,7 +370,7 @@ def beam_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
                 length_penalty: float = 1.0, early_stopping: bool | str = False,
                 prefix_embeds: jax.Array | None = None, embed_fn: Callable | None = None,
                 init_cache_fn: Callable[[int, int], Any], max_length: int | None = None,
-                mesh: Mesh | None = None) -> jax.Array:
+                mesh: Mesh | None = None, prefix_mask: jax.Array | None = None) -> jax.Array:
     """Beam search as transformers' ``generate(num_beams=K, do_sample=False)``, one jit.
 
     Arguments as ``greedy_search``, plus:
@@ -370,7 +384,7 @@ def beam_search(apply_fn: Callable, params: Any, *, input_ids: jax.Array,
       [B, max_new_tokens] int32: the best finished hypothesis per row, pad after its EOS.
     """
     check_beam_args(num_beams, early_stopping)
-    return _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds,
+    return _beam(apply_fn, params, input_ids, attention_mask, prefix_embeds, prefix_mask,
                  eos_array(eos_token_id), jnp.float32(length_penalty),
                  jnp.int32(STOP_MODES[early_stopping]), max_new_tokens=int(max_new_tokens),
                  pad_token_id=int(pad_token_id), embed_fn=embed_fn, init_cache_fn=init_cache_fn,

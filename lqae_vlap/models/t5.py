@@ -231,20 +231,25 @@ def embed_tokens(params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
 
 
 def _encoder_inputs(module: T5, variables: Any, input_ids: jax.Array, attention_mask: jax.Array | None,
-                    prefix_embeds: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Encoder hidden [B, P+L, D] and mask [B, P+L]; prefix_embeds [B, P, D] go before the text."""
+                    prefix_embeds: jax.Array | None, prefix_mask: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Encoder hidden [B, P+L, D] and mask [B, P+L]; prefix_embeds [B, P, D] go before the text,
+    all real unless prefix_mask [B, P] (1 = real) says otherwise."""
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if prefix_embeds is None:
         return module.apply(variables, input_ids, attention_mask, method=T5.encode), attention_mask
     embeds = jnp.concatenate([prefix_embeds.astype(module.dtype),
                               embed_tokens(variables, input_ids).astype(module.dtype)], axis=1)
-    mask = jnp.concatenate([jnp.ones(prefix_embeds.shape[:2], attention_mask.dtype), attention_mask], axis=1)
+    pm = (jnp.ones(prefix_embeds.shape[:2], attention_mask.dtype) if prefix_mask is None
+          else prefix_mask.astype(attention_mask.dtype))
+    mask = jnp.concatenate([pm, attention_mask], axis=1)
     return module.apply(variables, None, mask, inputs_embeds=embeds, method=T5.encode), mask
 
 
 def _check_generate_args(module: T5, input_ids: jax.Array, max_new_tokens: int,
-                         prefix_embeds: jax.Array | None) -> None:
+                         prefix_embeds: jax.Array | None,
+                         prefix_mask: jax.Array | None = None) -> None:
     if not isinstance(module, T5):
         raise TypeError(f"generation needs a T5 module, got {type(module).__name__}")
     if input_ids.ndim != 2:
@@ -255,18 +260,24 @@ def _check_generate_args(module: T5, input_ids: jax.Array, max_new_tokens: int,
                                       or prefix_embeds.shape[2] != module.config.d_model):
         raise ValueError(f"generate: prefix_embeds must be [{input_ids.shape[0]}, prefix, "
                          f"{module.config.d_model}], got {prefix_embeds.shape}")
+    if prefix_mask is not None and (prefix_embeds is None
+                                    or prefix_mask.shape != prefix_embeds.shape[:2]):
+        raise ValueError(f"generate: prefix_mask {prefix_mask.shape} must be [batch, prefix] of "
+                         "prefix_embeds (1 = real slot)")
 
 
 def _first_step(module: T5, variables: Any, input_ids: jax.Array,
                 attention_mask: jax.Array | None, prefix_embeds: jax.Array | None,
-                max_new_tokens: int, mesh: Mesh | None) -> tuple[StepFn, Any, jax.Array, Cache]:
+                max_new_tokens: int, mesh: Mesh | None, prefix_mask: jax.Array | None = None
+                ) -> tuple[StepFn, Any, jax.Array, Cache]:
     """Encodes once and feeds decoder_start_token_id at decoder slot 0.
 
     Returns what ``generate.greedy_loop`` / ``beam_loop`` take: the step (token t - 1 goes into
     slot t), its context (cross-attention keys/values, encoder mask), the logits [B, V], the cache.
     """
     cfg, batch = module.config, input_ids.shape[0]
-    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds)
+    enc, enc_mask = _encoder_inputs(module, variables, input_ids, attention_mask, prefix_embeds,
+                                    prefix_mask)
     cross_kv = constrain_kv_cache(module.apply(variables, enc, method=T5.cross_key_values), mesh)
 
     def step(context, tokens, t, cache):
@@ -292,7 +303,8 @@ def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
                     attention_mask: jax.Array | None = None, *, max_new_tokens: int,
                     eos_token_id: int | Sequence[int] | None = None,
                     prefix_embeds: jax.Array | None = None,
-                    mesh: Mesh | None = None) -> dict[str, jax.Array]:
+                    mesh: Mesh | None = None,
+                    prefix_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Greedy decoding, as transformers' ``generate(do_sample=False)`` (``generate.greedy_loop``).
 
     Args:
@@ -301,6 +313,8 @@ def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
       eos_token_id: an id or ids that end a row (traced: new ids do not recompile); None:
         config.eos_token_id; () never ends early.
       prefix_embeds: optional [B, P, D] encoder inputs placed before the embedded input_ids.
+      prefix_mask: optional [B, P], 1 = real prefix slot (default all real). T5's relative
+        positions count slots, so keep every row's real slots first (pad on the right only).
       mesh: keep the decoder cache and the cross-attention keys/values sharded on it (batch over
         ('data', 'fsdp'), heads over 'tensor') through the loop; pass params placed on the same
         mesh (``t5.load(..., mesh=mesh)``).
@@ -310,10 +324,10 @@ def greedy_generate(module: T5, variables: Any, input_ids: jax.Array,
       generated tokens; after a row's EOS (and past the last step run) filled with pad_token_id;
       num_steps=scalar int32 steps run, so sequences[:, :1 + num_steps] is transformers' output).
     """
-    _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
+    _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds, prefix_mask)
     cfg = module.config
     first = _first_step(module, variables, input_ids, attention_mask, prefix_embeds,
-                        max_new_tokens, mesh)
+                        max_new_tokens, mesh, prefix_mask)
     eos = eos_array(cfg.eos_token_id if eos_token_id is None else eos_token_id)
     tokens, steps = greedy_loop(*first, eos, max_new_tokens=max_new_tokens,
                                 pad_token_id=cfg.pad_token_id, mesh=mesh)
@@ -328,7 +342,8 @@ def beam_search(module: T5, variables: Any, input_ids: jax.Array,
                 early_stopping: bool | str = False,
                 eos_token_id: int | Sequence[int] | None = None,
                 prefix_embeds: jax.Array | None = None,
-                mesh: Mesh | None = None) -> dict[str, jax.Array]:
+                mesh: Mesh | None = None,
+                prefix_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Beam search, transformers' vectorised ``_beam_search`` (``generate.beam_step``).
 
     Every step keeps the best (1 + n_eos) * num_beams continuations; those ending in EOS (or at
@@ -344,11 +359,11 @@ def beam_search(module: T5, variables: Any, input_ids: jax.Array,
       scores=[B, num_beams] the length-normalised scores (transformers' sequences_scores);
       num_steps=scalar int32 decoder steps run).
     """
-    _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds)
+    _check_generate_args(module, input_ids, max_new_tokens, prefix_embeds, prefix_mask)
     check_beam_args(num_beams, early_stopping)
     cfg = module.config
     first = _first_step(module, variables, input_ids, attention_mask, prefix_embeds,
-                        max_new_tokens, mesh)
+                        max_new_tokens, mesh, prefix_mask)
     eos = eos_array(cfg.eos_token_id if eos_token_id is None else eos_token_id)
     out = beam_loop(*first, eos, jnp.asarray(length_penalty, jnp.float32),
                     jnp.int32(STOP_MODES[early_stopping]), num_beams=num_beams,

@@ -47,9 +47,19 @@ def test_evaluation_sources():
     assert isinstance(questions, DigitQuestions) and len(questions) == 297
     vqa.source = ""
     assert sources.vqa_questions(vqa, 16) is None
-    vqa.source = "okvqa"
-    with pytest.raises(ValueError, match="config.eval.vqa.source='okvqa' is not known"):
+    vqa.source = "gqa"
+    with pytest.raises(ValueError, match="config.eval.vqa.source='gqa' is not known"):
         sources.vqa_questions(vqa, 16)
+    # Few-shot VQA's solved examples: the digits' train split; for the datasets, train files.
+    vqa.source, vqa.shots = "digits", 0
+    assert sources.vqa_shot_pool(vqa, 16) is None
+    vqa.shots = 2
+    pool = sources.vqa_shot_pool(vqa, 16)
+    assert isinstance(pool, DigitQuestions) and pool.split == "train" and len(pool) > 297
+    vqa.update(dict(source="okvqa", shot_questions="q.json", shot_annotations="",
+                    shot_image_dir=""))
+    with pytest.raises(ValueError, match="shots=2 needs.*vqa.shot_annotations, shot_image_dir"):
+        sources.vqa_shot_pool(vqa, 16)
 
 
 def test_captioning_and_retrieval_sources(tmp_path):

@@ -1,4 +1,5 @@
-"""VQAv2 and digit-question sources (data/vqa_source.py) on tiny files in the official format."""
+"""VQAv2, OK-VQA and digit-question sources (data/vqa_source.py) on tiny files in the official
+formats."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from PIL import Image
 
 from lqae_vlap.data.batches import IndexedBatches
 from lqae_vlap.data.demo_images import DIGIT_NAMES, DemoImages
-from lqae_vlap.data.vqa_source import DIGIT_QUESTION, DigitQuestions, VqaV2Source, load_vqa_v2
+from lqae_vlap.data.vqa_source import (DIGIT_QUESTION, DigitQuestions, OkVqaSource, VqaV2Source,
+                                       load_vqa, load_vqa_v2, shot_answer)
 from lqae_vlap.evals.vqa import question_accuracy, vqa_accuracy
 
 IMAGES = (42, 1234567)
@@ -153,3 +155,113 @@ def test_load_vqa_v2(tmp_path):
         load_vqa_v2(questions, bad)
     with pytest.raises(ValueError, match="questions"):
         load_vqa_v2({"foo": []})
+
+
+# --- OK-VQA -------------------------------------------------------------------------------------
+
+OK_QUESTIONS = [  # (question_id, image_id, question, the 5 annotators' answers)
+    (4200, 42, "What sport can you use this for?", ["surf", "surf", "surf", "swim", "surf"]),
+    (12345670, 1234567, "Which country is this dish from?", ["italy", "italy", "spain",
+                                                             "italy", "itali"]),
+]
+
+
+def _write_okvqa(tmp_path, duplicated=True):
+    """OK-VQA's released layout: OpenEnded_mscoco_val2014_questions.json,
+    mscoco_val2014_annotations.json (each annotator's answer listed twice, with raw_answer) and
+    COCO val2014 JPEGs."""
+    qfile = tmp_path / "OpenEnded_mscoco_val2014_questions.json"
+    qfile.write_text(json.dumps({
+        "license": {}, "data_subtype": "val2014", "task_type": "Open-Ended", "info": {},
+        "data_type": "mscoco",
+        "questions": [{"image_id": i, "question": t, "question_id": q}
+                      for q, i, t, _ in OK_QUESTIONS]}))
+    afile = tmp_path / "mscoco_val2014_annotations.json"
+    anns = []
+    for q, i, _, answers in OK_QUESTIONS:
+        listed = [a for a in answers for _ in range(2 if duplicated else 1)]
+        anns.append({"image_id": i, "answer_type": "other", "question_type": "one",
+                     "question_id": q, "confidence": 3,
+                     "answers": [{"answer_id": k + 1, "raw_answer": a.capitalize(),
+                                  "answer_confidence": "yes", "answer": a}
+                                 for k, a in enumerate(listed)]})
+    afile.write_text(json.dumps({"license": {}, "data_subtype": "val2014", "info": {},
+                                 "data_type": "mscoco", "annotations": anns,
+                                 "question_types": {"one": "Vehicles and Transportation",
+                                                    "other": "Other"}}))
+    image_dir = tmp_path / "val2014"
+    image_dir.mkdir(exist_ok=True)
+    for image_id in IMAGES:
+        Image.fromarray(_pixels(image_id)).save(image_dir / f"COCO_val2014_{image_id:012d}.jpg",
+                                                format="JPEG", quality=95)
+    return qfile, afile, image_dir
+
+
+@pytest.mark.parametrize("duplicated", [True, False])
+def test_okvqa_reads_the_released_files(tmp_path, duplicated):
+    qfile, afile, image_dir = _write_okvqa(tmp_path, duplicated)
+    src = OkVqaSource(qfile, afile, image_dir)
+    assert len(src) == 2 and src.image_subtype == "val2014"
+    for k, (qid, image_id, text, answers) in enumerate(OK_QUESTIONS):
+        ex = src[k]
+        want = [a for a in answers for _ in range(2)] if duplicated else answers
+        assert ex["question"] == text and ex["answers"] == want  # "answer", not "raw_answer"
+        assert ex["question_id"] == qid and ex["image_id"] == image_id
+        # JPEG is lossy: the reference is PIL's decoding of the file written.
+        path = image_dir / f"COCO_val2014_{image_id:012d}.jpg"
+        np.testing.assert_array_equal(ex["image"], np.asarray(Image.open(path).convert("RGB")))
+        assert ex["image"].shape == (9, 13, 3)
+    data = src.data
+    assert data.answer_types == {4200: "other", 12345670: "other"}
+    assert data.question_types == {4200: "one", 12345670: "one"}
+    assert data.question_type_names["one"] == "Vehicles and Transportation"
+    assert data.multiple_choice_answer == {4200: "", 12345670: ""}  # OK-VQA has none
+    assert shot_answer(data, 4200) == "surf" and shot_answer(data, 12345670) == "italy"
+    # 4 of 5 annotators (8 of 10 listed) said "surf": every leave-one-out subset keeps >= 3.
+    assert vqa_accuracy({4200: "surf", 12345670: "spain"}, data.answers)["per_question"] == \
+        pytest.approx({4200: 1.0, 12345670: question_accuracy("spain", want_spain(duplicated))})
+
+
+def want_spain(duplicated):
+    answers = OK_QUESTIONS[1][3]
+    return [a for a in answers for _ in range(2)] if duplicated else answers
+
+
+def test_okvqa_and_vqav2_errors_are_one_line_naming_the_file(tmp_path):
+    qfile, afile, image_dir = _write_okvqa(tmp_path)
+    missing = tmp_path / "OpenEnded_mscoco_train2014_questions.json"
+    errors = []
+    with pytest.raises(FileNotFoundError, match=f"OK-VQA questions file {missing} not found.*"
+                       "okvqa.allenai.org") as e:
+        OkVqaSource(missing, afile, image_dir)
+    errors.append(e)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"annotations": [{"question_id": 4200,')
+    with pytest.raises(ValueError, match=f"OK-VQA annotations file {broken} is not valid JSON"
+                       ) as e:
+        OkVqaSource(qfile, broken, image_dir)
+    errors.append(e)
+    no_answers = json.loads(afile.read_text())
+    del no_answers["annotations"][1]["answers"]
+    no_answers_file = tmp_path / "no_answers.json"
+    no_answers_file.write_text(json.dumps(no_answers))
+    with pytest.raises(ValueError, match=f"{no_answers_file}: annotation 1 is malformed "
+                       r"\(KeyError: 'answers'\)") as e:
+        OkVqaSource(qfile, no_answers_file, image_dir)
+    errors.append(e)
+    listed = tmp_path / "list.json"
+    listed.write_text("[]")
+    with pytest.raises(ValueError, match=f"VQAv2 questions file {listed} holds a list") as e:
+        load_vqa(listed)
+    errors.append(e)
+    bad_question = tmp_path / "bad_question.json"
+    bad_question.write_text(json.dumps({"questions": [{"question_id": 1, "question": "q"}]}))
+    with pytest.raises(ValueError, match=f"{bad_question}: question 0 is malformed") as e:
+        load_vqa(bad_question, dataset="okvqa")
+    errors.append(e)
+    three = json.loads(afile.read_text())
+    three["annotations"][0]["answers"] = three["annotations"][0]["answers"][:3]
+    with pytest.raises(ValueError, match=r"\[4200\] have not 5 or 10 answers.*OK-VQA") as e:
+        OkVqaSource(qfile, three, image_dir)
+    errors.append(e)
+    assert all("\n" not in str(x.value) for x in errors)

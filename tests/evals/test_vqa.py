@@ -1,12 +1,13 @@
-"""VQAv2 soft accuracy: hand-computed leave-one-out values, official normalisation."""
+"""VQAv2 soft accuracy: hand-computed leave-one-out values, official normalisation; OK-VQA's 5
+answers (released as 10); few-shot prompts and their seeded shot selection."""
 
 import random
 from fractions import Fraction
 
 import pytest
 
-from lqae_vlap.evals.vqa import (first_answer, normalize_answer, process_punctuation,
-                                 question_accuracy, vqa_accuracy)
+from lqae_vlap.evals.vqa import (fewshot_prompt, first_answer, normalize_answer, pick_shots,
+                                 process_punctuation, question_accuracy, vqa_accuracy)
 
 
 def _expected(n_agree: int) -> Fraction:
@@ -110,3 +111,48 @@ def test_vqa_accuracy_overall_and_per_type():
 def test_first_answer():
     assert first_answer(" seven\nQuestion: what") == "seven"
     assert first_answer("two dogs Question: x") == "two dogs"
+
+
+@pytest.mark.parametrize("n_agree", range(6))
+def test_okvqa_five_answers_and_their_released_duplicates(n_agree):
+    """5 annotators: mean over the 5 leave-one-out subsets of 4 of min(1, matches / 3), by hand;
+    OK-VQA's released file lists each answer twice (10), which the 10-answer formula scores."""
+    humans = ["paris"] * n_agree + ["rome", "london", "oslo", "bern", "nice"][: 5 - n_agree]
+    f = lambda m: min(Fraction(1), Fraction(m, 3))  # noqa: E731
+    want5 = (n_agree * f(n_agree - 1) + (5 - n_agree) * f(n_agree)) / 5
+    assert question_accuracy("paris", humans) == pytest.approx(float(want5), abs=1e-12)
+    doubled = [a for a in humans for _ in range(2)]
+    assert question_accuracy("paris", doubled) == pytest.approx(float(_expected(2 * n_agree)),
+                                                                abs=1e-12)
+
+
+def test_fewshot_prompt_is_the_hand_written_sequence():
+    shots = [(7, "What is on the table?", "cake"), ("b", "How many dogs?", "2")]
+    got = fewshot_prompt("Question: {question} Answer:", "Is it raining?", shots)
+    assert got == [("image", 7), ("text", "Question: What is on the table? Answer: cake\n"),
+                   ("image", "b"), ("text", "Question: How many dogs? Answer: 2\n"),
+                   ("image", "query"), ("text", "Question: Is it raining? Answer:")]
+    assert fewshot_prompt("Q: {question} A:", "Why?", [], separator=" ") == [
+        ("image", "query"), ("text", "Q: Why? A:")]
+    with pytest.raises(ValueError, match="has no '{question}'"):
+        fewshot_prompt("Answer:", "Why?", [])
+
+
+def test_pick_shots_seeded_per_question_and_never_the_query():
+    pool = [100 + i for i in range(12)]
+    a = [pick_shots(pool, q, 4, seed=3) for q in pool]
+    assert a == [pick_shots(pool, q, 4, seed=3) for q in pool]  # reproducible
+    assert [pick_shots(pool, q, 4, seed=3) for q in reversed(pool)] == a[::-1]  # order-free
+    for q, pick in zip(pool, a):
+        assert len(set(pick)) == 4 and all(0 <= j < 12 for j in pick)
+        assert q not in [pool[j] for j in pick]  # never the query's own question
+    assert a != [pick_shots(pool, q, 4, seed=4) for q in pool]  # the seed matters
+    # A pool of 5 with the query among them: 4 shots are all the others, every time.
+    small = pool[:5]
+    for seed in range(20):
+        assert sorted(pick_shots(small, 102, 4, seed)) == [0, 1, 3, 4]
+    assert pick_shots(pool, 5, 0, 0) == []
+    with pytest.raises(ValueError, match="only 5 questions"):
+        pick_shots(small, 102, 5, 0)
+    with pytest.raises(ValueError, match="shots=-1"):
+        pick_shots(pool, 5, -1, 0)

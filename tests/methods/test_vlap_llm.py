@@ -9,6 +9,8 @@ References and tolerances:
   - generate: transformers' generate(inputs_embeds=[prefix ; prompt], do_sample=False), greedy
     and num_beams=3, run row by row WITHOUT padding, against one padded batch whose prompts differ
     in length: equal token for token. EOS is a token the reference emits, so rows stop early.
+    generate_interleaved likewise on rows [block ; text ; block ; text] of different lengths
+    (few-shot VQA), padded as a whole in our batch, each row alone and unpadded in transformers.
   - bfloat16 LLM (tiny T5): loss within rtol 5e-3 (observed 2e-4) and Dense gradients within 5e-2
     relative L2 (observed 2e-2) of the float32 run.
   - 8-device sharded train step with T5 equals one device within atol 1e-5 (tests/train).
@@ -220,6 +222,59 @@ def test_generate_bad_inputs(models):
         llm.generate(m["params"], prefix[..., :5], prompts, max_new_tokens=NEW)
     with pytest.raises(ValueError, match="at least one prompt token"):
         llm.generate(m["params"], prefix, [[], [4], [5]], max_new_tokens=NEW)
+
+
+# --- interleaved rows (few-shot VQA) -----------------------------------------------------------
+
+
+def interleaved_case(m, seed=3):
+    """Three rows [block ; text ; block ; text] with texts of different lengths (a 2-image
+    few-shot prompt): the segments and each row's unpadded embeddings [n, D] (NumPy)."""
+    rng = np.random.RandomState(seed)
+    d, words = m["llm"].embed_dim, torch_words(m["torch"])
+    rows, flat = [], []
+    for a, b in ((2, 3), (5, 1), (1, 4)):
+        p1, p2 = (rng.normal(0, 1, (PREFIX, d)).astype(np.float32) for _ in range(2))
+        t1, t2 = (rng.randint(3, m["vocab"], n).tolist() for n in (a, b))
+        rows.append([p1, t1, p2, t2])
+        flat.append(np.concatenate([p1, words[t1], p2, words[t2]], 0))
+    return rows, flat
+
+
+@pytest.mark.parametrize("name", ["opt", "t5_gated"])
+def test_embed_segments_pads_each_row_as_a_whole(models, name):
+    m = models(name)
+    rows, flat = interleaved_case(m)
+    embeds, mask = m["llm"].embed_segments(m["params"], rows)
+    lengths = [len(f) for f in flat]  # 15, 14, 13 -> 16 slots
+    assert embeds.shape == (3, 16, m["llm"].embed_dim) and mask.shape == (3, 16)
+    for b, n in enumerate(lengths):
+        real = slice(16 - n, 16) if m["family"] != "t5" else slice(0, n)  # left / right padding
+        np.testing.assert_array_equal(mask[b, real], 1)
+        assert mask[b].sum() == n
+        np.testing.assert_allclose(np.asarray(embeds[b, real]), flat[b], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="embedded segment must be"):
+        m["llm"].embed_segments(m["params"], [[np.zeros((2, 5), np.float32), [4]]])
+
+
+@pytest.mark.parametrize("name,beams", [("opt", 1), ("llama", 1), ("t5_gated", 1), ("opt", 3),
+                                        ("t5_gated", 3)])
+def test_generate_interleaved_matches_transformers_row_by_row(models, name, beams):
+    """One padded batch of interleaved rows == transformers on each unpadded row alone."""
+    m, _, _, eos, llm = gen_case(models, name)
+    rows, flat = interleaved_case(m)
+    kw = {} if beams == 1 else dict(num_beams=3)
+    want = []
+    for f in flat:
+        with torch.no_grad():
+            out = m["torch"].generate(inputs_embeds=torch.as_tensor(f[None]),
+                                      attention_mask=torch.ones((1, len(f)), dtype=torch.long),
+                                      do_sample=False, max_new_tokens=NEW, eos_token_id=eos,
+                                      pad_token_id=llm.pad_token_id, **kw).numpy()[0]
+        out = out[1:] if m["family"] == "t5" else out
+        want.append(np.pad(out, (0, NEW - len(out)), constant_values=llm.pad_token_id))
+    got = llm.generate_interleaved(m["params"], rows, max_new_tokens=NEW, num_beams=beams)
+    np.testing.assert_array_equal(got, np.stack(want))
 
 
 def test_pad_prompts_sides_and_rounding():
