@@ -95,7 +95,8 @@ def write_eval_json(workdir: str, name: str, step: int, result: Mapping[str, Any
 
 def flat_scalars(name: str, result: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a result as {'name/key/sub': value} (bools, lists and strings left out,
-    and the 'skipped' and 'predictions' tables)."""
+    and the 'skipped', 'predictions' and 'protocol' tables: a protocol's sizes and settings
+    describe the number, they are not curves)."""
     out = {}
     for k, v in result.items():
         key = f"{prefix}{k}"
@@ -103,7 +104,7 @@ def flat_scalars(name: str, result: Mapping[str, Any], prefix: str = "") -> dict
             continue
         if isinstance(v, (int, float)):
             out[f"{name}/{key}"] = float(v)
-        elif isinstance(v, Mapping) and k not in ("skipped", "predictions"):
+        elif isinstance(v, Mapping) and k not in ("skipped", "predictions", "protocol"):
             out.update(flat_scalars(name, v, prefix=f"{key}/"))
     return out
 

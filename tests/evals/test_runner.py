@@ -9,7 +9,8 @@ from lqae_vlap.evals import runner
 
 
 def test_flat_scalars_keeps_numbers_and_nests_names():
-    r = {"a": 1, "b": {"c": 2.5, "skipped": {"x": 1}}, "s": "text", "l": [1], "t": True}
+    r = {"a": 1, "b": {"c": 2.5, "skipped": {"x": 1}}, "s": "text", "l": [1], "t": True,
+         "protocol": {"epochs": 200, "shots": 4}}
     assert runner.flat_scalars("cap", r) == {"cap/a": 1.0, "cap/b/c": 2.5}
 
 
