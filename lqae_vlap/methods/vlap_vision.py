@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lqae_vlap import models
 from lqae_vlap.core import files
@@ -149,6 +151,17 @@ def _lqae_tokens(frozen: Any, images: jax.Array, *, model: Any, cfg: ml_collecti
                                  straight_through_on=q.straight_through_on).quantized
 
 
+def _tree_sha256(tree: Any) -> str:
+    """A hash of every leaf's path, dtype, shape and bytes: a workdir retrained to the same
+    step must not reuse the old features from the cache."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def _lqae(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> VisionTower:
     v = config.model.vision
     output = v.get("output", "encoder")
@@ -174,7 +187,7 @@ def _lqae(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> Visio
     size = int(run.model.image_size)
     identity = fc.vision_identity(config={
         "kind": v.kind, "workdir": files.normalize(str(v.workdir)),
-        "step": step, "output": output})
+        "step": step, "output": output, "params_sha256": _tree_sha256(params)})
     return VisionTower(
         encode=functools.partial(_lqae_tokens, model=model, cfg=run, output=output),
         frozen=frozen, width=width, image_size=size, host_image=None,
