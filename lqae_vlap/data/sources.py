@@ -11,7 +11,9 @@ random-access source (``len(src)``, ``src[i] -> dict``):
                  retrieval (default: 'validation')
 
 Examples carry what their data has: 'image' (uint8) always, 'label' with ``src.class_names`` on
-labelled data, 'caption' on captioned data; the digits carry both, so both methods run on them.
+labelled data, 'caption' on captioned data; the digits carry both, so both methods run on them,
+and so do 'digit_scenes' (data/digit_scenes.py: synthetic scenes of real digits, knobs in
+``config.data.scenes``, with a 'test' split besides).
 Each method says which names it can train on (a method needing captions refuses ImageNet).
 ``eval_images`` and ``vqa_questions`` open the evaluation-only sources a VLAP config names.
 
@@ -37,6 +39,16 @@ Splits = dict[str, Any]
 def _digits(d: ml_collections.ConfigDict, image_size: int) -> Splits:
     return {"train": captions_lib.DigitCaptions("train", image_size=image_size),
             "validation": captions_lib.DigitCaptions("validation", image_size=image_size)}
+
+
+def _digit_scenes(d: ml_collections.ConfigDict, image_size: int) -> Splits:
+    from lqae_vlap.data import digit_scenes  # noqa: PLC0415
+
+    s = d.get("scenes") or {}
+    return digit_scenes.scene_splits(
+        image_size, num_train=int(s.get("num_train", 0)),
+        num_validation=int(s.get("num_validation", 0)), num_test=int(s.get("num_test", 0)),
+        seed=int(s.get("seed", 0)), two_digit_fraction=float(s.get("two_digit_fraction", 0.75)))
 
 
 def _imagenet(d: ml_collections.ConfigDict, image_size: int) -> Splits:
@@ -77,6 +89,7 @@ def _cc3m(d: ml_collections.ConfigDict, image_size: int) -> Splits:
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict, int], Splits]] = {
     "digits": _digits,
+    "digit_scenes": _digit_scenes,
     "imagenet": _imagenet,
     "jsonl": _jsonl,
     "coco_captions": _coco_captions,

@@ -191,7 +191,7 @@ def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
 # ----------------------------------------------------------------------------------------------
 # Assembly
 
-DATA = ("digits", "imagenet")  # the labelled image data of data/sources.py
+DATA = ("digits", "digit_scenes", "imagenet")  # the labelled image data of data/sources.py
 
 
 def _image_only(preprocess):
@@ -268,6 +268,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
         num_workers=config.data.num_workers)
     describe += (f"; data {config.data.name}: {len(train_src)} train / {len(val_src)} "
                  "validation images")
+    if hasattr(train_src, "banner"):
+        describe += f"; {train_src.banner}"
     return Method(init_params=init_params, frozen=frozen, loss_fn=loss,
                   train_batches=train_batches, eval_every=eval_runner.cadence(config),
                   evaluate=lqae_evals.Evaluator(

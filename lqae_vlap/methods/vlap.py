@@ -59,7 +59,8 @@ from lqae_vlap.methods.vlap_llm import FrozenLLM
 from lqae_vlap.ops import losses, word_frequency
 from lqae_vlap.ops import sinkhorn as sinkhorn_lib
 
-DATA = ("digits", "jsonl", "coco_captions", "cc3m")  # the captioned data of data/sources.py
+# The captioned data of data/sources.py.
+DATA = ("digits", "digit_scenes", "jsonl", "coco_captions", "cc3m")
 
 
 class VisualMap(nn.Module):
@@ -186,7 +187,7 @@ def loss_fn(params, frozen, batch, rng, *, visual_map: VisualMap, llm: FrozenLLM
 
 
 _DATA_LABELS = {"cc3m": "CC3M", "coco_captions": "COCO", "jsonl": "JSONL captions",
-                "digits": "digits"}
+                "digits": "digits", "digit_scenes": "digit scenes"}
 _LLM_LABELS = {"opt": "OPT", "llama": "Llama", "t5": "T5"}
 
 
@@ -327,7 +328,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
                 f"{s.mode} (eps {s.epsilon}, {s.num_iters} iters), word marginal "
                 f"{config.word_marginal.source!r}; loss {config.loss.map} * map + "
                 f"{config.loss.cap} * cap; data {d.name}: {len(sources['train'])} train / "
-                f"{len(sources['validation'])} validation pairs")
+                f"{len(sources['validation'])} validation pairs"
+                + (f"; {sources['train'].banner}" if hasattr(sources["train"], "banner") else ""))
     evaluator = vlap_evals.Evaluator(
         config, llm=llm, visual_map=visual_map, vision_fn=vision.encode,
         host_image=vision.host_image, sources=sources, loss_batches=loss_batches, loss_fn=loss,

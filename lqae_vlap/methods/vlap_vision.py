@@ -8,6 +8,12 @@
              the device; its last hidden states (CLS + patches, 197 tokens for BEiT-Base/16 at
              224; no final LayerNorm for the pt22k checkpoint, as the authors' BeitModel) are the
              tokens.
+  'lqae'     this project's own LQAE encoder, trained without captions (configs/lqae_scenes.py),
+             read from ``config.model.vision.workdir`` at ``.step`` (-1: the newest;
+             methods/lqae_checkpoint.py): images in its pixel range, its ViT encoder's patch
+             features [B, N, lm width] before quantization (``.output='encoder'``, default) or
+             the raw word vectors they snap to (``.output='quantized'``: the frozen LM's
+             codebook rows, by the run's own quantizer settings) are the tokens.
   'standin'  the demo's STAND-IN (models/standin.py): a fixed random projection of pixel
              patches, never trained; no model of vision.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -23,13 +30,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lqae_vlap import models
+from lqae_vlap.core import files
 from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import beit_preprocess, clip_preprocess
 from lqae_vlap.data import feature_cache as fc
-from lqae_vlap.models import standin
+from lqae_vlap.methods import lqae, lqae_checkpoint
+from lqae_vlap.models import roberta, standin
 from lqae_vlap.ops import pixels
+from lqae_vlap.ops import quantize as quantize_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +137,68 @@ def _standin(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> Vi
         cache_parts={"vision": identity, "preprocess": {"name": "demo_images", "size": size}})
 
 
+LQAE_OUTPUTS = ("encoder", "quantized")
+
+
+def _lqae_tokens(frozen: Any, images: jax.Array, *, model: Any, cfg: ml_collections.ConfigDict,
+                 output: str) -> jax.Array:
+    z = model.apply({"params": frozen["params"]}, lqae.to_model_pixels(images, cfg),
+                    method=lqae.LQAEModel.encode)  # [B, N, lm width]
+    if output == "encoder":
+        return z
+    q = cfg.quantizer
+    return quantize_lib.quantize(z, frozen["codebook"], metric=q.metric, chunk_size=q.chunk_size,
+                                 straight_through_on=q.straight_through_on).quantized
+
+
+def _tree_sha256(tree: Any) -> str:
+    """A hash of every leaf's path, dtype, shape and bytes: a workdir retrained to the same
+    step must not reuse the old features from the cache."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _lqae(config: ml_collections.ConfigDict, mesh: Any, abstract: bool) -> VisionTower:
+    v = config.model.vision
+    output = v.get("output", "encoder")
+    if output not in LQAE_OUTPUTS:
+        raise ValueError(f"config.model.vision.output={output!r} is not known; use one of "
+                         f"{LQAE_OUTPUTS}")
+    # The weights are read even when abstract: a tiny encoder, and its shapes are in them.
+    run, params, step = lqae_checkpoint.read_lqae(str(v.workdir), int(v.get("step", -1)))
+    lqae.check_config(run)
+    # The LM's width, which the encoder maps into (no out_proj where the widths are equal).
+    enc = params["encoder"]
+    width = int(enc["out_proj"]["kernel"].shape[-1] if "out_proj" in enc
+                else run.model.encoder.width)
+    model = lqae.LQAEModel(config=run.model, lm_width=width)
+    rep = sharding_lib.replicated(mesh)
+    frozen = {"params": jax.device_put(params, rep)}
+    if output == "quantized":
+        _, lm_variables, _ = models.load_pretrained(run.model.lm_path, mesh=mesh)
+        frozen["codebook"] = roberta.word_embedding_matrix(lm_variables["params"])
+    if abstract:
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                              frozen)
+    size = int(run.model.image_size)
+    identity = fc.vision_identity(config={
+        "kind": v.kind, "workdir": files.normalize(str(v.workdir)),
+        "step": step, "output": output, "params_sha256": _tree_sha256(params)})
+    return VisionTower(
+        encode=functools.partial(_lqae_tokens, model=model, cfg=run, output=output),
+        frozen=frozen, width=width, image_size=size, host_image=None,
+        cache_parts={"vision": identity, "preprocess": {"name": "lqae_pixels", "size": size,
+                                                        "range": list(run.model.pixel_range)}})
+
+
 TOWERS: dict[str, Callable[[ml_collections.ConfigDict, Any, bool], VisionTower]] = {
     "clip": _clip,
     "beit": _beit,
+    "lqae": _lqae,
     "standin": _standin,
 }
 
@@ -138,6 +208,6 @@ def load_vision(config: ml_collections.ConfigDict, mesh: Any, abstract: bool = F
     """The frozen vision tower of ``config.model.vision`` on ``mesh`` (abstract: no weights)."""
     kind = config.model.vision.kind
     if kind not in TOWERS:
-        raise ValueError(f"config.model.vision.kind={kind!r} is not known; use 'clip', 'beit' "
-                         "or 'standin' (demo only)")
+        raise ValueError(f"config.model.vision.kind={kind!r} is not known; use 'clip', 'beit', "
+                         "'lqae' (an LQAE workdir) or 'standin' (demo only)")
     return TOWERS[kind](config, mesh, abstract)
