@@ -86,7 +86,8 @@ class IndexedBatches:
         worker processes, batches buffered across them (at least one per process).
       worker_processes: grain worker processes that compute the batches of :meth:`iterate`
         (module docstring; 0: threads in this process). Each process loads its batch with
-        ``num_workers`` threads of its own. :meth:`batch_at` always runs in the caller's process.
+        ``max(1, num_workers)`` threads of its own. :meth:`batch_at` always runs in the caller's
+        process.
       batch_size_name: what the user sets ``global_batch_size`` with (e.g.
         'config.eval.batch_size'), named in the errors about it.
       log: prints one line (default ``print``): why worker processes were not used.
@@ -223,20 +224,23 @@ class IndexedBatches:
             example = self.preprocess(example, rng)
         return example
 
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _executor(self, threads: int) -> concurrent.futures.ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.num_workers, thread_name_prefix="IndexedBatches"
+                    threads, thread_name_prefix="IndexedBatches"
                 )
             return self._pool
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch ``step``: {name: [global_batch / process_count, ...]}."""
+        return self._batch_at(step, self.num_workers)
+
+    def _batch_at(self, step: int, threads: int) -> dict[str, np.ndarray]:
         positions = self.positions_at(step)
         indices = self.indices_at(step)
-        if self.num_workers > 0:
-            examples = list(self._executor().map(self._load, positions, indices))
+        if threads > 0:
+            examples = list(self._executor(threads).map(self._load, positions, indices))
         else:
             examples = [self._load(p, i) for p, i in zip(positions, indices)]
         return _stack(examples, indices)
@@ -363,7 +367,9 @@ class IndexedBatches:
     def _batch_in_worker(self, step: int) -> tuple[int, dict[str, np.ndarray], dict[int, str]]:
         """In a worker process: (step, batch_at(step), unreadable images found since the last
         batch), the last for the parent's count (``num_bad_images``)."""
-        batch = self.batch_at(step)
+        # At least one loading thread: in the worker's main thread (grain's loop) the same JPEG
+        # work ran at a third of the rate, half of it spent waiting (bench/RESULTS.md).
+        batch = self._batch_at(step, max(1, self.num_workers))
         found = getattr(self.source, "bad", None)
         new: dict[int, str] = {}
         if isinstance(found, dict) and len(found) > self._sent_bad:
