@@ -31,7 +31,8 @@ releases the GIL only inside decode and resize, so processes scale where threads
 (bench/RESULTS.md, "Batch loader"). grain starts its workers with ``spawn`` (never ``fork``, so a
 running JAX backend is never copied), pickles this object (source and preprocess included) into
 each of them, and each worker pins JAX to the CPU before unpickling it, so that a preprocess which
-happens to touch JAX cannot claim the accelerator. A source or preprocess that cannot be pickled,
+happens to touch JAX cannot claim the accelerator, and ignores SIGTERM and SIGINT (the trainer
+saves on them, then closes the iterator, which stops the workers). A source or preprocess that cannot be pickled,
 or a missing grain, falls back to the threads with one logged line saying why.
 """
 
@@ -43,6 +44,7 @@ import importlib.util
 import itertools
 import operator
 import queue
+import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
@@ -397,11 +399,15 @@ def _print_line(line: str) -> None:
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
     """Runs first in each grain worker process: JAX there may compute on the CPU only (the
-    parent holds the accelerator; a worker that initialised it would take its memory)."""
+    parent holds the accelerator; a worker that initialised it would take its memory), and
+    SIGTERM / SIGINT are the parent's to handle: a preemption or Ctrl-C sent to the whole process
+    group must not kill a worker under the trainer, which saves a checkpoint and then stops them."""
     del worker_index, worker_count
     import jax  # noqa: PLC0415  (grain imports it already; nothing is initialised by importing)
 
     jax.config.update("jax_platforms", "cpu")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _stack(examples: list[Example], indices: np.ndarray) -> dict[str, np.ndarray]:

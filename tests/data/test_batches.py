@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import signal
 import threading
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from lqae_vlap.data import images
 from lqae_vlap.data.batches import IndexedBatches
+from tests.helpers import load_config
 
 
 class ArraySource:
@@ -266,7 +268,9 @@ class WhereAmI(ArraySource):
 
         return {**super().__getitem__(i), "pid": np.int64(os.getpid()),
                 "jax_initialised": np.bool_(xla_bridge.backends_are_initialized()),
-                "jax_cpu_only": np.bool_(jax.config.jax_platforms == "cpu")}
+                "jax_cpu_only": np.bool_(jax.config.jax_platforms == "cpu"),
+                "signals_ignored": np.bool_(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+                                            and signal.getsignal(signal.SIGINT) == signal.SIG_IGN)}
 
 
 def test_worker_processes_leave_jax_alone_report_bad_images_and_raise_at_the_step(monkeypatch):
@@ -286,6 +290,7 @@ def test_worker_processes_leave_jax_alone_report_bad_images_and_raise_at_the_ste
     for b in got:
         assert not b["jax_initialised"].any()  # unpickling the loader started no JAX backend
         assert b["jax_cpu_only"].all()  # and one started there could not take the accelerator
+        assert b["signals_ignored"].all()  # a preemption's SIGTERM is the trainer's to handle
     np.testing.assert_array_equal(got[0]["index"], [0, 1, 2, 4])  # 3 replaced, as in threads
     # The worker found the bad image; this process's count (the logged data/bad_images) has it.
     assert batches.num_bad_images == 1 and 3 in source.bad
@@ -319,3 +324,11 @@ def test_the_loader_pickles_without_its_threads():
     assert_identical(again.batch_at(3), before)
     with pytest.raises(ValueError, match="worker_processes must be >= 0"):
         IndexedBatches(ArraySource(4), global_batch_size=2, seed=0, worker_processes=-1)
+
+
+@pytest.mark.parametrize("name,processes", [
+    ("lqae_roberta", 8), ("vlap_opt", 8), ("vlap_t5", 8),  # the papers' JPEG pipelines
+    ("lqae_demo", 0), ("lqae_tiny", 0), ("vlap_demo", 0),  # in-memory digits: start-up would cost
+])
+def test_configs_choose_worker_processes(name, processes):
+    assert load_config(name).data.worker_processes == processes

@@ -122,6 +122,14 @@ def test_worker_processes_resume_exactly_and_match_threads(tmp_path, capsys):
                  jax.device_get(threads["params"]), jax.device_get(resumed["params"]))
 
 
+def test_lqae_training_batches_take_the_worker_processes_of_the_config(tiny_mlm_dir):
+    config = tiny_config(tiny_mlm_dir, **{"data.worker_processes": 2})
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    batches = lqae.build(config, mesh).train_batches
+    assert batches.worker_processes == 2
+    assert batches._why_not_processes() is None  # the digits and the preprocess pickle
+
+
 def test_weight_decay_mask_matrices_or_all():
     """'matrices' (the default) decays kernels only; 'all' every leaf (torch's AdamW on
     model.parameters()); anything else is refused by name."""
