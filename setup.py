@@ -30,6 +30,9 @@ setup(
         "pycocoevalcap>=1.2",  # COCO caption metrics; METEOR, SPICE and the PTB tokenizer need Java
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "dm-pix>=0.4",  # PSNR and SSIM (DeepMind's JAX image library; adds only chex and toolz)
+        # data.worker_processes (the paper configs' default): IndexedBatches' batches computed
+        # in grain's worker processes. Adds cloudpickle, etils, portpicker, array-record (tfds's).
+        "grain>=0.2.18",
     ],
     extras_require={
         # torch is the parity reference for our Flax models (transformers' PyTorch classes).
@@ -39,7 +42,7 @@ setup(
         "test": ["pytest", "torch==2.13.0", "accelerate", "scikit-image", "nbclient", "nbformat",
                  "ipykernel"],
         # bench/ops.py times ott-jax's Sinkhorn beside ours when it is installed.
-        "bench": ["ott-jax", "grain"],  # grain: bench/loader.py times it beside IndexedBatches
+        "bench": ["ott-jax"],
         # gs:// workdirs (TPU pods): metrics, evaluation files and orbax's checkpoints go
         # through fsspec, which needs gcsfs for Google Cloud Storage.
         "gcs": ["gcsfs"],

@@ -2,24 +2,33 @@
 
     python bench/loader.py                      # 320 JPEGs, batch 32, 2 workers, 12 timed batches
     python bench/loader.py --images 640 --workers 4 --batches 20 --out loader.json
+    python bench/loader.py --pipeline digits --batch 64 --kinds ours,ours-grain   # the demos' data
 
 Pipeline (the LQAE training input, data/imagenet.py imagenet_preprocess): JPEG bytes -> decode
 (PIL) -> RandomResizedCrop(256, scale (0.2, 1), bicubic) -> horizontal flip, batch 32, uint8.
 The JPEGs are random 300-500 px crops of scikit-image's sample photographs (no download), held
 in memory as bytes, as a tfds array_record source returns them.
 
+--pipeline digits: the demos' data instead (data/captions.py DigitCaptions, 16 px uint8 digits held
+in memory, LQAE's image-only preprocess): is starting worker processes worth it at tiny sizes?
+
 Loaders, each with the same number of workers (--workers) and the same per-example function:
   ours        IndexedBatches(num_workers=W threads, prefetch=2): batch s = f(seed, s)
+  ours-grain  IndexedBatches(worker_processes=W, num_workers=0, prefetch=2): its own batch_at(s)
+              in W grain worker processes (data/batches.py), byte-identical to ``ours``
   grain-map   grain.MapDataset .shuffle .repeat .random_map .batch, read by index ds[s]
               (batch s = f(seed, s) too), no parallelism: the single-thread baseline
   grain-thr   the same per-example dataset .to_iter_dataset(ReadOptions(num_threads=W)).batch
   grain-mp    ... .to_iter_dataset().batch().mp_prefetch(num_workers=W processes), as MaxText
 
 Reported: images/s over --batches batches after 2 warm-up batches (best of --reps passes), the
-median and range over --rounds interleaved rounds;
+median and range over --rounds interleaved rounds; the median seconds to the first batch (what
+starting threads or processes costs a run);
 determinism (two fresh loaders give byte-identical batches); resume: ours and grain-map by
-construction (ask for batch s), grain-thr / grain-mp by their checkpointable iterator state
-(``get_state`` after k batches, ``set_state`` on a fresh iterator, next batch == batch k).
+construction (ask for batch s), ours-grain by starting its iterator at step k (what the trainer
+does on resume), grain-thr / grain-mp by their checkpointable iterator state
+(``get_state`` after k batches, ``set_state`` on a fresh iterator, next batch == batch k); and
+whether ours-grain's first batches are byte-identical to ours'.
 """
 
 from __future__ import annotations
@@ -83,16 +92,28 @@ def augment(example: dict, rng: np.random.Generator) -> dict:
     return PREPROCESS(example, rng)
 
 
-def ours(source, batch: int, workers: int, seed: int = 0):
-    return batches_lib.IndexedBatches(source, global_batch_size=batch, seed=seed, shuffle=True,
-                                      preprocess=augment, num_workers=workers, prefetch=2)
+def image_only(example: dict, rng: np.random.Generator) -> dict:
+    """The demos' per-example function (methods/lqae.py's, with no augmentation)."""
+    del rng
+    return {"image": example["image"]}
+
+
+PIPELINES = {"jpeg": augment, "digits": image_only}
+pipeline_fn = augment  # set by main() from --pipeline
+
+
+def ours(source, batch: int, workers: int, seed: int = 0, processes: bool = False):
+    return batches_lib.IndexedBatches(
+        source, global_batch_size=batch, seed=seed, shuffle=True, preprocess=pipeline_fn,
+        num_workers=0 if processes else workers, worker_processes=workers if processes else 0,
+        prefetch=2)
 
 
 def grain_map(source, batch: int, seed: int = 0):
     import grain  # noqa: PLC0415
 
     return (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-            .random_map(augment).batch(batch, drop_remainder=True))
+            .random_map(pipeline_fn).batch(batch, drop_remainder=True))
 
 
 def grain_iter(source, batch: int, workers: int, processes: bool, seed: int = 0):
@@ -100,7 +121,8 @@ def grain_iter(source, batch: int, workers: int, processes: bool, seed: int = 0)
     threads work on examples) -> batch -> optionally mp_prefetch (worker processes)."""
     import grain  # noqa: PLC0415
 
-    examples = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).random_map(augment)
+    examples = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+                .random_map(pipeline_fn))
     if processes:
         ds = examples.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=batch))
         return ds.batch(batch, drop_remainder=True).mp_prefetch(
@@ -112,8 +134,8 @@ def grain_iter(source, batch: int, workers: int, processes: bool, seed: int = 0)
 
 def iterate(kind: str, source, batch: int, workers: int):
     """A fresh iterator of (batch dict) for loader ``kind``, and a close function."""
-    if kind == "ours":
-        loader = ours(source, batch, workers)
+    if kind in ("ours", "ours-grain"):
+        loader = ours(source, batch, workers, processes=kind == "ours-grain")
         gen = (b for _, b in loader.iterate(0))
         return gen, lambda: (gen.close(), loader.close())
     if kind == "grain-map":
@@ -131,21 +153,43 @@ def digest(b: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and its live worker processes (psutil) so far."""
+    total = time.process_time()
+    try:
+        import psutil  # noqa: PLC0415
+    except ImportError:
+        return total
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def measure(kind: str, source, batch: int, workers: int, batches: int, reps: int) -> dict:
-    best = 0.0
+    best, first, cpu_ms = 0.0, float("inf"), float("inf")
     for _ in range(reps):
+        t = time.perf_counter()
         it, close = iterate(kind, source, batch, workers)
         try:
-            for _ in range(2):  # warm-up: threads / processes started, first batches ready
+            next(it)
+            first = min(first, time.perf_counter() - t)
+            for _ in range(1):  # warm-up: threads / processes started, first batches ready
                 next(it)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds()
             for _ in range(batches):
                 b = next(it)
             best = max(best, batches * batch / (time.perf_counter() - t))
+            # Per image, all threads and processes: the cost, which load elsewhere barely moves
+            # (images/s does: a loaded machine hands each runnable thread a share).
+            cpu_ms = min(cpu_ms, 1e3 * (cpu_seconds() - c) / (batches * batch))
         finally:
             close()
-    assert b["image"].shape == (batch, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
-    return {"images_per_s": best}
+    assert b["image"].shape[0] == batch and b["image"].dtype == np.uint8
+    return {"images_per_s": best, "first_batch_s": first, "cpu_ms_per_image": cpu_ms}
 
 
 def first_batches(kind: str, source, batch: int, workers: int, n: int) -> list[str]:
@@ -164,6 +208,12 @@ def resumes(kind: str, source, batch: int, workers: int, k: int, reference: list
             return digest(loader.batch_at(k)) == reference[k]  # the step is the whole state
         finally:
             loader.close()
+    if kind == "ours-grain":  # as the trainer resumes: a fresh loader's iterator from step k
+        gen = ours(source, batch, workers, processes=True).iterate(k, k + 1)
+        try:
+            return digest(next(gen)[1]) == reference[k]
+        finally:
+            gen.close()
     if kind == "grain-map":
         return digest(grain_map(source, batch)[k]) == reference[k]
     ds = grain_iter(source, batch, workers, processes=kind == "grain-mp")
@@ -188,7 +238,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--kinds", default="ours,grain-map,grain-thr,grain-mp")
+    p.add_argument("--kinds", default="ours,ours-grain,grain-map,grain-thr,grain-mp")
+    p.add_argument("--pipeline", default="jpeg", choices=sorted(PIPELINES))
     p.add_argument("--out", default="")
     a = p.parse_args()
     import grain  # noqa: PLC0415
@@ -196,28 +247,47 @@ def main() -> None:
 
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (their defaults)
 
-    source = JpegSource(make_jpegs(a.images))
-    mean_kb = np.mean([len(j) for j in source.jpegs]) / 1024
-    print(f"{a.images} JPEGs (mean {mean_kb:.0f} KiB), batch {a.batch}, {a.workers} workers, "
+    global pipeline_fn
+    pipeline_fn = PIPELINES[a.pipeline]
+    if a.pipeline == "digits":
+        from lqae_vlap.data.captions import DigitCaptions  # noqa: PLC0415
+
+        source = DigitCaptions("train", image_size=16)
+        what = f"{len(source)} digits (16 px, in memory)"
+    else:
+        source = JpegSource(make_jpegs(a.images))
+        what = f"{a.images} JPEGs (mean {np.mean([len(j) for j in source.jpegs]) / 1024:.0f} KiB)"
+    print(f"{what}, batch {a.batch}, {a.workers} workers, "
           f"{a.batches} timed batches, best of {a.reps}, {a.rounds} rounds; grain {grain.__version__ if hasattr(grain, '__version__') else '?'}"
           f", {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     kinds = a.kinds.split(",")
     rates: dict[str, list[float]] = {k: [] for k in kinds}
+    firsts: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(a.rounds):  # interleaved, so a burst of load elsewhere hits every loader
         for kind in kinds:
-            rates[kind].append(measure(kind, source, a.batch, a.workers, a.batches,
-                                       a.reps)["images_per_s"])
-    print("| loader | images/s median (min-max over rounds) | deterministic | exact resume |")
-    print("|---|---|---|---|")
+            m = measure(kind, source, a.batch, a.workers, a.batches, a.reps)
+            rates[kind].append(m["images_per_s"])
+            firsts[kind].append(m["first_batch_s"])
+            cpus[kind].append(m["cpu_ms_per_image"])
+    print("| loader | images/s median (min-max over rounds) | CPU ms/image | first batch s | "
+          "deterministic | exact resume |")
+    print("|---|---|---|---|---|---|")
     rows = {}
     for kind in kinds:
         once, twice = (first_batches(kind, source, a.batch, a.workers, 4) for _ in range(2))
         r = {"images_per_s": rates[kind], "median": float(np.median(rates[kind])),
+             "first_batch_s": firsts[kind], "cpu_ms_per_image": cpus[kind],
              "deterministic": once == twice,
-             "resume": resumes(kind, source, a.batch, a.workers, 3, once)}
+             "resume": resumes(kind, source, a.batch, a.workers, 3, once), "first4": once}
         rows[kind] = r
         print(f"| {kind} | {r['median']:.0f} ({min(rates[kind]):.0f}-{max(rates[kind]):.0f}) | "
-              f"{r['deterministic']} | {r['resume']} |", flush=True)
+              f"{np.median(cpus[kind]):.2f} | {np.median(firsts[kind]):.2f} | "
+              f"{r['deterministic']} | {r['resume']} |",
+              flush=True)
+    if "ours" in rows and "ours-grain" in rows:
+        print(f"ours-grain's first 4 batches byte-identical to ours': "
+              f"{rows['ours']['first4'] == rows['ours-grain']['first4']}")
     # Same order and augmentation? (grain draws its own permutation and per-element seeds.)
     same = first_batches("ours", source, a.batch, a.workers, 1) == first_batches(
         "grain-map", source, a.batch, a.workers, 1)

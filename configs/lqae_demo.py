@@ -65,8 +65,9 @@ def smollm2_path() -> str:
 def get_config(arg=None):
     c = config_files.load_sibling(__file__, "lqae_roberta").get_config()
     steps = int(arg) if arg else 600
-    c.data = dict(name="digits", batch_size=64, seed=0, num_workers=0, data_dir="", manual_dir="",
-                  on_bad_image="skip")
+    # In-memory digits: loading in this process beats starting worker processes (bench/RESULTS.md).
+    c.data = dict(name="digits", batch_size=64, seed=0, num_workers=0, worker_processes=0,
+                  data_dir="", manual_dir="", on_bad_image="skip")
     c.model.lm_path = minilm_path()
     c.model.image_size = 16
     c.model.patch_size = 4

@@ -52,8 +52,10 @@ def get_config(arg=None):
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: the rest of the devices
 
     # on_bad_image: 'skip' replaces an unreadable image by the next readable example and counts
-    # it (data/images.py); 'fail' stops at the first.
-    c.data = dict(name="imagenet", batch_size=512, seed=0, num_workers=16,
+    # it (data/images.py); 'fail' stops at the first. worker_processes: grain worker processes
+    # that compute the training batches (each with num_workers threads; 0: num_workers threads
+    # in the trainer's process); the same batches either way (data/batches.py).
+    c.data = dict(name="imagenet", batch_size=512, seed=0, num_workers=16, worker_processes=8,
                   data_dir="", manual_dir="", on_bad_image="skip")
 
     c.model = dict(

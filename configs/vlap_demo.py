@@ -38,8 +38,9 @@ def get_config(arg=None):
     c.model.vision = dict(kind="standin", path="", dtype="float32", patch_size=8, width=64, seed=0)
     c.model.max_caption_len = 8
     c.word_marginal.source = "count"
+    # In-memory digits: loading in this process beats starting worker processes (bench/RESULTS.md).
     c.data.update(dict(name="digits", train_path="", eval_path="", batch_size=8, seed=0,
-                       num_workers=0))
+                       num_workers=0, worker_processes=0))
     c.optim.update(dict(lr=1e-2, warmup_steps=20, weight_decay=0.0))
     c.train.update(dict(steps=steps, log_every=10, checkpoint_every=100, keep_checkpoints=2,
                         eval_every=0))

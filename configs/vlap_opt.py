@@ -171,9 +171,12 @@ def get_config(arg=None):
     # it does not state: --config.data.batch_size=<256 * GPUs> reproduces it (its lr is not
     # scaled with the GPUs, so keep optim.lr_scale_batch=0). on_bad_image: 'skip' replaces an
     # example whose image is missing or cannot be decoded by the next readable one and counts
-    # it (data/images.py); 'fail' stops at the first.
+    # it (data/images.py); 'fail' stops at the first. worker_processes: grain worker processes
+    # that compute the training batches (each with num_workers threads; 0: num_workers threads
+    # in the trainer's process); the same batches either way (data/batches.py).
     c.data = dict(name="cc3m", train_path="", eval_path="", data_dir="", train_split="train",
                   eval_split="val", index_cache_dir="", batch_size=256, seed=0, num_workers=16,
+                  worker_processes=8,
                   on_bad_image="skip")
     # The frozen vision features computed once and memory-mapped (data/feature_cache.py), keyed
     # by model + preprocessing + data. CC3M x 50 tokens x 768 is ~0.5 TB in float32 (BEiT's 197

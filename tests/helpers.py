@@ -295,6 +295,40 @@ def regression_method(config, mesh):
     return Method(init_params=init, frozen={}, loss_fn=loss_fn, train_batches=RegressionBatches())
 
 
+class RegressionExamples:
+    """40 examples for data/batches.py IndexedBatches: example i has x [4] ~ N(0, 1) seeded by i
+    and y = x @ W* [2] (W* as RegressionBatches'). Importable here, so that grain's worker
+    processes unpickle it without importing a test module."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> dict:
+        x = np.random.default_rng(int(i)).standard_normal(4).astype(np.float32)
+        return {"x": x, "y": x @ np.arange(8, dtype=np.float32).reshape(4, 2)}
+
+
+def jitter_x(example: dict, rng: np.random.Generator) -> dict:
+    """An augmentation for RegressionExamples: x + 0.1 N(0, 1) from the position's stream."""
+    noise = 0.1 * rng.standard_normal(example["x"].shape)
+    return {**example, "x": (example["x"] + noise).astype(np.float32)}
+
+
+def regression_on_indexed_batches(worker_processes: int):
+    """regression_method reading RegressionExamples through IndexedBatches (batch 8, shuffled,
+    jitter_x) with ``worker_processes`` grain worker processes (0: threads)."""
+    import dataclasses
+
+    from lqae_vlap.data.batches import IndexedBatches
+
+    def build(config, mesh):
+        batches = IndexedBatches(RegressionExamples(), global_batch_size=8, seed=0,
+                                 preprocess=jitter_x, worker_processes=worker_processes)
+        return dataclasses.replace(regression_method(config, mesh), train_batches=batches)
+
+    return build
+
+
 # Trains regression_method in a fresh process: python -c TRAIN_IN_SUBPROCESS WORKDIR STEPS.
 TRAIN_IN_SUBPROCESS = """
 import sys

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import operator
 import os
 import re
@@ -41,7 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -386,6 +387,16 @@ class FeatureCache:
             del out  # closes the memory map before the rename (or the unlink on failure)
 
 
+class _MappedFile(NamedTuple):
+    """Where a memory-mapped array lies: enough to map it again in another process."""
+
+    filename: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    order: str
+
+
 class CachedFeatures:
     """``source`` with its images replaced by stored features.
 
@@ -426,6 +437,24 @@ class CachedFeatures:
             example = {k: v for k, v in self.source[j].items() if k != "image"}
         example["vision_features"] = np.asarray(self.features[i])
         return example
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A memory map would pickle as its whole contents (a cache can be ~TB): send where it
+        # lies instead, and map the file again on unpickling (data/batches.py's worker processes).
+        state = dict(self.__dict__)
+        f = self.features
+        if isinstance(f, np.memmap) and isinstance(f.base, mmap.mmap) and f.filename:
+            state["features"] = _MappedFile(f.filename, f.dtype.str, tuple(f.shape), int(f.offset),
+                                            "F" if f.flags.f_contiguous and not f.flags.c_contiguous
+                                            else "C")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        f = state["features"]
+        if isinstance(f, _MappedFile):
+            state["features"] = np.memmap(f.filename, dtype=np.dtype(f.dtype), mode="r",
+                                          offset=f.offset, shape=f.shape, order=f.order)
+        self.__dict__.update(state)
 
     def __getattr__(self, name: str) -> Any:
         if name in ("source", "features", "replaced"):  # not set yet (e.g. while unpickling)

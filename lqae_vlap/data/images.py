@@ -19,7 +19,7 @@ import io
 import operator
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,22 @@ class ReplaceBadImages:
             return example
         raise ValueError(f"no image of {self.name} can be read ({n} examples, e.g. "
                          f"{next(iter(self.bad.values()), '?')}); check the paths in config.data")
+
+    def merge_bad_images(self, found: Mapping[int, str]) -> None:
+        """Adds unreadable images another process found (``data/batches.py``'s worker processes
+        each read their own copy of this source), so ``num_bad_images`` counts them here too."""
+        with self._lock:
+            for index, why in found.items():
+                self.bad.setdefault(int(index), str(why))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock does not pickle; each process gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _found(self, index: int, error: BadImage) -> None:
         with self._lock:

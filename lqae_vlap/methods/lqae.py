@@ -265,7 +265,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
         train_src, global_batch_size=config.data.batch_size, seed=config.data.seed,
         shuffle=True, process_index=jax.process_index(), process_count=jax.process_count(),
         preprocess=_image_only(getattr(train_src, "augment", None)),
-        num_workers=config.data.num_workers)
+        num_workers=config.data.num_workers,
+        worker_processes=config.data.get("worker_processes", 0))
     describe += (f"; data {config.data.name}: {len(train_src)} train / {len(val_src)} "
                  "validation images")
     if hasattr(train_src, "banner"):

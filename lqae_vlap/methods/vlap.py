@@ -319,7 +319,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
     train_batches = batches_lib.IndexedBatches(
         sources["train"], global_batch_size=d.batch_size, seed=d.seed, shuffle=True,
         process_index=jax.process_index(), process_count=jax.process_count(), preprocess=pre,
-        num_workers=d.num_workers, batch_size_name="config.data.batch_size")
+        num_workers=d.num_workers, worker_processes=d.get("worker_processes", 0),
+        batch_size_name="config.data.batch_size")
     loss_batches = batches_lib.IndexedBatches(
         sources["validation"], global_batch_size=config.eval.batch_size, seed=0, shuffle=False,
         preprocess=pre, num_workers=d.num_workers, batch_size_name="config.eval.batch_size")

@@ -1,13 +1,20 @@
-"""IndexedBatches: order from the documented formula, resumability, process slices, prefetching."""
+"""IndexedBatches: order from the documented formula, resumability, process slices, prefetching,
+grain worker processes (the thread path's batches, byte for byte) and their fallback."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+import signal
 import threading
 
 import numpy as np
 import pytest
 
+from lqae_vlap.data import images
 from lqae_vlap.data.batches import IndexedBatches
+from tests.helpers import load_config
 
 
 class ArraySource:
@@ -171,13 +178,14 @@ def test_abandoned_iterator_stops_its_thread():
     assert not any(t.name == "IndexedBatches-prefetch" and t.is_alive() for t in threading.enumerate())
 
 
-def test_loading_error_surfaces_at_its_step():
-    class Broken(ArraySource):
-        def __getitem__(self, i):
-            if i == 3:
-                raise RuntimeError("corrupt record 3")
-            return super().__getitem__(i)
+class Broken(ArraySource):
+    def __getitem__(self, i):
+        if i == 3:
+            raise RuntimeError("corrupt record 3")
+        return super().__getitem__(i)
 
+
+def test_loading_error_surfaces_at_its_step():
     batches = IndexedBatches(Broken(8), global_batch_size=2, seed=0, shuffle=False, prefetch=2)
     seen = []
     with pytest.raises(RuntimeError, match="corrupt record 3"):
@@ -218,3 +226,109 @@ def test_unstackable_examples_are_named():
         IndexedBatches(NotDict(4), global_batch_size=2, seed=0).batch_at(0)
     with pytest.raises(ValueError, match="step must be >= 0"):
         IndexedBatches(ArraySource(4), global_batch_size=2, seed=0).batch_at(-1)
+
+
+def assert_identical(got: dict, want: dict) -> None:
+    """Byte for byte: the same names, dtypes, shapes and bytes."""
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert type(got[key]) is np.ndarray, (key, type(got[key]))
+        assert (got[key].dtype, got[key].shape) == (want[key].dtype, want[key].shape), key
+        assert got[key].tobytes() == want[key].tobytes(), key
+
+
+def test_worker_processes_give_the_thread_batches_from_any_start_step():
+    # 9 examples, batch 4: the steps straddle epochs, as a resumed run's do.
+    def make(**kw):
+        return IndexedBatches(ArraySource(9), global_batch_size=4, seed=2, preprocess=draw_preprocess,
+                              **kw)
+
+    threads = make(num_workers=2)
+    lines: list[str] = []
+    processes = make(worker_processes=2, log=lines.append)
+    # A run resumed at step 5 (the tests below start at 0; worker processes start slowly).
+    got = list(processes.iterate(5, stop_step=10))
+    assert [s for s, _ in got] == list(range(5, 10))
+    for step, batch in got:
+        assert_identical(batch, threads.batch_at(step))
+    assert lines == []  # no fallback: the processes did run
+
+
+class WhereAmI(ArraySource):
+    """Records the process that read each example and the state of JAX there; index 3's image
+    cannot be read (images.ReplaceBadImages replaces it by index 4); reading index 9 fails."""
+
+    def __getitem__(self, i):
+        if i == 3:
+            raise images.BadImage(f"record {i}", "truncated JPEG")
+        if i == 9:
+            raise RuntimeError("corrupt record 9")
+        import jax
+        from jax._src import xla_bridge
+
+        return {**super().__getitem__(i), "pid": np.int64(os.getpid()),
+                "jax_initialised": np.bool_(xla_bridge.backends_are_initialized()),
+                "jax_cpu_only": np.bool_(jax.config.jax_platforms == "cpu"),
+                "signals_ignored": np.bool_(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+                                            and signal.getsignal(signal.SIGINT) == signal.SIG_IGN)}
+
+
+def test_worker_processes_leave_jax_alone_report_bad_images_and_raise_at_the_step(monkeypatch):
+    # The workers inherit the environment: without tests/conftest.py's JAX_PLATFORMS=cpu, only
+    # the loader's own worker set-up keeps JAX there off an accelerator.
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    printed: list[str] = []
+    source = images.ReplaceBadImages(WhereAmI(12), name="train", log=printed.append)
+    batches = IndexedBatches(source, global_batch_size=4, seed=0, shuffle=False, worker_processes=2)
+    got = []
+    with pytest.raises(RuntimeError, match="corrupt record 9"):
+        for step, batch in batches.iterate(0):
+            got.append(batch)
+    assert len(got) == 2  # steps 0 and 1; step 2 holds index 9
+    pids = {int(p) for b in got for p in b["pid"]}
+    assert os.getpid() not in pids and len(pids) == 2  # step 0 in one worker, step 1 in the other
+    for b in got:
+        assert not b["jax_initialised"].any()  # unpickling the loader started no JAX backend
+        assert b["jax_cpu_only"].all()  # and one started there could not take the accelerator
+        assert b["signals_ignored"].all()  # a preemption's SIGTERM is the trainer's to handle
+    np.testing.assert_array_equal(got[0]["index"], [0, 1, 2, 4])  # 3 replaced, as in threads
+    # The worker found the bad image; this process's count (the logged data/bad_images) has it.
+    assert batches.num_bad_images == 1 and 3 in source.bad
+    assert printed == []  # the line was printed by the worker that found it
+
+
+class Unpicklable(ArraySource):
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.lock = threading.Lock()  # e.g. a handle of an open file or connection
+
+
+def test_unpicklable_source_falls_back_to_threads_with_one_line():
+    lines: list[str] = []
+    batches = IndexedBatches(Unpicklable(10), global_batch_size=4, seed=1, num_workers=2,
+                             worker_processes=2, log=lines.append)
+    got = list(batches.iterate(2, stop_step=5))
+    assert [s for s, _ in got] == [2, 3, 4]
+    for step, batch in got:
+        assert_identical(batch, batches.batch_at(step))
+    assert len(lines) == 1, lines
+    assert re.search(r"2 threads in this process, not 2 worker processes: the source or "
+                     r"preprocess cannot be pickled \(TypeError: .*lock", lines[0]), lines[0]
+
+
+def test_the_loader_pickles_without_its_threads():
+    batches = IndexedBatches(ArraySource(10), global_batch_size=4, seed=1, num_workers=2)
+    before = batches.batch_at(3)  # starts the thread pool and fills the order cache
+    again = pickle.loads(pickle.dumps(batches))
+    assert again._pool is None
+    assert_identical(again.batch_at(3), before)
+    with pytest.raises(ValueError, match="worker_processes must be >= 0"):
+        IndexedBatches(ArraySource(4), global_batch_size=2, seed=0, worker_processes=-1)
+
+
+@pytest.mark.parametrize("name,processes", [
+    ("lqae_roberta", 8), ("vlap_opt", 8), ("vlap_t5", 8),  # the papers' JPEG pipelines
+    ("lqae_demo", 0), ("lqae_tiny", 0), ("vlap_demo", 0),  # in-memory digits: start-up would cost
+])
+def test_configs_choose_worker_processes(name, processes):
+    assert load_config(name).data.worker_processes == processes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +204,26 @@ def test_cached_features_source(tmp_path):
     assert lazy.image_reads == 0  # no image decoded just to be dropped
     with pytest.raises(ValueError, match="11 rows"):
         CachedFeatures(Images(5), feats)
+
+
+def test_cached_features_pickle_as_a_file_reference(tmp_path):
+    # data/batches.py's worker processes each get a pickled copy of the source: a memory map
+    # must travel as where it lies (and be mapped again), not as its contents.
+    src = Images()
+    feats = FeatureCache(tmp_path).get_or_compute(key_for(src), src, Counting(), batch_size=4,
+                                                  preprocess=PRE)
+    assert isinstance(feats, np.memmap)
+    cached = CachedFeatures(src, feats, replaced={3: 4})
+    blob = pickle.dumps(cached)
+    assert len(blob) < len(pickle.dumps(src)) + feats.nbytes // 2
+    again = pickle.loads(blob)
+    assert isinstance(again.features, np.memmap) and again.features.filename == feats.filename
+    assert again.features.dtype == feats.dtype and again.features.tobytes() == feats.tobytes()
+    for i in (0, 3, N - 1):
+        assert again[i]["caption"] == cached[i]["caption"]
+        np.testing.assert_array_equal(again[i]["vision_features"], cached[i]["vision_features"])
+    in_memory = CachedFeatures(src, np.array(feats))  # an ordinary array pickles as itself
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(in_memory)).features, feats)
 
 
 def test_weights_fingerprint_sees_head_tail_and_size(tmp_path):

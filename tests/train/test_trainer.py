@@ -16,7 +16,8 @@ from lqae_vlap.train import metrics as metrics_lib
 from lqae_vlap.train import trainer
 from lqae_vlap.train.checkpoint import Checkpointer
 from tests.helpers import (REPO, ConstantBatches, assert_sharded_step_matches_one_device,
-                           linear_config, linear_method, tiny_config)
+                           linear_config, linear_method, regression_on_indexed_batches,
+                           tiny_config)
 
 
 def test_mesh_shape_resolution():
@@ -101,6 +102,32 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, tiny_mlm_dir):
     logged = sorted({r["step"] for r in records if "loss" in r})
     assert logged[-1] == steps and set(range(1, steps + 1)) <= set(logged)
     assert os.listdir(tmp_path / "killed" / "tensorboard")
+
+
+def test_worker_processes_resume_exactly_and_match_threads(tmp_path, capsys):
+    # One run on threads; one on 2 grain worker processes, stopped at step 3 and resumed to 6.
+    # Batches are the same function of the step on both paths, so the parameters agree bit
+    # for bit (the constant learning rate makes a 3-step and a 6-step schedule agree too).
+    config = lambda steps: linear_config(steps=steps, lr=0.05)  # noqa: E731
+    threads = trainer.train_and_evaluate(config(6), str(tmp_path / "threads"),
+                                         regression_on_indexed_batches(0))
+    trainer.train_and_evaluate(config(3), str(tmp_path / "processes"),
+                               regression_on_indexed_batches(2))
+    resumed = trainer.train_and_evaluate(config(6), str(tmp_path / "processes"),
+                                         regression_on_indexed_batches(2))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "/3" in out and "threads in this process" not in out, out
+    assert int(resumed["step"]) == 6
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 jax.device_get(threads["params"]), jax.device_get(resumed["params"]))
+
+
+def test_lqae_training_batches_take_the_worker_processes_of_the_config(tiny_mlm_dir):
+    config = tiny_config(tiny_mlm_dir, **{"data.worker_processes": 2})
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    batches = lqae.build(config, mesh).train_batches
+    assert batches.worker_processes == 2
+    assert batches._why_not_processes() is None  # the digits and the preprocess pickle
 
 
 def test_weight_decay_mask_matrices_or_all():
