@@ -151,13 +151,19 @@ CAPTIONING_SOURCES = ("", "nocaps")
 RETRIEVAL_SOURCES = ("", "flickr30k", "coco")
 
 
+def _own_source(section: ml_collections.ConfigDict, eval_name: str, known: tuple[str, ...]) -> str:
+    """``config.eval.<eval_name>.source``, checked against ``known``."""
+    name = section.get("source", "")
+    if name not in known:
+        raise ValueError(f"config.eval.{eval_name}.source={name!r} is not known; use one of "
+                         f"{known} ('' = config.eval.source's images)")
+    return name
+
+
 def captioning_images(c: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> Any:
     """``config.eval.captioning.source``'s images: 'nocaps' (NoCaps validation from
     ``c.annotations`` and ``c.image_dir``, data/nocaps.py), or None for '' (``eval_images``')."""
-    name = c.get("source", "")
-    if name not in CAPTIONING_SOURCES:
-        raise ValueError(f"config.eval.captioning.source={name!r} is not known; use one of "
-                         f"{CAPTIONING_SOURCES} ('' = config.eval.source's images)")
+    name = _own_source(c, "captioning", CAPTIONING_SOURCES)
     if not name:
         return None
     from lqae_vlap.data.nocaps import NoCapsValidation  # noqa: PLC0415
@@ -172,10 +178,7 @@ def retrieval_images(r: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     or 'coco' (Karpathy's dataset_coco.json and the folder holding val2014/ when
     ``r.annotations`` is set, else TFDS coco_captions from ``config.data.data_dir``, whose
     'test' split is Karpathy's); split ``r.split`` (data/karpathy_splits.py)."""
-    name = r.get("source", "")
-    if name not in RETRIEVAL_SOURCES:
-        raise ValueError(f"config.eval.retrieval.source={name!r} is not known; use one of "
-                         f"{RETRIEVAL_SOURCES} ('' = config.eval.source's images)")
+    name = _own_source(r, "retrieval", RETRIEVAL_SOURCES)
     if not name:
         return None
     split = r.get("split", "test")

@@ -112,6 +112,20 @@ class PromptTemplate:
     header: str = ""
 
 
+def support_shots(support_texts_by_class: Sequence[Sequence[str]], names: Sequence[str],
+                  caller: str) -> int:
+    """K, the support texts per class of a [n_way][k_shot] prompt table with one name per row;
+    a ragged, empty or mis-sized table is refused naming ``caller``."""
+    if len(support_texts_by_class) != len(names):
+        raise ValueError(f"{caller}: {len(support_texts_by_class)} support rows for "
+                         f"{len(names)} class names; pass one row of texts per class")
+    shots = {len(row) for row in support_texts_by_class}
+    if len(shots) != 1 or 0 in shots:
+        raise ValueError(f"{caller}: every class needs the same number (>= 1) of support "
+                         f"texts, got {sorted(shots)}")
+    return shots.pop()
+
+
 def build_prompt(support_texts_by_class: Sequence[Sequence[str]], class_names: Sequence[str],
                  query_text: str, template: PromptTemplate = PromptTemplate()) -> str:
     """The few-shot prompt: one example line per support image, then the query line.
@@ -120,15 +134,9 @@ def build_prompt(support_texts_by_class: Sequence[Sequence[str]], class_names: S
     interleaved shot by shot (class 0 shot 0, class 1 shot 0, ..., class 0 shot 1, ...), so no class
     owns all the lines nearest the query.
     """
-    if len(support_texts_by_class) != len(class_names):
-        raise ValueError(f"build_prompt: {len(support_texts_by_class)} support rows for "
-                         f"{len(class_names)} class names; pass one row of texts per class")
-    shots = {len(row) for row in support_texts_by_class}
-    if len(shots) != 1 or 0 in shots:
-        raise ValueError(f"build_prompt: every class needs the same number (>= 1) of support "
-                         f"texts, got {sorted(shots)}")
+    k_shot = support_shots(support_texts_by_class, class_names, "build_prompt")
     lines = [template.header] if template.header else []
-    for k in range(shots.pop()):
+    for k in range(k_shot):
         for row, name in zip(support_texts_by_class, class_names):
             lines.append(template.example.format(text=row[k], label=name))
     lines.append(template.query.format(text=query_text))

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from lqae_vlap.evals.fewshot import Episode, LMScorer, sample_episodes
+from lqae_vlap.evals.fewshot import Episode, LMScorer, sample_episodes, support_shots
 from lqae_vlap.evals.stats import chance_level, mean_confidence_interval
 
 # (prompts [B], max_new_tokens) -> [B] generated texts (the continuation only, greedy).
@@ -85,17 +85,10 @@ def build_frozen_prompt(support_texts_by_class: Sequence[Sequence[str]], names: 
     (class 0 shot 0, class 1 shot 0, ..., class 0 shot 1, ...) and the whole block is written
     1 + ``repeats`` times, so n_way * k_shot * (1 + repeats) support images precede the query.
     """
-    if len(support_texts_by_class) != len(names):
-        raise ValueError(f"build_frozen_prompt: {len(support_texts_by_class)} support rows for "
-                         f"{len(names)} names; pass one row of texts per class")
-    shots = {len(row) for row in support_texts_by_class}
-    if len(shots) != 1 or 0 in shots:
-        raise ValueError(f"build_frozen_prompt: every class needs the same number (>= 1) of "
-                         f"support texts, got {sorted(shots)}")
+    k_shot = support_shots(support_texts_by_class, names, "build_frozen_prompt")
     if int(repeats) != repeats or repeats < 0:
         raise ValueError(f"build_frozen_prompt: repeats (extra copies of the support block, 0 = "
                          f"shown once) must be an integer >= 0, got {repeats}")
-    k_shot = shots.pop()
     lines = [template.task_induction.format(names=join_names(names))] if task_induction else []
     block = [template.example.format(text=row[k], label=name)
              for k in range(k_shot) for row, name in zip(support_texts_by_class, names)]
