@@ -63,25 +63,81 @@ _dense = functools.partial(dense, use_bias=False, kernel_init=_init)
 _layer_norm = functools.partial(layer_norm, epsilon=1e-5)  # flax's default, as released
 
 
+def _shifted_sum(x: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """sum over the nine taps of the zero-padded grid shifted by (a - 1, b - 1), times kernel[a, b].
+
+    x: [batch, h*w, channels], kernel: [3, 3, channels] -> [batch, h*w, channels].
+    """
+    h, w = grid
+    b, n, c = x.shape
+    xp = jnp.pad(x.reshape(b, h, w, c), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = None
+    for da in range(3):
+        for db in range(3):
+            term = xp[:, da:da + h, db:db + w, :] * kernel[da, db]
+            out = term if out is None else out + term
+    return out.reshape(b, n, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dwconv(x: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    return _shifted_sum(x, kernel, grid)
+
+
+def _dwconv_fwd(x, kernel, grid):
+    return _shifted_sum(x, kernel, grid), (x, kernel)
+
+
+def _dwconv_bwd(grid, res, g):
+    # Written out because autodiff of the shifted products transposes each slice into a pad of
+    # the whole [batch, h+2, w+2, channels] grid (nine padded copies, then summed; measured as
+    # the costliest fusions of the block's backward on XLA:CPU). The input gradient of a
+    # cross-correlation is the cross-correlation of g with the kernel flipped in both spatial
+    # axes (one padded copy of g); the kernel gradient is, per tap, a sum over batch and grid.
+    x, kernel = res
+    h, w = grid
+    b, n, c = x.shape
+    dx = _shifted_sum(g, kernel[::-1, ::-1], grid)
+    xp = jnp.pad(x.reshape(b, h, w, c), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g4 = g.reshape(b, h, w, c)
+    dk = jnp.stack([jnp.stack([jnp.sum(xp[:, da:da + h, db:db + w, :] * g4, axis=(0, 1, 2))
+                               for db in range(3)]) for da in range(3)])
+    return dx, dk.astype(kernel.dtype)
+
+
+_dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
+
+
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """A 3x3 depthwise convolution over the patch grid, SAME (zero) padding, no bias.
 
     x: [batch, h*w, channels] (row-major grid), kernel: [3, 3, channels] -> [batch, h*w, channels].
     out[i, j, c] = sum_{a, b} x[i + a - 1, j + b - 1, c] * kernel[a, b, c] (cross-correlation, as
-    ``nn.Conv``), written as nine shifted products so that its gradients cost what the op does.
+    ``nn.Conv``), written as nine shifted products so that its gradients cost what the op does
+    (a custom VJP: see ``_dwconv_bwd``).
     """
     h, w = grid
     b, n, c = x.shape
     if n != h * w:
         raise ValueError(f"depthwise_conv3x3: {n} tokens do not form the {h}x{w} patch grid")
-    xp = jnp.pad(x.reshape(b, h, w, c), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    k = kernel.astype(x.dtype)
-    out = None
-    for da in range(3):
-        for db in range(3):
-            term = xp[:, da:da + h, db:db + w, :] * k[da, db]
-            out = term if out is None else out + term
-    return out.reshape(b, n, c)
+    return _dwconv(x, kernel.astype(x.dtype), tuple(grid))
+
+
+class _Kernel(nn.Module):
+    """A bias-free Dense's kernel alone (the same name, shape, init and logical axes as
+    ``_dense(features, names)`` would create), for matmuls that concatenate kernels.
+
+    () -> [in_features, features]
+    """
+    in_features: int
+    features: int
+    names: tuple[str | None, str | None]
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", logical_init(self.names, _init),
+                          (self.in_features, self.features), self.param_dtype)
 
 
 class Attention(nn.Module):
@@ -122,8 +178,14 @@ class GLUConvMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = _layer_norm(name="ln_in", **kw)(x)
-        gate = _dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(y)
-        lin = _dense(self.mlp_dim, ("embed", "mlp"), name="fc2", **kw)(y)
+        # fc1 and fc2 (kept as two Dense kernels, as released) run as ONE matmul over their
+        # concatenation: with two, XLA:CPU fuses the conv's input gradient into the transposed
+        # copy that each of their kernel gradients reads, computing it twice at a strided write
+        # (measured: the block's costliest fusions).
+        kernels = [_Kernel(x.shape[-1], self.mlp_dim, ("embed", "mlp"), self.param_dtype,
+                           name=name)() for name in ("fc1", "fc2")]
+        z = jnp.dot(y.astype(self.dtype), jnp.concatenate(kernels, axis=1).astype(self.dtype))
+        gate, lin = z[..., :self.mlp_dim], z[..., self.mlp_dim:]
         y = jax.nn.gelu(gate, approximate=True) * lin  # flax nn.gelu's default, as released
         kernel = self.param("dwconv", logical_init((None, None, "mlp"), _init),
                             (3, 3, self.mlp_dim), self.param_dtype)

@@ -105,6 +105,40 @@ def test_block_matches_numpy_float64():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_block_gradients_match_numpy_float64():
+    """The block's gradients (its custom-VJP depthwise conv and the fused fc1|fc2 matmul
+    included) against central differences of the NumPy float64 block: for the input and for
+    every parameter leaf, <grad, v> along a random direction v, at 1e-3."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+    block = vr.Block(num_heads=4, mlp_dim=48, grid=(4, 4))
+    _, params = _random_params(block, x)
+    weights = rng.standard_normal((2, 16, 32))  # loss = sum(out * weights)
+
+    def np_loss(x64, p64):
+        return float(np.sum(_np_block(x64, p64["params"], 4, 4, 4) * weights))
+
+    gx, gp = jax.grad(lambda x, p: jnp.sum(block.apply(p, x) * weights), argnums=(0, 1))(x, params)
+    x64, p64 = np.asarray(x, np.float64), _f64(params)
+    eps = 1e-5
+    vx = rng.standard_normal(x.shape)
+    fd = (np_loss(x64 + eps * vx, p64) - np_loss(x64 - eps * vx, p64)) / (2 * eps)
+    np.testing.assert_allclose(float(np.sum(np.asarray(gx, np.float64) * vx)), fd, rtol=1e-3)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(p64)
+    grads = jax.tree.leaves(gp)
+    assert len(grads) == len(leaves) == 16  # 4 LayerNorms x 2, q k v out, fc1 fc2 fc_out, conv
+    for i, ((path, leaf), g) in enumerate(zip(leaves, grads)):
+        v = rng.standard_normal(leaf.shape)
+
+        def moved(sign):
+            vals = [l + sign * eps * v if j == i else l for j, (_, l) in enumerate(leaves)]
+            return jax.tree_util.tree_unflatten(treedef, vals)
+        fd = (np_loss(x64, moved(1)) - np_loss(x64, moved(-1))) / (2 * eps)
+        got = float(np.sum(np.asarray(g, np.float64) * v))
+        np.testing.assert_allclose(got, fd, rtol=1e-3, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_block_has_no_biases_outside_layer_norms():
     x = jnp.zeros((1, 16, 32))
     abstract = nn.meta.unbox(jax.eval_shape(vr.Block(4, 48, (4, 4)).init, jax.random.key(0), x))
