@@ -227,8 +227,11 @@ def get_config(arg=None):
     # forward and backward (1.4e14 for opt-1.3b).
     # The chunked caption loss is a scan that XLA also counts once: the counting compile scores
     # the caption in one chunk (the same FLOPs, recompute included). cpu_memory_scheduler:
-    # train/plan.py's docstring.
+    # train/plan.py's docstring. target: 'cpu' (fake CPU devices) or a TPU topology compiled
+    # ahead of time by libtpu on this machine, e.g. 'tpu:v5e:2x4' (8 chips of 16 GiB; then
+    # --config.mesh.* must use 8 devices); libtpu: libtpu.so or a pip --target folder holding it
+    # ('' : the installed jax[tpu], or $TPU_LIBRARY_PATH).
     c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0,
                   flops_overrides={"model": {"caption_loss_chunk": 4096}},
-                  cpu_memory_scheduler=True)
+                  cpu_memory_scheduler=True, target="cpu", libtpu="")
     return c
