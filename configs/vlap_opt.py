@@ -128,7 +128,7 @@ def get_config(arg=None):
         # Plan mode, opt-1.3b bf16 on 8 x 16 GiB: 13.34 GiB per device with none/0, 11.20 with
         # dots/8; opt-6.7b fsdp 8: 34.56 -> 15.19 GiB (XLA:CPU). For 8 TPU v5e chips
         # (plan.target='tpu:v5e:2x4'): opt-1.3b 6.67 (none/0), 5.72 (dots/8), 3.29 (full/8);
-        # opt-6.7b fsdp 8 9.76 GiB (dots/8).
+        # opt-6.7b fsdp 8 9.76 (dots/8), 4.58 (full/8).
         llm_remat="dots",
         caption_loss_chunk=8,
         dtype="float32",  # compute dtype of the trainable Dense
