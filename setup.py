@@ -46,5 +46,10 @@ setup(
         # gs:// workdirs (TPU pods): metrics, evaluation files and orbax's checkpoints go
         # through fsspec, which needs gcsfs for Google Cloud Storage.
         "gcs": ["gcsfs"],
+        # --config.plan.target=tpu:...: libtpu compiles the train step for a TPU topology on a
+        # machine without one. jax[tpu] pins the libtpu of the installed jax; installed, every
+        # jax start probes for a TPU (plan mode itself runs on CPU), so a pip --target folder
+        # named by --config.plan.libtpu is the alternative.
+        "tpu-plan": ["jax[tpu]"],
     },
 )

@@ -123,6 +123,8 @@ def get_config(arg=None):
     # memory per device, and the peak used to turn FLOPs into a step time (H100 bf16 dense).
     # flops_overrides: the quantizer searches the vocabulary in a loop whose body XLA's cost
     # analysis counts once; plan counts FLOPs on a second compile with a single chunk.
+    # target / libtpu: 'cpu', or a TPU topology compiled ahead of time (configs/vlap_opt.py).
     c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0,
-                  flops_overrides=dict(quantizer=dict(chunk_size=1 << 20)))
+                  flops_overrides=dict(quantizer=dict(chunk_size=1 << 20)),
+                  target="cpu", libtpu="")
     return c

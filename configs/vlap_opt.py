@@ -126,7 +126,9 @@ def get_config(arg=None):
         # vocabulary cross-entropy, scored at the caption positions only (0 = the model's
         # full logits at every position); it removes the prefix's head FLOPs (-4% per step).
         # Plan mode, opt-1.3b bf16 on 8 x 16 GiB: 13.34 GiB per device with none/0, 11.20 with
-        # dots/8; opt-6.7b fsdp 8: 34.56 -> 15.19 GiB.
+        # dots/8; opt-6.7b fsdp 8: 34.56 -> 15.19 GiB (XLA:CPU). For 8 TPU v5e chips
+        # (plan.target='tpu:v5e:2x4'): opt-1.3b 6.67 (none/0), 5.72 (dots/8), 3.29 (full/8);
+        # opt-6.7b fsdp 8 9.76 (dots/8), 4.58 (full/8).
         llm_remat="dots",
         caption_loss_chunk=8,
         dtype="float32",  # compute dtype of the trainable Dense
@@ -244,8 +246,11 @@ def get_config(arg=None):
     # forward and backward (1.4e14 for opt-1.3b).
     # The chunked caption loss is a scan that XLA also counts once: the counting compile scores
     # the caption in one chunk (the same FLOPs, recompute included). cpu_memory_scheduler:
-    # train/plan.py's docstring.
+    # train/plan.py's docstring. target: 'cpu' (fake CPU devices) or a TPU topology compiled
+    # ahead of time by libtpu on this machine, e.g. 'tpu:v5e:2x4' (8 chips of 16 GiB; then
+    # --config.mesh.* must use 8 devices); libtpu: libtpu.so or a pip --target folder holding it
+    # ('' : the installed jax[tpu], or $TPU_LIBRARY_PATH).
     c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0,
                   flops_overrides={"model": {"caption_loss_chunk": 4096}},
-                  cpu_memory_scheduler=True)
+                  cpu_memory_scheduler=True, target="cpu", libtpu="")
     return c

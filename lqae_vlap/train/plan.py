@@ -13,6 +13,12 @@ recomputation alive at once, which no accelerator compiler does (their scheduler
 XLA:CPU also computes bfloat16 matmuls in float32, with float32 copies of their operands, so a
 bfloat16 model's temporaries on CPU overstate an accelerator's.
 
+Deviceless TPU target (``plan.target='tpu:v5e:2x4'``): the step is instead compiled ahead of time
+by the TPU compiler in libtpu for that topology's chips (``jax.experimental.topologies``), on this
+CPU-only machine; its memory figures are the TPU's own (bfloat16 matmuls, its scheduler and
+rematerialisation). libtpu comes from ``pip install 'jax[tpu]'``, from ``plan.libtpu`` (the path
+of libtpu.so, or a ``pip install --target DIR libtpu`` folder), or from $TPU_LIBRARY_PATH.
+
 Rematerialisation 'auto': every key under ``config.model`` whose name ends in ``remat`` and whose
 value is 'auto' is tried with each policy of REMAT_ORDER (fewest FLOPs first); each one's bytes
 and FLOPs are printed and the first that fits is reported (the last one when none does).
@@ -20,7 +26,10 @@ and FLOPs are printed and the first that fits is reported (the last one when non
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import glob
+import os
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -35,6 +44,67 @@ GIB = 2 ** 30
 # models/layers.py's REMAT_POLICIES in order of FLOPs (train imports no model code).
 REMAT_ORDER = ("none", "dots", "full")
 CPU_MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+# plan.target 'tpu:GENERATION:CHIPS' -> HBM per chip in GiB (what device_memory_gib should say).
+TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+TARGET_HELP = ("'cpu' (default: fake CPU devices) or 'tpu:GEN:AxB[xC]' with GEN one of "
+               + ", ".join(TPU_HBM_GIB) + " (e.g. 'tpu:v5e:2x4' = 8 v5e chips of 16 GiB)")
+
+
+def parse_target(target: str) -> tuple[str, str]:
+    """'' / 'cpu' -> ('cpu', ''); 'tpu:v5e:2x4' -> ('tpu', 'v5e:2x4'); else one-line ValueError."""
+    target = (target or "cpu").strip()
+    if target == "cpu":
+        return "cpu", ""
+    m = re.fullmatch(r"tpu:(v[0-9a-z]+):([0-9]+(x[0-9]+){1,2})", target)
+    if m is None or m.group(1) not in TPU_HBM_GIB:
+        raise ValueError(f"config.plan.target={target!r} is not a plan target; use {TARGET_HELP}")
+    return "tpu", f"{m.group(1)}:{m.group(2)}"
+
+
+def _libtpu_file(libtpu: str) -> str:
+    """plan.libtpu (libtpu.so, or a folder holding libtpu/libtpu.so) -> the .so's path."""
+    if os.path.isfile(libtpu):
+        return libtpu
+    found = [f for f in (os.path.join(libtpu, "libtpu", "libtpu.so"),
+                         os.path.join(libtpu, "libtpu.so")) if os.path.isfile(f)]
+    if not found:
+        raise ValueError(f"config.plan.libtpu={libtpu!r} is neither libtpu.so nor a folder with "
+                         "libtpu/libtpu.so; install one with pip install --no-deps --target DIR "
+                         "libtpu (the version jax[tpu] pins) and pass DIR")
+    return found[0]
+
+
+def target_devices(target: str, libtpu: str = "") -> Sequence[jax.Device] | None:
+    """The compile-only devices of ``target`` (None for 'cpu': plan on jax.devices()).
+
+    A TPU target loads libtpu as a PJRT plugin beside the CPU backend (which stays the default:
+    nothing runs on the TPU devices, they have no chips behind them) and asks it for the named
+    topology, whose devices a mesh can be built from and a step compiled for.
+    """
+    kind, topology = parse_target(target)
+    if kind == "cpu":
+        return None
+    from jax.experimental import topologies
+
+    if libtpu:
+        os.environ["TPU_LIBRARY_PATH"] = _libtpu_file(libtpu)
+    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*")):
+        # Off a TPU VM libtpu would query the GCE metadata server and warn about its absent
+        # workers; the topology name says all it needs. Its lock file (one process per TPU VM's
+        # chips) would stop a second plan on this machine, though a compile holds no chip.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")  # any valid name: unused here
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except RuntimeError as e:  # no libtpu, or one that rejects the topology
+        msg = " ".join(str(e).split())
+        if "not installed" in msg:
+            msg = ("libtpu is not installed: pip install 'jax[tpu]', or pip install --no-deps "
+                   "--target DIR 'libtpu==<the version jax[tpu] pins>' and pass "
+                   "--config.plan.libtpu=DIR")
+        raise ValueError(f"config.plan.target={target!r}: {msg}") from None
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -98,8 +168,12 @@ def _set(config: ml_collections.ConfigDict, path: tuple[str, ...], value) -> Non
     node[path[-1]] = value
 
 
-def _compiler_options(config: ml_collections.ConfigDict) -> dict[str, str]:
-    if jax.devices()[0].platform == "cpu" and config.plan.get("cpu_memory_scheduler", True):
+def _platform(mesh: jax.sharding.Mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
+def _compiler_options(config: ml_collections.ConfigDict, mesh) -> dict[str, str]:
+    if _platform(mesh) == "cpu" and config.plan.get("cpu_memory_scheduler", True):
         return dict(CPU_MEMORY_SCHEDULER)
     return {}
 
@@ -108,11 +182,14 @@ def plan(config: ml_collections.ConfigDict, build_method: Callable[..., Method],
          mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
     """Compiles the train step abstractly and returns (and prints) the plan's figures.
 
-    mesh: defaults to ``config.mesh`` over all devices. With remat keys set to 'auto' (module
-    docstring), each policy is planned and the report of the chosen one is returned, with
-    'remat' (its index in REMAT_ORDER) and 'remat_tried' (how many were planned).
+    mesh: defaults to ``config.mesh`` over all devices, or over ``config.plan.target``'s. With
+    remat keys set to 'auto' (module docstring), each policy is planned and the report of the
+    chosen one is returned, with 'remat' (its index in REMAT_ORDER) and 'remat_tried' (how many
+    were planned).
     """
-    mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
+    if mesh is None:
+        devices = target_devices(config.plan.get("target", ""), config.plan.get("libtpu", ""))
+        mesh = sharding_lib.make_mesh(config.mesh, devices)
     keys = auto_remat_keys(config)
     if not keys:
         return _plan_one(config, build_method, mesh)
@@ -151,16 +228,16 @@ def _plan_one(config: ml_collections.ConfigDict, build_method: Callable[..., Met
              for k, v in method.batch_spec.items()}
     step = trainer.make_train_step(method, tx, schedule, config.seed, state_shardings,
                                    batch_shardings, mesh)
-    options = _compiler_options(config)
+    options = _compiler_options(config, mesh)
     compiled = step.lower(abstract_state, method.frozen, batch).compile(compiler_options=options)
     memory = compiled.memory_analysis()
     flops = _flops(compiled)  # of the per-device (SPMD-partitioned) program
-    if config.plan.get("flops_overrides"):
+    counting = config.copy_and_resolve_references()
+    _merge(counting, config.plan.get("flops_overrides") or {})
+    if counting.to_dict() != config.to_dict():  # an override that changes nothing compiles once
         # XLA's cost analysis counts a while-loop body once, whatever its trip count; a second
         # compile with the loops made single-trip (e.g. one codebook chunk) counts every FLOP.
         # It is only lowered and compiled, never run, so its larger temporaries do not matter.
-        counting = config.copy_and_resolve_references()
-        _merge(counting, config.plan.flops_overrides)
         m2 = build_method(counting, mesh, abstract=True)
         step2 = trainer.make_train_step(m2, tx, schedule, config.seed, state_shardings,
                                         batch_shardings, mesh)
@@ -201,7 +278,9 @@ def _print(r: dict[str, float], mesh, p) -> None:
 
     verdict = "FITS" if r["fits"] else "DOES NOT FIT"
     print("\n".join([
-        f"plan for mesh {dict(mesh.shape)} ({int(r['devices'])} {jax.devices()[0].platform} devices)",
+        f"plan for mesh {dict(mesh.shape)} ({int(r['devices'])} {_platform(mesh)} devices"
+        + (f": {mesh.devices.flat[0].device_kind}, compiled ahead of time)"
+           if _platform(mesh) != "cpu" else ")"),
         f"  parameters: {int(r['trainable_params']):,} trainable, "
         f"{int(r['frozen_params']):,} frozen",
         "  per device:",

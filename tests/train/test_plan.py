@@ -89,3 +89,23 @@ def test_plan_cli(tmp_path, tiny_mlm_dir):
     assert "(8 cpu devices)" in out and "optimizer state" in out and "XLA temporaries" in out
     assert "DOES NOT FIT" in out  # 1 MiB devices cannot hold the 30,522-word table
     assert not os.listdir(tmp_path)  # planning writes nothing
+
+
+def test_flops_override_that_changes_nothing_builds_once(tiny):
+    """A second (counting) compile only when plan.flops_overrides changes the config."""
+    one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    builds = []
+
+    def build(config, mesh, abstract=False):
+        builds.append(config.quantizer.chunk_size)
+        return lqae.build(config, mesh, abstract=abstract)
+
+    same = tiny.copy_and_resolve_references()
+    same.plan.flops_overrides = {"quantizer": {"chunk_size": same.quantizer.chunk_size}}
+    plan.plan(same, build, mesh=one)
+    assert builds == [same.quantizer.chunk_size]
+    builds.clear()
+    other = tiny.copy_and_resolve_references()
+    other.plan.flops_overrides = {"quantizer": {"chunk_size": 1 << 20}}
+    plan.plan(other, build, mesh=one)
+    assert builds == [other.quantizer.chunk_size, 1 << 20]
