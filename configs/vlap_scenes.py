@@ -19,8 +19,10 @@ as configs/vlap_demo.py. Trainable: VLAP's one Dense (384 -> 576), with the pape
 0.1 * L_map + 1.0 * L_cap and Sinkhorn against the training captions' word frequencies.
 
 Evaluations, once at the end on the held-out validation scenes: the losses, captions, retrieval
-(a gallery of 100 validation scenes, R@1 chance 1%) and arithmetic ("seven->two": does the nearest image to
-image - seven + two show a two?). VQA is off (its digit questions are about single digits).
+(a gallery of 100 validation scenes, R@1 chance 1%) and arithmetic: image - word(a) + word(b)
+-> Recall@1/5 of the exact target (the paired scene with digit a made b) among the other
+evaluated scenes, beside chance and the controls word(b) alone and the image alone. VQA is off
+(its digit questions are about single digits).
 
 ``get_config(arg)``: arg = number of steps (default 1000).
 """
@@ -65,7 +67,9 @@ def get_config(arg=None):
         vqa=dict(source="", questions="", annotations="", image_dir="",
                  prompt="Question: {question} Answer:", max_new_tokens=4, max_questions=0,
                  num_show=0),
+        # The validation scenes' exact pairs (data/digit_scenes.arithmetic_pairs) are scored at
+        # ks; pairs: the caption-based score, used only for sources without exact pairs.
         arithmetic=dict(pairs=tuple(f"{a}->{b}" for a in digits for b in digits if a != b),
-                        top_k=5, num_show=3),
+                        top_k=5, num_show=3, ks=(1, 5)),
     ))
     return c

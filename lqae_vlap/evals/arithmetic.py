@@ -7,12 +7,22 @@ of its projected tokens) can be added to and subtracted from word embeddings, e.
 L2-normalised before combining so that a long vector (image tokens are not on the word scale)
 does not dominate, the sum is normalised, and candidates are ranked by cosine similarity.
 Ties in the top-k are broken by the lower candidate index (stable sort).
+
+Exact targets (``target_recall``): where the evaluation images come in pairs that differ in one
+word's worth of content (digit scenes: the same scene with digit a replaced by digit b), image(q)
+- word(a) + word(b) has one right answer, image(t), and is scored as retrieval: Recall@K of t in
+the gallery of every image but q, beside chance (K / (N - 1)) and two controls that see only part
+of the query: word(b) alone (no image) and image(q) alone (no arithmetic; the target, one digit
+away, is often its nearest neighbour already, so the arithmetic is read against it). Ties are
+counted pessimistically, as in evals/retrieval.py: every other image scoring >= the target is
+ranked ahead of it, so collapsed representations get recall 0, not a lucky hit.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -146,3 +156,74 @@ def _check_ids(ids: Sequence[int], vocab: int, what: str) -> None:
     bad = [i for i in ids if not 0 <= int(i) < vocab]
     if bad:
         raise ValueError(f"{what} {bad} are outside the vocabulary [0, {vocab}); pass token ids")
+
+
+TARGET_MODES = ("arithmetic", "word_only", "image_only")
+
+
+def target_ranks(images: np.ndarray, word_embeddings: np.ndarray,
+                 pairs: Sequence[tuple[int, Sequence[int], Sequence[int], int]]
+                 ) -> dict[str, np.ndarray]:
+    """0-based rank of each pair's target among the other images, per mode of ``TARGET_MODES``.
+
+    Args:
+      images: [N, D] image representations (the gallery; rows need not be normalised).
+      word_embeddings: [V, D] the LLM's input embeddings (source of the word vectors).
+      pairs: (query, minus_ids, plus_ids, target): image indices and the token ids of word(a)
+        and word(b); the query is never a candidate.
+
+    Returns:
+      {mode: ranks [len(pairs)] int64}: 'arithmetic' ranks by cos(image(q) - a + b, .),
+      'word_only' by cos(b, .), 'image_only' by cos(image(q), .); rank = how many other
+      candidates score >= the target (pessimistic ties).
+    """
+    bank = np.asarray(images, dtype=np.float64)
+    emb = np.asarray(word_embeddings, dtype=np.float64)
+    if bank.ndim != 2 or emb.ndim != 2 or bank.shape[1] != emb.shape[1]:
+        raise ValueError(f"images [N, D] and word_embeddings [V, D] must share D, got shapes "
+                         f"{bank.shape} and {emb.shape}")
+    n = bank.shape[0]
+    unit_bank = unit_rows(bank)
+    ranks: dict[str, list[int]] = {m: [] for m in TARGET_MODES}
+    for q, minus_ids, plus_ids, t in pairs:
+        q, t = int(q), int(t)
+        if not (0 <= q < n and 0 <= t < n) or q == t:
+            raise ValueError(f"pair ({q}, ..., {t}): query and target must be two different "
+                             f"images in [0, {n})")
+        _check_ids(minus_ids, emb.shape[0], "minus_ids")
+        _check_ids(plus_ids, emb.shape[0], "plus_ids")
+        if not len(plus_ids):
+            raise ValueError(f"pair ({q}, ..., {t}) has no plus_ids: word(b) is needed")
+        plus, minus = emb[list(plus_ids)], emb[list(minus_ids)]
+        queries = {"arithmetic": combine(bank[q], plus, minus),
+                   "word_only": combine(_unit(plus, "plus").sum(axis=0)),
+                   "image_only": combine(bank[q])}
+        for mode, vec in queries.items():
+            scores = unit_bank @ vec
+            others = np.ones(n, bool)
+            others[[q, t]] = False
+            ranks[mode].append(int(np.sum(scores[others] >= scores[t])))
+    return {m: np.asarray(r, dtype=np.int64) for m, r in ranks.items()}
+
+
+def target_recall(images: np.ndarray, word_embeddings: np.ndarray,
+                  pairs: Sequence[tuple[int, Sequence[int], Sequence[int], int]],
+                  ks: Sequence[int] = (1, 5)) -> dict[str, Any]:
+    """Recall@K of the exact target per mode (``target_ranks``), beside chance.
+
+    Returns:
+      {mode: {'R@k': fraction}, 'chance': {'R@k': k / (N - 1)}, 'num_queries': len(pairs),
+      'gallery': N - 1 (the candidates of each query)}.
+    """
+    if not pairs:
+        raise ValueError("target_recall needs at least one (query, minus, plus, target) pair")
+    n = int(np.shape(images)[0])
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    ranks = target_ranks(images, word_embeddings, pairs)
+    out: dict[str, Any] = {m: {f"R@{k}": float(np.mean(r < k)) for k in ks}
+                           for m, r in ranks.items()}
+    out["chance"] = {f"R@{k}": min(1.0, k / (n - 1)) for k in ks}
+    out.update(num_queries=len(pairs), gallery=n - 1)
+    return out

@@ -24,8 +24,12 @@ every ``config.eval.<name>.every`` steps (``runner.cadence``):
               (seeded per question by ``eval.vqa.shot_seed``), scored with VQAv2's soft accuracy
               and answer normalisation (evals/vqa.py);
   arithmetic  visual semantic arithmetic in the LLM's input-embedding space: the nearest words of
-              a few images, and image - word(a) + word(b) -> nearest image (evals/arithmetic.py),
-              scored when captions name a and b.
+              a few images, and image - word(a) + word(b) -> nearest image (evals/arithmetic.py).
+              Where the evaluation images come in exact pairs (digit scenes' validation / test:
+              data/digit_scenes.arithmetic_pairs, the same scene with digit a made b) it scores
+              Recall@``eval.arithmetic.ks`` of that one target among the other evaluated images,
+              beside chance and the controls word(b) alone and the image alone; elsewhere, for
+              ``eval.arithmetic.pairs``, whether the nearest image's caption names b.
 
 Retrieval similarities (``eval.retrieval.similarities``, each reported). The image
 representation (mean of the projected tokens, LLM input space) and the text representation (the
@@ -69,6 +73,7 @@ import numpy as np
 from lqae_vlap.core import files
 from lqae_vlap.core import sharding as sharding_lib
 from lqae_vlap.data import captions as captions_lib
+from lqae_vlap.data import digit_scenes
 from lqae_vlap.data import vqa_source
 from lqae_vlap.evals import arithmetic as arithmetic_lib
 from lqae_vlap.evals import captioning as captioning_lib
@@ -549,8 +554,18 @@ def _vqa_split(source) -> str:
     return str(getattr(data, "data_subtype", "") or getattr(source, "split", "") or "")
 
 
+def exact_pairs(source, n: int) -> list[tuple[int, str, str, int]] | None:
+    """(query, word a, word b, target) among source[:n] where the source pairs its images
+    exactly (digit scenes' validation / test, also behind a feature cache), else None."""
+    inner = getattr(source, "source", source)  # data/feature_cache.CachedFeatures keeps it
+    if isinstance(inner, digit_scenes.DigitScenes) and inner.paired:
+        return digit_scenes.arithmetic_pairs(inner, range(n)) or None
+    return None
+
+
 def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], list]:
-    """Nearest words of a few images; image - word(a) + word(b) -> does the nearest image show b?"""
+    """Nearest words of a few images; image - word(a) + word(b) -> the exact target image where
+    the source has one (``exact_pairs``), else does the nearest image show b?"""
     a = ctx.cfg.eval.arithmetic
     source = ctx.sources["images"]
     n = ctx.limit(source)
@@ -573,6 +588,9 @@ def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
         lines.append(f"image {i} ({caps[i]!r}) nearest words: "
                      f"{', '.join(name(t) for t in top)}")
     result["nearest_words"] = shown
+    exact = exact_pairs(source, n)
+    if exact is not None:
+        return _exact_arithmetic(v, words, exact, ids, a, n, result, lines)
     pairs = [tuple(p.split("->")) for p in a.pairs]
     bad = [p for p in a.pairs if len(p.split("->")) != 2]
     if bad:
@@ -604,6 +622,29 @@ def arithmetic(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any],
                  Row("control: the image alone", pct(acc["image_only"])),
                  Row("control: word(b) alone", pct(acc["word_only"])), *lines]
     return result, lines
+
+
+def _exact_arithmetic(v: np.ndarray, words: np.ndarray, pairs: list[tuple[int, str, str, int]],
+                      ids: Callable[[str], list[int]], a: ml_collections.ConfigDict, n: int,
+                      result: dict[str, Any], lines: list) -> tuple[dict[str, Any], list]:
+    """Recall@K of each exact pair's target (evals/arithmetic.target_recall) among the n images
+    v [n, D], beside chance and the word-only / image-only controls."""
+    ks = tuple(int(k) for k in a.get("ks", (1, 5)))
+    scored = arithmetic_lib.target_recall(
+        v, words, [(q, ids(minus), ids(plus), t) for q, minus, plus, t in pairs], ks)
+    result.update(target=scored, protocol={
+        "pairs": "exact: data/digit_scenes.arithmetic_pairs (the same scene, one digit a -> b)",
+        "num_images": n, "num_queries": len(pairs), "gallery": n - 1, "ks": list(ks),
+        "ties": "pessimistic (every other image scoring >= the target is ahead of it)"})
+    rows = []
+    for k in ks:
+        key = f"R@{k}"
+        rows += [Row(f"image - a + b -> its target, R@{k} ({len(pairs)} queries, {n - 1} "
+                     "candidates)", pct(scored["arithmetic"][key]),
+                     f"chance {pct(scored['chance'][key])}"),
+                 Row(f"  control: word(b) alone, R@{k}", pct(scored["word_only"][key])),
+                 Row(f"  control: the image alone, R@{k}", pct(scored["image_only"][key]))]
+    return result, [*rows, *lines]
 
 
 def _dataset(ctx: Evaluator, name: str) -> tuple[str, str]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lqae_vlap.evals.arithmetic import (arithmetic, combine, contains_word, nearest_images,
-                                        nearest_words)
+                                        nearest_words, target_ranks, target_recall)
 
 # Orthogonal "concepts": dog, grass, cat, sofa (basis vectors of R^4).
 DOG, GRASS, CAT, SOFA = np.eye(4)
@@ -115,3 +115,82 @@ def test_zero_candidate_rows_are_never_returned():
 def test_contains_word():
     assert contains_word("A handwritten digit Seven", "seven")
     assert not contains_word("a handwritten digit seventeen", "seven")
+
+
+# --- exact targets --------------------------------------------------------------------------------
+
+# Word ids 0 dog, 1 grass, 2 cat, 3 sofa. Images: 0 dog-on-grass (query), 1 cat-on-grass (its
+# target), 2 dog-on-grass with a little sofa (the query's near-duplicate), 3 a cat alone.
+TARGET_BANK = np.stack([DOG + GRASS, CAT + GRASS, DOG + GRASS + 0.2 * SOFA, CAT])
+TARGET_PAIRS = [(0, [0], [2], 1), (1, [2], [0], 0)]  # dog->cat and back
+
+
+def test_target_ranks_by_hand():
+    # Pair 0, by hand (axes dog, grass, cat, sofa): t = unit(dog+grass) - dog + cat =
+    # (1/sqrt2 - 1, 1/sqrt2, 1, 0); cos(t, image 1) = 1.707/(1.414|t|) beats image 3's 1/|t|
+    # and image 2's 0.414/(1.428|t|): rank 0. cat alone: image 3 (cos 1) before 1 (0.707): rank 1.
+    # The query alone: image 2 (cos 0.99) before 1 (0.5): rank 1.
+    # Pair 1: unit(cat+grass) - cat + dog: image 0 (1.707/1.414) before 2 (1.707/1.428): rank 0.
+    # dog alone: image 0 (0.707) before image 2 (1/1.428 = 0.700): rank 0. Image 1 alone: image 3
+    # (0.707) before 0 (0.5): rank 1.
+    ranks = target_ranks(3.0 * TARGET_BANK, np.eye(4), TARGET_PAIRS)  # scale must not matter
+    assert {m: r.tolist() for m, r in ranks.items()} == {
+        "arithmetic": [0, 0], "word_only": [1, 0], "image_only": [1, 1]}
+    got = target_recall(TARGET_BANK, np.eye(4), TARGET_PAIRS, ks=(1, 2))
+    assert got["arithmetic"] == {"R@1": 1.0, "R@2": 1.0}
+    assert got["word_only"] == {"R@1": 0.5, "R@2": 1.0}
+    assert got["image_only"] == {"R@1": 0.0, "R@2": 1.0}
+    # Each query ranks the 3 other images: chance K / 3.
+    assert got["chance"] == pytest.approx({"R@1": 1 / 3, "R@2": 2 / 3})
+    assert (got["num_queries"], got["gallery"]) == (2, 3)
+
+
+def test_target_ties_count_against_the_target():
+    # Identical images: every other candidate ties with the target and is ranked ahead of it.
+    bank = np.ones((5, 4))
+    ranks = target_ranks(bank, np.eye(4), [(0, [0], [1], 3)])
+    assert all(r.tolist() == [3] for r in ranks.values())
+    assert target_recall(bank, np.eye(4), [(0, [0], [1], 3)], ks=(1,))["arithmetic"]["R@1"] == 0.0
+
+
+def _brute_force_rank(bank, words, q, minus, plus, t, mode):
+    def unit(v):
+        return v / math.sqrt(sum(x * x for x in v))
+
+    vec = [0.0] * bank.shape[1]
+    if mode != "word_only":
+        vec = list(unit(bank[q]))
+    if mode != "image_only":
+        for i in plus:
+            vec = [a + b for a, b in zip(vec, unit(words[i]))]
+    if mode == "arithmetic":
+        for i in minus:
+            vec = [a - b for a, b in zip(vec, unit(words[i]))]
+    cos = [sum(a * b for a, b in zip(unit(row), vec)) / math.sqrt(sum(x * x for x in vec))
+           for row in bank]
+    return sum(1 for j in range(len(bank)) if j not in (q, t) and cos[j] >= cos[t])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_target_ranks_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    bank, words = rng.normal(size=(12, 5)), rng.normal(size=(7, 5))
+    # Multi-token words: two ids for word(a) in one pair, two for word(b) in another.
+    pairs = [(0, [1], [2], 5), (3, [4, 6], [0], 7), (11, [2], [5, 3], 1)]
+    ranks = target_ranks(bank, words, pairs)
+    for mode, got in ranks.items():
+        want = [_brute_force_rank(bank, words, q, m, p, t, mode) for q, m, p, t in pairs]
+        assert got.tolist() == want, mode
+
+
+def test_target_bad_inputs():
+    with pytest.raises(ValueError, match="two different images"):
+        target_ranks(TARGET_BANK, np.eye(4), [(0, [0], [2], 0)])
+    with pytest.raises(ValueError, match="two different images"):
+        target_ranks(TARGET_BANK, np.eye(4), [(0, [0], [2], 4)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        target_ranks(TARGET_BANK, np.eye(4), [(0, [9], [2], 1)])
+    with pytest.raises(ValueError, match="share D"):
+        target_ranks(TARGET_BANK, np.eye(3), TARGET_PAIRS)
+    with pytest.raises(ValueError, match="at least one"):
+        target_recall(TARGET_BANK, np.eye(4), [])
