@@ -54,6 +54,19 @@ from lqae_vlap.ops import pixels
 from lqae_vlap.ops import quantize as quantize_lib
 
 
+# config.quantizer.codebook: the frozen LM's word embeddings (LQAE) or a trained table of the same
+# [V, D] (a plain VQ-VAE, methods/lqae.py), whose code i the LM reads as its word i.
+CODEBOOKS = ("lm", "learned")
+
+
+def search_codebook(params, frozen, cfg: ml_collections.ConfigDict) -> jax.Array:
+    """The [V, D] table the encoder's vectors are quantized to: ``params['codebook']`` for
+    ``quantizer.codebook='learned'``, else the frozen LM's word embeddings."""
+    if cfg.quantizer.codebook == "learned":
+        return params["codebook"]
+    return roberta.word_embedding_matrix(frozen["lm"])
+
+
 def released_probe_features(params, frozen, images, *, model, lm, cfg) -> jax.Array:
     """images [B, H, W, C] uint8 -> the released linear probe's features [B, L_enc * W_enc +
     (L_lm + 1) * D_lm] float32 (lqae/main/linear_main.py ``combine_representation`` with
@@ -61,16 +74,17 @@ def released_probe_features(params, frozen, images, *, model, lm, cfg) -> jax.Ar
 
     The ViT encoder's block outputs 1..L (its patch embeddings are not among the released
     ``encoder_embedding``) and the frozen LM's hidden states 0..L over the quantized words, no
-    masking, each averaged over the tokens after the first and concatenated in that order.
+    masking, each averaged over the tokens after the first and concatenated in that order. (A
+    learned codebook's codes reach the LM as its words of the same ids.)
     """
     x = pixels.to_float(images, tuple(cfg.model.pixel_range))
     z, state = model.apply({"params": params}, x, method="encode", mutable=["intermediates"])
     encoder_states = vit.hidden_states(state["intermediates"]["encoder"])[1:]
-    codebook = roberta.word_embedding_matrix(frozen["lm"])
-    q = quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
-                              chunk_size=cfg.quantizer.chunk_size,
+    words = roberta.word_embedding_matrix(frozen["lm"])
+    q = quantize_lib.quantize(z, search_codebook(params, frozen, cfg),
+                              metric=cfg.quantizer.metric, chunk_size=cfg.quantizer.chunk_size,
                               straight_through_on=cfg.quantizer.straight_through_on)
-    lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=codebook[q.indices],
+    lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=words[q.indices],
                       with_lm_head=False, output_hidden_states=True)
     return probe_lib.token_means_after_first([*encoder_states, *lm_out["hidden_states"]])
 
@@ -79,8 +93,8 @@ def encode_words(params, frozen, images, *, model, cfg) -> jax.Array:
     """images: [B, H, W, C] uint8 -> the words they become: token ids [B, N]."""
     z = model.apply({"params": params}, pixels.to_float(images, tuple(cfg.model.pixel_range)),
                     method="encode")
-    codebook = roberta.word_embedding_matrix(frozen["lm"])
-    return quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
+    return quantize_lib.quantize(z, search_codebook(params, frozen, cfg),
+                                 metric=cfg.quantizer.metric,
                                  chunk_size=cfg.quantizer.chunk_size,
                                  straight_through_on=cfg.quantizer.straight_through_on).indices
 
