@@ -108,10 +108,12 @@ def get_config(arg=None):
         # support block (Frozen's convention: 0 = each support image shown once); the LLM generates max_new_tokens greedily, scored by exact match.
         # prompt_policy: 'truncate_words' (fewer evenly spaced words per image so the prompt fits
         # the LLM's max_position_embeddings) or 'error'. text_mode: fewshot.image_text's mode.
+        # ranking: also score the likelihood of each of the episode's names (ways x the
+        # generation's prompt rows; False: exact match only).
         fewshot_frozen=dict(every=-1, split="validation", names="nonsense", ways=(2, 5),
                             inner_shots=(1, 3, 5), repeats=0, queries=1, episodes=20, seed=0,
                             task_induction=True, max_new_tokens=8,
-                            prompt_policy="truncate_words", text_mode="decode"),
+                            prompt_policy="truncate_words", text_mode="decode", ranking=True),
         linear_probe=dict(every=-1),  # its knobs are eval.probe's
         # The released probe (lqae/main/linear_main.py; evals/linear_probe.py): features
         # 'released' = every ViT-encoder block's and every LM hidden state's mean over the tokens

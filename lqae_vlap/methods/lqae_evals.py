@@ -354,7 +354,9 @@ def fewshot_frozen(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, A
             cell = frozen_lib.run_frozen_fewshot(
                 labels, class_names, ids, lambda row: fewshot_lib.image_text(
                     row, ctx.tokenizer, mode=mode), generate_fn=llm.generate,
-                count_tokens=llm.count_tokens, lm_scorer=llm.scorer,
+                count_tokens=llm.count_tokens,
+                # The ranking scores ways x ways prompt rows per episode, the generation ways.
+                lm_scorer=llm.scorer if fz.get("ranking", True) else None,
                 context_length=llm.context_length, n_way=n_way, inner_shots=k_shot,
                 repeats=fz.repeats, n_query=fz.queries, num_episodes=fz.episodes, seed=fz.seed,
                 names=fz.names, task_induction=fz.task_induction,
@@ -362,10 +364,11 @@ def fewshot_frozen(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, A
             key = f"{n_way}way_{k_shot}shot"
             r[key] = cell
             words = int(cell["words_per_image"])
+            ranking = (f"ranking {pct(cell['ranking_accuracy'])} +- "
+                       f"{100 * cell['ranking_ci95']:.1f}, " if "ranking_accuracy" in cell else "")
             rows.append(Row(f"{n_way}way {k_shot}shot", f"{pct(cell['accuracy'])} +- "
                             f"{100 * cell['ci95']:.1f}",
-                            f"chance {pct(cell['chance'], 0)}, ranking {pct(cell['ranking_accuracy'])}"
-                            f" +- {100 * cell['ranking_ci95']:.1f}, {words} words/image, "
+                            f"chance {pct(cell['chance'], 0)}, {ranking}{words} words/image, "
                             f"<= {int(cell['prompt_tokens_max'])} tokens"))
     return r, rows + [
         f"({proto['name']}: {fz.names} names, repeats {fz.repeats}, task induction "
