@@ -285,7 +285,8 @@ def markdown_table(study: dict[str, Any]) -> str:
     control = ["chance / control"]
     for m in metrics:
         c = study["chance"].get(m["key"])
-        text = "—" if c is None else (f"{_fmt(c, m['unit'])}{'%' if m['unit'] == '%' else ' dB'}")
+        suffix = {"%": "%", "dB": " dB"}.get(m["unit"], "")
+        text = "—" if c is None else f"{_fmt(c, m['unit'])}{suffix}"
         if m["key"] == "probe_top1" and c is not None:
             text = f"majority {text}"
         elif m["unit"] == "dB" and c is not None:
