@@ -72,10 +72,15 @@ def get_config(arg=None):
     )
     # Nearest word by cosine (the released l2_normalize=True normalises the search's copies); the
     # RAW word vector goes on, and the straight-through and commitment see the raw encoder output.
-    c.quantizer = dict(metric="cosine", straight_through_on="raw", chunk_size=8192)
-    # As released: the image is reconstructed only through the frozen LM.
+    # codebook: 'lm' (LQAE: the frozen LM's words) or 'learned' (the paper's VQ-VAE baseline, the
+    # authors' strawman_codebook: a trained table of the LM's [V, D], init normal(learned_init_std)
+    # as theirs, trained by loss.codebook; its code i is the LM's word i wherever an LM reads it).
+    c.quantizer = dict(metric="cosine", straight_through_on="raw", chunk_size=8192,
+                       codebook="lm", learned_init_std=0.02)
+    # As released: the image is reconstructed only through the frozen LM. codebook: the VQ-VAE
+    # codebook term's weight (quantizer.codebook='learned' only; the authors' q_latent_loss, 1.0).
     c.loss = dict(recon_quantized=0.0, recon_lm=1.0, commitment=0.005, mlm=1e-4,
-                  mask_ratio_min=0.5, mask_ratio_max=0.5)
+                  mask_ratio_min=0.5, mask_ratio_max=0.5, codebook=1.0)
 
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.data.batch_size
     c.optim = dict(lr=1.5e-4, lr_scale_batch=256, b1=0.9, b2=0.95, eps=1e-8,
@@ -105,10 +110,12 @@ def get_config(arg=None):
         # support block (Frozen's convention: 0 = each support image shown once); the LLM generates max_new_tokens greedily, scored by exact match.
         # prompt_policy: 'truncate_words' (fewer evenly spaced words per image so the prompt fits
         # the LLM's max_position_embeddings) or 'error'. text_mode: fewshot.image_text's mode.
+        # ranking: also score the likelihood of each of the episode's names (ways x the
+        # generation's prompt rows; False: exact match only).
         fewshot_frozen=dict(every=-1, split="validation", names="nonsense", ways=(2, 5),
                             inner_shots=(1, 3, 5), repeats=0, queries=1, episodes=20, seed=0,
                             task_induction=True, max_new_tokens=8,
-                            prompt_policy="truncate_words", text_mode="decode"),
+                            prompt_policy="truncate_words", text_mode="decode", ranking=True),
         linear_probe=dict(every=-1),  # its knobs are eval.probe's
         # The released probe (lqae/main/linear_main.py; evals/linear_probe.py): features
         # 'released' = every ViT-encoder block's and every LM hidden state's mean over the tokens

@@ -1,6 +1,6 @@
 """Imports point down only: the package's layering, checked on every import statement.
 
-    core (sharding, files)  <-  ops, models, data, evals  <-  methods  <-  train  <-  main
+    core (sharding, files)  <-  ops, models, data, evals  <-  methods  <-  train  <-  main, studies
 
 data and evals never import each other; ops, the numerical kernels, and models, the Flax modules
 and their loaders, import only core; the trainer knows a method only through its record
@@ -29,6 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "methods": {"core", "ops", "models", "data", "evals"},
     "train": {"core", "methods.method"},
     "main": {"core", "ops", "models", "data", "evals", "methods", "train"},
+    # Multi-run studies drive the trainer as main does.
+    "studies": {"core", "ops", "models", "data", "evals", "methods", "train"},
 }
 
 
@@ -87,6 +89,8 @@ def test_imports_point_down():
     ("lqae_vlap.train.trainer", "lqae_vlap.methods.method", True),
     ("lqae_vlap.train.trainer", "lqae_vlap.methods.vlap", False),
     ("lqae_vlap.core.files", "lqae_vlap.models.hf_weights", False),
+    ("lqae_vlap.studies.lqae_ablation", "lqae_vlap.train.trainer", True),
+    ("lqae_vlap.train.trainer", "lqae_vlap.studies.lqae_ablation", False),
 ])
 def test_the_rule_itself(importer, imported, ok):
     """The checker can fail: each kind of forbidden import is recognised as one."""

@@ -21,6 +21,15 @@ does ToTensor and no mean/std), both as the encoder's input and as the reconstru
 
 The frozen LM sits outside the optimizer and outside autodiff (its weights are an argument that
 ``jax.grad`` does not differentiate); gradients still flow *through* it to the encoder.
+
+The paper's baseline, a plain VQ-VAE (``config.quantizer.codebook='learned'``; the authors' code
+calls its table the "strawman codebook"): the nearest rows of a TRAINED [V, D] table of the frozen
+LM's vocabulary size and width replace the LM's words, initialised normal(``quantizer
+.learned_init_std``, 0.02 as the authors' strawman_codebook) and trained by the VQ-VAE codebook
+term ``loss.codebook * mean((C[idx] - sg(s))^2)`` (gradient descent, not EMA; the authors'
+q_latent_loss), s being what the straight-through sees. Where the LM reads the codes (the refill
+path, the probe, the few-shot prompts), code id i is written as the LM's word i. With
+``loss.recon_lm=0`` and ``loss.mlm=0`` the frozen LM is not run in training at all.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from lqae_vlap.data import sources as sources_lib
 from lqae_vlap.evals import runner as eval_runner
 from lqae_vlap.methods import lqae_evals
 from lqae_vlap.methods.method import Method
-from lqae_vlap.models import roberta, vit, vit_released
+from lqae_vlap.models import layers, roberta, vit, vit_released
 from lqae_vlap.ops import losses, pixels
 from lqae_vlap.ops import quantize as quantize_lib
 
@@ -68,6 +77,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if mode not in quantize_lib.STRAIGHT_THROUGH_ON:
         raise ValueError(f"config.quantizer.straight_through_on={mode!r} is not one of "
                          f"{quantize_lib.STRAIGHT_THROUGH_ON} ('raw' as released)")
+    if config.quantizer.codebook not in lqae_evals.CODEBOOKS:
+        raise ValueError(f"config.quantizer.codebook={config.quantizer.codebook!r} is not one of "
+                         f"{lqae_evals.CODEBOOKS}: 'lm' = the frozen LM's words (LQAE), 'learned' "
+                         "= a trained table of the same size (a plain VQ-VAE)")
 
 
 def to_model_pixels(images: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -83,6 +96,9 @@ class LQAEModel(nn.Module):
     config: ml_collections.ConfigDict  # config.model
     lm_width: int
     dtype: Any = jnp.float32
+    # quantizer.codebook='learned': the trained codebook's rows (the LM's vocabulary size), 0 none.
+    codebook_size: int = 0
+    codebook_init_std: float = 0.02
 
     def setup(self):
         m = self.config
@@ -95,6 +111,12 @@ class LQAEModel(nn.Module):
             image_size=m.image_size, patch_size=m.patch_size, channels=m.channels,
             width=m.decoder.width, depth=m.decoder.depth, num_heads=m.decoder.num_heads,
             mlp_dim=m.decoder.mlp_dim, dtype=self.dtype, remat=m.get("remat", False))
+        if self.codebook_size:
+            # [V, D] float32, read as params["codebook"] by forward (searched, never through here).
+            self.codebook = self.param(
+                "codebook", layers.logical_init(("vocab", "embed"),
+                                                nn.initializers.normal(self.codebook_init_std)),
+                (self.codebook_size, self.lm_width), jnp.float32)
 
     def encode(self, images: jax.Array) -> jax.Array:
         """images: [B, H, W, C] float in config.pixel_range -> z: [B, N, lm_width]."""
@@ -124,11 +146,12 @@ def random_mask(rng: jax.Array, batch: int, tokens: int, min_ratio: float,
 
 def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.MaskedLM,
             cfg: ml_collections.ConfigDict, with_mlm: bool, with_recon_q: bool = True,
-            logits_at_masked: bool = False):
+            logits_at_masked: bool = False, with_lm: bool = True):
     """The whole LQAE forward pass; returns a dict of intermediates (used by loss and evals).
 
     images: [B, H, W, C] uint8 (converted here, on the device) or float in config.model
-    .pixel_range. with_recon_q=False skips the decoder on the quantized words ('recon_q' None).
+    .pixel_range. with_recon_q=False skips the decoder on the quantized words ('recon_q' None);
+    with_lm=False skips the frozen LM and the decoder on its output ('lm_out', 'recon_lm' None).
     logits_at_masked: the MLM head runs only at the masked positions, gathered to a static
     bound K = ceil(mask_ratio_max * N) ('mlm_at' [B, K] positions, 'mlm_valid' [B, K]): the loss
     scores only those, and the head's [B, N, V] logits would cost N / K times the FLOPs and memory.
@@ -136,24 +159,29 @@ def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.Masked
     images = to_model_pixels(images, cfg)
     z = model.apply({"params": params}, images, method=LQAEModel.encode)
     b, n, _ = z.shape
-    codebook = roberta.word_embedding_matrix(frozen["lm"])
+    words = roberta.word_embedding_matrix(frozen["lm"])
     # Released (lqae/models/lqae.py LanguageQuantizer.__call__): the search is on L2-normalised
     # copies (cosine), the straight-through and commitment on the raw z; 'normalized' is an option.
-    q = quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
-                              chunk_size=cfg.quantizer.chunk_size,
+    q = quantize_lib.quantize(z, lqae_evals.search_codebook(params, frozen, cfg),
+                              metric=cfg.quantizer.metric, chunk_size=cfg.quantizer.chunk_size,
                               straight_through_on=cfg.quantizer.straight_through_on)
     mask = random_mask(rng, b, n, cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max)
-    mask_vec = codebook[frozen["mask_token_id"]].astype(q.quantized_st.dtype)
-    lm_in = jnp.where(mask[..., None], mask_vec, q.quantized_st)
-    at = valid = None
-    if with_mlm and logits_at_masked:
-        at, valid = losses.masked_positions(mask, losses.max_masked(n, cfg.loss.mask_ratio_max))
-    lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=lm_in, with_lm_head=with_mlm,
-                      logits_at=at)
+    at = valid = lm_out = recon_lm = None
+    if with_lm:
+        # A learned codebook's code i reaches the LM as the LM's word i (no gradient path).
+        lm_words = (q.quantized_st if cfg.quantizer.codebook == "lm"
+                    else jnp.take(words, q.indices, axis=0).astype(q.quantized_st.dtype))
+        mask_vec = words[frozen["mask_token_id"]].astype(lm_words.dtype)
+        lm_in = jnp.where(mask[..., None], mask_vec, lm_words)
+        if with_mlm and logits_at_masked:
+            at, valid = losses.masked_positions(mask,
+                                                losses.max_masked(n, cfg.loss.mask_ratio_max))
+        lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=lm_in, with_lm_head=with_mlm,
+                          logits_at=at)
+        recon_lm = model.apply({"params": params}, lm_out["last_hidden_state"],
+                               method=LQAEModel.decode)
     recon_q = (model.apply({"params": params}, q.quantized_st, method=LQAEModel.decode)
                if with_recon_q else None)
-    recon_lm = model.apply({"params": params}, lm_out["last_hidden_state"],
-                           method=LQAEModel.decode)
     return dict(z=z, q=q, mask=mask, lm_out=lm_out, recon_q=recon_q, recon_lm=recon_lm,
                 mlm_at=at, mlm_valid=valid)
 
@@ -161,27 +189,37 @@ def forward(params, frozen, images, rng, *, model: LQAEModel, lm: roberta.Masked
 def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
     w = cfg.loss
     with_mlm = w.mlm > 0
-    # A zero weight would still cost the decoder's forward and backward on q: skip the pass.
+    # A zero weight would still cost the decoder's forward and backward on q: skip the pass;
+    # likewise the frozen LM when neither the refill reconstruction nor the masked LM reads it.
     with_recon_q = w.recon_quantized != 0
+    with_lm = w.recon_lm != 0 or with_mlm
     out = forward(params, frozen, batch["image"], rng, model=model, lm=lm, cfg=cfg,
-                  with_mlm=with_mlm, with_recon_q=with_recon_q, logits_at_masked=True)
+                  with_mlm=with_mlm, with_recon_q=with_recon_q, logits_at_masked=True,
+                  with_lm=with_lm)
     x = to_model_pixels(batch["image"], cfg)
-    rec_lm = jnp.mean(jnp.square(out["recon_lm"].astype(jnp.float32) - x))
     q = out["q"]
     mlm = (losses.masked_cross_entropy(out["lm_out"]["logits"],
                                        jnp.take_along_axis(q.indices, out["mlm_at"], axis=1),
                                        out["mlm_valid"])
            if with_mlm else jnp.zeros(()))
-    loss = w.recon_lm * rec_lm + w.commitment * q.commitment + w.mlm * mlm
+    aux = {}
+    if with_lm:
+        aux["recon_lm"] = jnp.mean(jnp.square(out["recon_lm"].astype(jnp.float32) - x))
+        loss = w.recon_lm * aux["recon_lm"] + w.commitment * q.commitment + w.mlm * mlm
+    else:
+        loss = w.commitment * q.commitment + w.mlm * mlm
     vocab = roberta.word_embedding_matrix(frozen["lm"]).shape[0]
-    aux = {
-        "recon_lm": rec_lm,
+    aux.update({
         "commitment": q.commitment,
         "mlm": mlm,
         "codebook_usage": quantize_lib.codebook_usage(q.indices, vocab),
         "perplexity": quantize_lib.perplexity(q.indices, vocab),
         "mask_ratio": jnp.mean(out["mask"].astype(jnp.float32)),
-    }
+    })
+    if cfg.quantizer.codebook == "learned":
+        target = quantize_lib.straight_through_input(out["z"], cfg.quantizer.straight_through_on)
+        aux["codebook_loss"] = quantize_lib.codebook_loss(params["codebook"], q.indices, target)
+        loss = loss + w.codebook * aux["codebook_loss"]
     if with_recon_q:
         aux["recon_quantized"] = jnp.mean(jnp.square(out["recon_q"].astype(jnp.float32) - x))
         loss = loss + w.recon_quantized * aux["recon_quantized"]
@@ -227,7 +265,11 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
             f"config.loss.mlm={config.loss.mlm} needs a masked-LM head, but {m.lm_path} has none "
             "(a plain encoder checkpoint); set --config.loss.mlm=0 or use a *ForMaskedLM checkpoint")
     lm_width = lm.config.hidden_size
-    model = LQAEModel(config=m, lm_width=lm_width, dtype=dtype)
+    vocab = roberta.word_embedding_matrix(lm_params).shape[0]
+    learned = config.quantizer.codebook == "learned"
+    model = LQAEModel(config=m, lm_width=lm_width, dtype=dtype,
+                      codebook_size=vocab if learned else 0,
+                      codebook_init_std=float(config.quantizer.learned_init_std))
     replicated = sharding_lib.replicated(mesh)
 
     def init_params(rng):
@@ -239,6 +281,9 @@ def build(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False) ->
                 f"{m.decoder.width}x{m.decoder.depth} dec, patch {m.patch_size} on "
                 f"{m.image_size}px, frozen {hf_config.model_type} from {m.lm_path} (vocab "
                 f"{lm.config.vocab_size}, width {lm_width})")
+    if learned:
+        describe += (f"; codebook: LEARNED [{vocab}, {lm_width}] (a plain VQ-VAE; the LM reads "
+                     "its code ids as its own words)")
     if abstract:
         frozen = {"lm": lm_params,
                   "mask_token_id": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}

@@ -54,6 +54,19 @@ from lqae_vlap.ops import pixels
 from lqae_vlap.ops import quantize as quantize_lib
 
 
+# config.quantizer.codebook: the frozen LM's word embeddings (LQAE) or a trained table of the same
+# [V, D] (a plain VQ-VAE, methods/lqae.py), whose code i the LM reads as its word i.
+CODEBOOKS = ("lm", "learned")
+
+
+def search_codebook(params, frozen, cfg: ml_collections.ConfigDict) -> jax.Array:
+    """The [V, D] table the encoder's vectors are quantized to: ``params['codebook']`` for
+    ``quantizer.codebook='learned'``, else the frozen LM's word embeddings."""
+    if cfg.quantizer.codebook == "learned":
+        return params["codebook"]
+    return roberta.word_embedding_matrix(frozen["lm"])
+
+
 def released_probe_features(params, frozen, images, *, model, lm, cfg) -> jax.Array:
     """images [B, H, W, C] uint8 -> the released linear probe's features [B, L_enc * W_enc +
     (L_lm + 1) * D_lm] float32 (lqae/main/linear_main.py ``combine_representation`` with
@@ -61,16 +74,17 @@ def released_probe_features(params, frozen, images, *, model, lm, cfg) -> jax.Ar
 
     The ViT encoder's block outputs 1..L (its patch embeddings are not among the released
     ``encoder_embedding``) and the frozen LM's hidden states 0..L over the quantized words, no
-    masking, each averaged over the tokens after the first and concatenated in that order.
+    masking, each averaged over the tokens after the first and concatenated in that order. (A
+    learned codebook's codes reach the LM as its words of the same ids.)
     """
     x = pixels.to_float(images, tuple(cfg.model.pixel_range))
     z, state = model.apply({"params": params}, x, method="encode", mutable=["intermediates"])
     encoder_states = vit.hidden_states(state["intermediates"]["encoder"])[1:]
-    codebook = roberta.word_embedding_matrix(frozen["lm"])
-    q = quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
-                              chunk_size=cfg.quantizer.chunk_size,
+    words = roberta.word_embedding_matrix(frozen["lm"])
+    q = quantize_lib.quantize(z, search_codebook(params, frozen, cfg),
+                              metric=cfg.quantizer.metric, chunk_size=cfg.quantizer.chunk_size,
                               straight_through_on=cfg.quantizer.straight_through_on)
-    lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=codebook[q.indices],
+    lm_out = lm.apply({"params": frozen["lm"]}, inputs_embeds=words[q.indices],
                       with_lm_head=False, output_hidden_states=True)
     return probe_lib.token_means_after_first([*encoder_states, *lm_out["hidden_states"]])
 
@@ -79,8 +93,8 @@ def encode_words(params, frozen, images, *, model, cfg) -> jax.Array:
     """images: [B, H, W, C] uint8 -> the words they become: token ids [B, N]."""
     z = model.apply({"params": params}, pixels.to_float(images, tuple(cfg.model.pixel_range)),
                     method="encode")
-    codebook = roberta.word_embedding_matrix(frozen["lm"])
-    return quantize_lib.quantize(z, codebook, metric=cfg.quantizer.metric,
+    return quantize_lib.quantize(z, search_codebook(params, frozen, cfg),
+                                 metric=cfg.quantizer.metric,
                                  chunk_size=cfg.quantizer.chunk_size,
                                  straight_through_on=cfg.quantizer.straight_through_on).indices
 
@@ -340,7 +354,9 @@ def fewshot_frozen(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, A
             cell = frozen_lib.run_frozen_fewshot(
                 labels, class_names, ids, lambda row: fewshot_lib.image_text(
                     row, ctx.tokenizer, mode=mode), generate_fn=llm.generate,
-                count_tokens=llm.count_tokens, lm_scorer=llm.scorer,
+                count_tokens=llm.count_tokens,
+                # The ranking scores ways x ways prompt rows per episode, the generation ways.
+                lm_scorer=llm.scorer if fz.get("ranking", True) else None,
                 context_length=llm.context_length, n_way=n_way, inner_shots=k_shot,
                 repeats=fz.repeats, n_query=fz.queries, num_episodes=fz.episodes, seed=fz.seed,
                 names=fz.names, task_induction=fz.task_induction,
@@ -348,10 +364,11 @@ def fewshot_frozen(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, A
             key = f"{n_way}way_{k_shot}shot"
             r[key] = cell
             words = int(cell["words_per_image"])
+            ranking = (f"ranking {pct(cell['ranking_accuracy'])} +- "
+                       f"{100 * cell['ranking_ci95']:.1f}, " if "ranking_accuracy" in cell else "")
             rows.append(Row(f"{n_way}way {k_shot}shot", f"{pct(cell['accuracy'])} +- "
                             f"{100 * cell['ci95']:.1f}",
-                            f"chance {pct(cell['chance'], 0)}, ranking {pct(cell['ranking_accuracy'])}"
-                            f" +- {100 * cell['ranking_ci95']:.1f}, {words} words/image, "
+                            f"chance {pct(cell['chance'], 0)}, {ranking}{words} words/image, "
                             f"<= {int(cell['prompt_tokens_max'])} tokens"))
     return r, rows + [
         f"({proto['name']}: {fz.names} names, repeats {fz.repeats}, task induction "

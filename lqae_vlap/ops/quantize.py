@@ -281,6 +281,32 @@ def nearest_neighbors_sharded(x: jax.Array, codebook: jax.Array, mesh: Mesh, *,
     return dist[:n], idx[:n]
 
 
+def straight_through_input(x: jax.Array, straight_through_on: str = "raw") -> jax.Array:
+    """What ``quantize``'s straight-through and commitment see: x [..., D] itself ('raw') or
+    x / |x| ('normalized', |x|^2 floored at 1e-12), in x's dtype."""
+    if straight_through_on not in STRAIGHT_THROUGH_ON:
+        raise ValueError(f"straight_through_on={straight_through_on!r} is not supported; use one "
+                         f"of {STRAIGHT_THROUGH_ON}")
+    if straight_through_on == "raw":
+        return x
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (xf * lax.rsqrt(jnp.maximum(jnp.sum(xf * xf, -1, keepdims=True), 1e-12))
+            ).astype(x.dtype)
+
+
+def codebook_loss(codebook: jax.Array, indices: jax.Array, target: jax.Array) -> jax.Array:
+    """The VQ-VAE codebook term (van den Oord et al. 2017; the authors' ``q_latent_loss``) for a
+    LEARNED codebook: mean((codebook[indices] - stop_gradient(target))^2).
+
+    codebook: [K, D] (differentiated); indices: [...] int codes from the search; target: [..., D]
+    the vectors they quantize (``straight_through_input`` of the encoder output; no gradient).
+    Returns a float32 scalar whose gradient moves each used row towards the mean of its targets:
+    d/dC_k = 2 / M * sum_{i: indices_i = k} (C_k - target_i), M = target.size; unused rows get 0.
+    """
+    rows = jnp.take(codebook, indices, axis=0).astype(jnp.float32)
+    return jnp.mean(jnp.square(rows - lax.stop_gradient(target).astype(jnp.float32)))
+
+
 @flax.struct.dataclass
 class QuantizeOutput:
     """Result of ``quantize`` for x: [..., D] (k neighbours searched).
@@ -338,10 +364,7 @@ def quantize(x: jax.Array, codebook: jax.Array, *, metric: str = "cosine", k: in
     if x.ndim < 1 or codebook.ndim != 2 or x.shape[-1] != codebook.shape[-1]:
         raise ValueError(f"quantize expects x [..., D] and codebook [K, D] with equal D, got "
                          f"{x.shape} and {codebook.shape}")
-    if straight_through_on == "normalized":
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        x = (xf * lax.rsqrt(jnp.maximum(jnp.sum(xf * xf, -1, keepdims=True), 1e-12))
-             ).astype(x.dtype)
+    x = straight_through_input(x, straight_through_on)
     lead = x.shape[:-1]
     search = nearest_neighbors if search_fn is None else search_fn
     dist, idx = search(x.reshape(-1, x.shape[-1]), codebook, k=k, metric=metric,

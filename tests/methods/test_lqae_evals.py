@@ -201,6 +201,11 @@ def test_fewshot_frozen_writes_protocol_and_fits_the_context(tmp_path, tiny_mlm_
     assert "fewshot_frozen @ step 5" in out and "2way 1shot" in out and "words/image" in out
     ctx = method.evaluate.__self__
     assert ctx.sources["mini_imagenet"].class_names == ("house finch", "malamute")
+    ctx.cfg.eval.fewshot_frozen.ranking = False  # exact match only: the same generations
+    method.evaluate(params, method.frozen, 7, str(tmp_path))
+    with open(tmp_path / "eval_fewshot_frozen_000007.json") as f:
+        plain = json.load(f)["2way_1shot"]
+    assert "ranking_accuracy" not in plain and plain["accuracy"] == cell["accuracy"]
     ctx.cfg.eval.fewshot_frozen.prompt_policy = "error"  # the same LLM and words
     with pytest.raises(ValueError, match=r"exceeds the \d+ the LLM's context.*truncate_words"):
         method.evaluate(params, method.frozen, 6, str(tmp_path))

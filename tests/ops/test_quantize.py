@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from lqae_vlap.ops.quantize import (
+    codebook_loss,
     codebook_usage,
     nearest_neighbors,
     nearest_neighbors_sharded,
     perplexity,
     quantize,
+    straight_through_input,
 )
 from lqae_vlap.core.sharding import make_mesh
 
@@ -359,3 +361,41 @@ def test_sharded_rejects_bad_axes(mesh):
         nearest_neighbors_sharded(x, cb, mesh, codebook_axis="data")
     with pytest.raises(ValueError, match="k=5"):
         nearest_neighbors_sharded(x, cb, mesh, k=5)
+
+
+def test_codebook_loss_and_its_gradient_against_numpy():
+    """The VQ-VAE codebook term of a learned codebook: its value and its gradient w.r.t. the
+    table (2 / M * sum over the tokens coded k of (C_k - s_i), 0 for unused rows) in float64, and
+    no gradient to the target (stop_gradient)."""
+    cb = randn(0, 12, 5)
+    s = randn(1, 3, 4, 5)
+    idx = np.array(jax.jit(lambda x, c: quantize(x, c).indices)(s, cb))
+    idx[0, 0] = idx[0, 1]  # a row used twice sums both pulls
+    value, (g_cb, g_s) = jax.value_and_grad(codebook_loss, argnums=(0, 2))(
+        jnp.asarray(cb), jnp.asarray(idx), jnp.asarray(s))
+    c64, s64 = np.asarray(cb, np.float64), np.asarray(s, np.float64)
+    diff = c64[idx] - s64  # [3, 4, 5]
+    np.testing.assert_allclose(float(value), np.mean(diff ** 2), rtol=1e-6)
+    want = np.zeros_like(c64)
+    np.add.at(want, idx.reshape(-1), 2.0 * diff.reshape(-1, 5) / diff.size)
+    np.testing.assert_allclose(np.asarray(g_cb), want, rtol=1e-5, atol=1e-7)
+    unused = np.setdiff1d(np.arange(12), idx)
+    assert unused.size and not np.asarray(g_cb)[unused].any()
+    assert not np.asarray(g_s).any()
+
+
+@pytest.mark.parametrize("mode", ["raw", "normalized"])
+def test_straight_through_input_is_what_quantize_commits_to(mode):
+    """quantize's commitment is mean((q - s)^2) with s = straight_through_input(x, mode): x
+    itself or x / |x| (float64 reference)."""
+    x, cb = randn(2, 6, 4, scale=3.0), randn(3, 9, 4)
+    s = np.asarray(straight_through_input(jnp.asarray(x), mode), np.float64)
+    x64 = np.asarray(x, np.float64)
+    want = x64 if mode == "raw" else x64 / np.linalg.norm(x64, axis=-1, keepdims=True)
+    np.testing.assert_allclose(s, want, rtol=1e-6)
+    q = quantize(jnp.asarray(x), jnp.asarray(cb), straight_through_on=mode)
+    np.testing.assert_allclose(float(q.commitment),
+                               np.mean((np.asarray(q.quantized, np.float64) - want) ** 2),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="straight_through_on='unit'"):
+        straight_through_input(jnp.asarray(x), "unit")

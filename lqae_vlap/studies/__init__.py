@@ -1,0 +1,1 @@
+"""Studies: several training runs and their evaluations, summarised in one table."""
