@@ -675,3 +675,15 @@ def write_karpathy(root, dataset: str = "flickr30k", n_test: int = 6
     path = root / f"dataset_{dataset}.json"
     path.write_text(json.dumps({"images": images, "dataset": dataset}))
     return path, image_dir
+
+
+# VLAP's opt-125m + CLIP ViT-B/32 preset shrunk by flags to a few seconds' plan-mode compile.
+TINY_VLAP_PLAN = ("--config=configs/vlap_opt.py:opt-125m", "--config.mode=plan",
+                  "--config.model.llm_arch.num_hidden_layers=1",
+                  "--config.model.llm_arch.hidden_size=32", "--config.model.llm_arch.ffn_dim=64",
+                  "--config.model.llm_arch.word_embed_proj_dim=32",
+                  "--config.model.llm_arch.num_attention_heads=2",
+                  "--config.model.vision.arch.num_hidden_layers=1",
+                  "--config.model.vision.arch.num_attention_heads=2",
+                  "--config.model.vision.arch.hidden_size=64",
+                  "--config.model.vision.arch.intermediate_size=64", "--config.data.batch_size=8")

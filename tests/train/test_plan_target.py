@@ -11,19 +11,9 @@ import re
 import pytest
 
 from lqae_vlap.train import plan
-from tests.helpers import run_cli
+from tests.helpers import TINY_VLAP_PLAN, run_cli
 
-# opt-125m + CLIP ViT-B/32 shrunk by flags to a few seconds' compile (as test_plan_vlap.py does).
-TINY_VLAP = ("--config=configs/vlap_opt.py:opt-125m", "--config.mode=plan",
-             "--config.model.llm_arch.num_hidden_layers=1",
-             "--config.model.llm_arch.hidden_size=32", "--config.model.llm_arch.ffn_dim=64",
-             "--config.model.llm_arch.word_embed_proj_dim=32",
-             "--config.model.llm_arch.num_attention_heads=2",
-             "--config.model.vision.arch.num_hidden_layers=1",
-             "--config.model.vision.arch.num_attention_heads=2",
-             "--config.model.vision.arch.hidden_size=64",
-             "--config.model.vision.arch.intermediate_size=64", "--config.data.batch_size=8",
-             "--config.model.llm_dtype=bfloat16")
+TINY_VLAP = (*TINY_VLAP_PLAN, "--config.model.llm_dtype=bfloat16")
 
 
 def _libtpu() -> str | None:

@@ -12,7 +12,7 @@ import pytest
 from lqae_vlap.core import sharding
 from lqae_vlap.methods import vlap
 from lqae_vlap.train import plan
-from tests.helpers import load_config, run_cli
+from tests.helpers import TINY_VLAP_PLAN, load_config, run_cli
 
 # Tiny OPT (pre-LN, word embeddings as wide as the model) and tiny CLIP vision tower.
 V, D, F, LAYERS, HEADS, POS = 96, 16, 32, 2, 2, 64
@@ -112,17 +112,8 @@ def test_abstract_build_reads_nothing_without_an_arch():
 
 def test_plan_cli_offline(tmp_path):
     """The real preset (opt-125m + CLIP ViT-B/32) shrunk by flags, end to end through main.py."""
-    proc = run_cli("--config=configs/vlap_opt.py:opt-125m", f"--workdir={tmp_path}",
-                   "--config.mode=plan", "--config.mesh.fsdp=8", "--config.mesh.data=1",
-                   "--config.model.llm_arch.num_hidden_layers=1",
-                   "--config.model.llm_arch.hidden_size=32", "--config.model.llm_arch.ffn_dim=64",
-                   "--config.model.llm_arch.word_embed_proj_dim=32",
-                   "--config.model.llm_arch.num_attention_heads=2",
-                   "--config.model.vision.arch.num_hidden_layers=1",
-                   "--config.model.vision.arch.num_attention_heads=2",
-                   "--config.model.vision.arch.hidden_size=64",
-                   "--config.model.vision.arch.intermediate_size=64",
-                   "--config.data.batch_size=8", "--config.plan.device_memory_gib=0.001")
+    proc = run_cli(*TINY_VLAP_PLAN, f"--workdir={tmp_path}", "--config.mesh.fsdp=8",
+                   "--config.mesh.data=1", "--config.plan.device_memory_gib=0.001")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "(8 cpu devices)" in out and "frozen weights" in out and "XLA temporaries" in out
