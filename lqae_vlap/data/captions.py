@@ -29,6 +29,7 @@ import numpy as np
 
 from lqae_vlap.data import demo_images
 from lqae_vlap.data.images import read_image_file
+from lqae_vlap.data.indexing import check_index
 
 __all__ = ["digit_caption", "DigitCaptions", "JsonlCaptions", "tokenize_captions", "pad_id",
            "caption_example_fn"]
@@ -109,9 +110,7 @@ class JsonlCaptions:
         return len(self.entries)
 
     def _entry(self, index: int) -> tuple[str, str]:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for JsonlCaptions of length {len(self)}")
+        i = check_index(index, len(self), "JsonlCaptions")
         return self.entries[i]
 
     def fields_without_image(self, index: int) -> dict[str, Any]:

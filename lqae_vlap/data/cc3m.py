@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 import os
 import tarfile
 import warnings
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from lqae_vlap.data.images import BadImage, decode_image
+from lqae_vlap.data.indexing import check_index
 
 LAYOUTS = ("webdataset", "files")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -242,10 +242,7 @@ class Cc3m:
         return len(self._shard)
 
     def _check(self, index: int) -> int:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for Cc3m of length {len(self)}")
-        return i % len(self)
+        return check_index(index, len(self), "Cc3m")
 
     def caption(self, index: int) -> str:
         i = self._check(index)

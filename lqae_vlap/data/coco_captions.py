@@ -32,7 +32,6 @@ for 'train+restval') as JSON and skip the pass next time.
 from __future__ import annotations
 
 import json
-import operator
 import os
 import re
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from lqae_vlap.data.images import decode_image
+from lqae_vlap.data.indexing import check_index
 
 DATASET_NAME = "coco_captions"
 SPLITS = ("train", "restval", "val", "test")
@@ -215,11 +215,7 @@ class CocoCaptions:
         return len(self.image_of_pair) if self.mode == "pairs" else len(self.image_ids)
 
     def _check(self, index: int) -> int:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for CocoCaptions({self.split!r}, "
-                             f"mode={self.mode!r}) of length {len(self)}")
-        return i % len(self)
+        return check_index(index, len(self), f"CocoCaptions({self.split!r}, mode={self.mode!r})")
 
     def fields_without_image(self, index: int) -> dict[str, Any]:
         """Example ``index`` minus 'image', without reading the record (for cached features)."""

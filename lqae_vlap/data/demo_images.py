@@ -17,6 +17,7 @@ import operator
 import numpy as np
 from PIL import Image
 
+from lqae_vlap.data.indexing import check_index
 from lqae_vlap.data.preprocess import resize_shorter_side
 
 SPLITS = ("train", "validation")
@@ -87,9 +88,7 @@ class DemoImages:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for DemoImages({self.split!r}) of length {len(self)}")
+        i = check_index(index, len(self), f"DemoImages({self.split!r})")
         return {"image": self.images[i], "label": self.labels[i]}
 
 
@@ -138,7 +137,5 @@ class DemoPhotos:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for DemoPhotos({self.split!r}) of length {len(self)}")
+        i = check_index(index, len(self), f"DemoPhotos({self.split!r})")
         return {"image": self.images[i], "label": self.labels[i]}

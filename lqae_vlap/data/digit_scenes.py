@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from lqae_vlap.data import demo_images
+from lqae_vlap.data.indexing import check_index
 
 BANNER = ("digit scenes: SYNTHETIC compositions of REAL handwritten digits (scikit-learn's "
           "8x8 scans, coloured and placed by a seeded generator; captions from the scene's "
@@ -202,11 +203,7 @@ class DigitScenes:
         return self.num_scenes
 
     def _check(self, index: int) -> int:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for DigitScenes({self.split!r}) of "
-                             f"length {len(self)}")
-        return i % len(self)
+        return check_index(index, len(self), f"DigitScenes({self.split!r})")
 
     def _draw(self, rng: np.random.Generator) -> SceneSpec:
         two = rng.random() < self.two_digit_fraction

@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from lqae_vlap.data.batches import IndexedBatches
+from lqae_vlap.data.indexing import check_index
 
 REQUIRED_PARTS = ("vision", "preprocess", "dataset", "split", "num_examples", "dtype")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".npz", ".gguf", ".pt", ".pth", ".h5")
@@ -426,10 +427,8 @@ class CachedFeatures:
         return len(self.features)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for CachedFeatures of length {len(self)}")
-        j = self.replaced.get(i % len(self), i)
+        i = check_index(index, len(self), "CachedFeatures")
+        j = self.replaced.get(i, i)
         fields = getattr(self.source, "fields_without_image", None)
         if fields is not None:
             example = dict(fields(j))

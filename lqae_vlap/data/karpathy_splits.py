@@ -28,7 +28,6 @@ handled by ``images.ReplaceBadImages`` (``config.data.on_bad_image``).
 
 from __future__ import annotations
 
-import operator
 import os
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 
 from lqae_vlap.data import json_files
 from lqae_vlap.data.images import read_image_file
+from lqae_vlap.data.indexing import check_index
 
 FILES = {"flickr30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
 IMAGE_FOLDERS = {"flickr30k": "flickr30k-images/", "coco": "the folder holding val2014/"}
@@ -117,10 +117,7 @@ class KarpathySplit:
         return len(self.filenames)
 
     def _index(self, index: int) -> int:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for KarpathySplit of length {len(self)}")
-        return i % len(self)
+        return check_index(index, len(self), "KarpathySplit")
 
     def fields_without_image(self, index: int) -> dict[str, Any]:
         """Example ``index`` minus 'image', without reading the image (for cached features)."""

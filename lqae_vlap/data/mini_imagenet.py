@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from lqae_vlap.data.images import read_image_file
+from lqae_vlap.data.indexing import check_index
 from lqae_vlap.data.preprocess import center_crop, resize_shorter_side
 
 SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "validation": "val.csv", "test": "test.csv"}
@@ -124,10 +125,7 @@ class MiniImageNet:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for MiniImageNet({self.split!r}) of "
-                             f"length {len(self)}")
+        i = check_index(index, len(self), f"MiniImageNet({self.split!r})")
         path = os.path.join(self.image_dir, self.filenames[i])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is listed in {SPLIT_FILES[self.split]} but missing; "

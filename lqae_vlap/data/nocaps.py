@@ -25,7 +25,6 @@ references live on the evaluation server only, so a file without 'annotations' i
 
 from __future__ import annotations
 
-import operator
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 
 from lqae_vlap.data import json_files
 from lqae_vlap.data.images import read_image_file
+from lqae_vlap.data.indexing import check_index
 
 DOMAINS = ("in-domain", "near-domain", "out-domain")
 ANNOTATIONS_FILE = "nocaps_val_4500_captions.json"
@@ -110,11 +110,7 @@ class NoCapsValidation:
         return len(self.image_ids)
 
     def _index(self, index: int) -> int:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for NoCapsValidation of length "
-                             f"{len(self)}")
-        return i % len(self)
+        return check_index(index, len(self), "NoCapsValidation")
 
     def fields_without_image(self, index: int) -> dict[str, Any]:
         """Example ``index`` minus 'image', without reading the image (for cached features)."""

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import operator
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -56,6 +55,7 @@ import numpy as np
 
 from lqae_vlap.data import demo_images
 from lqae_vlap.data.images import read_image_file
+from lqae_vlap.data.indexing import check_index
 
 N_HUMAN_ANSWERS = 10  # human answers per annotated VQAv2 question
 DEFAULT_IMAGE_PATTERN = "COCO_{subtype}_{image_id:012d}.jpg"
@@ -218,10 +218,7 @@ class _Questions:
         return len(self.question_ids)
 
     def _check(self, index: int) -> int:
-        i = operator.index(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
-        return i % len(self)
+        return check_index(index, len(self), type(self).__name__)
 
     def fields_without_image(self, index: int) -> dict[str, Any]:
         """Example ``index`` minus 'image', without reading the image (for cached features)."""
