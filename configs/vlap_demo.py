@@ -57,7 +57,8 @@ def get_config(arg=None):
         # Ten captions for 297 images: galleries of 10 hold one image per digit, so R@1 chance
         # is 10% (R@10 would be 100% by construction, hence ks 1 and 5).
         retrieval=dict(similarities=("word_scores", "caption_likelihood"), gallery_size=10,
-                       ks=(1, 5), max_pairs=100),
+                       ks=(1, 5), max_pairs=100, likelihood_gallery_size=0,
+                       likelihood_galleries=0),
         # shots > 0: solved examples from the digits' train split before each question.
         vqa=dict(source="digits", questions="", annotations="", image_dir="",
                  template="Question: {question} Answer:", max_new_tokens=4, max_questions=64,

@@ -227,9 +227,12 @@ def get_config(arg=None):
         # split as one gallery (1k / 5k images), as the papers. gallery_size (source '' only):
         # 0 = all images at once, every caption its own column. num_show: queries in the
         # pictures retrieval_{t2i,i2t}_STEP.png (top 5 each, by the first similarity).
+        # likelihood_gallery_size > 0: caption_likelihood ranks galleries of its own of that many
+        # images (at most likelihood_galleries of them; 0 = all), the others as above.
         retrieval=dict(every=-1, similarities=("word_scores", "embedding"), gallery_size=0,
                        ks=(1, 5, 10), max_pairs=100_000, num_show=6, source="", annotations="",
-                       image_dir="", split="test"),
+                       image_dir="", split="test", likelihood_gallery_size=0,
+                       likelihood_galleries=0),
         vqa=dict(every=-1, source="", questions="", annotations="", image_dir="",
                  template="Question: {question} Answer:", max_new_tokens=10, max_questions=0,
                  num_show=5, shots=0, shot_seed=0, shot_separator="\n", shot_questions="",

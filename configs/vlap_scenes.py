@@ -62,8 +62,10 @@ def get_config(arg=None):
                         max_images=64, metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"),
                         num_show=6),
         # Single-digit captions repeat; a gallery holds 100 scenes with distinct captions: R@1 chance 1%.
+        # likelihood_gallery_size > 0: caption_likelihood (one LLM pass per pair) ranks its own
+        # galleries of that many scenes, at most likelihood_galleries of them (0: all).
         retrieval=dict(similarities=("word_scores", "embedding"), gallery_size=100, ks=(1, 5, 10),
-                       max_pairs=0),
+                       max_pairs=0, likelihood_gallery_size=0, likelihood_galleries=0),
         vqa=dict(source="", questions="", annotations="", image_dir="",
                  prompt="Question: {question} Answer:", max_new_tokens=4, max_questions=0,
                  num_show=0),

@@ -127,10 +127,20 @@ def replace_bad_images(splits: Splits, on_bad_image: str) -> Splits:
     return {name: None if src is None else wrapped[id(src)] for name, src in splits.items()}
 
 
-def eval_images(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> Any:
+def eval_images(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict,
+                own: Splits | None = None) -> Any:
     """``config.eval.source``'s held-out images with their references (e.g. COCO's Karpathy
-    test split while training on CC3M), or None for '' (the training data's own)."""
+    test split while training on CC3M), or None for '' (the training data's own). A source
+    named as ``config.data`` itself (e.g. 'digit_scenes' with split 'test') is that split of
+    ``own``, the training data's splits (``open_sources``)."""
     on_bad = d.get("on_bad_image", "skip")
+    if own is not None and source.name == d.name:
+        split = source.get("split", "") or "validation"
+        if split == "train" or own.get(split) is None:
+            known = sorted(k for k, v in own.items() if v is not None and k != "train")
+            raise ValueError(f"config.eval.source.split={split!r}: {d.name} has no held-out split "
+                             f"of that name; use one of {known}")
+        return own[split]
     if source.name == "coco_captions":
         from lqae_vlap.data.coco_captions import CocoCaptions  # noqa: PLC0415
 
@@ -143,7 +153,8 @@ def eval_images(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
             name="images")
     if source.name:
         raise ValueError(f"config.eval.source.name={source.name!r} is not known; use '' (the "
-                         "training data's held-out split), 'coco_captions' or 'jsonl'")
+                         "training data's held-out split), 'coco_captions', 'jsonl' or "
+                         f"config.data.name ({d.name!r}) with a split")
     return None
 
 

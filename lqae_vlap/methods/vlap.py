@@ -239,10 +239,10 @@ def build_parts(config: ml_collections.ConfigDict, mesh, abstract: bool = False
             "word_marginal": jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=rep)}
         return parts
     d, e = config.data, config.eval
-    sources = sources_lib.open_sources(d, vision.image_size, supported=DATA)
-    sources = {k: sources[k] for k in ("train", "validation", "images")}
+    splits = sources_lib.open_sources(d, vision.image_size, supported=DATA)
+    sources = {k: splits[k] for k in ("train", "validation", "images")}
     if e.get("source") and e.source.name:  # e.g. caption COCO's Karpathy test after CC3M
-        sources["images"] = sources_lib.eval_images(e.source, d)
+        sources["images"] = sources_lib.eval_images(e.source, d, splits)
     sources["vqa"] = (sources_lib.vqa_questions(e.vqa, vision.image_size) if e.get("vqa")
                       else None)
     sources["vqa_shots"] = (sources_lib.vqa_shot_pool(e.vqa, vision.image_size) if e.get("vqa")

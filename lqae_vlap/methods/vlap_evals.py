@@ -387,22 +387,30 @@ def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], 
         columns = [retrieval_lib.gallery_captions(caption_lists, m) for m in groups]
     ks = tuple(int(k) for k in r.ks)
     words = ctx.word_embeddings()
-    recalls: dict[str, list[dict]] = {x: [] for x in sims}
+    # caption_likelihood costs one LLM pass per pair: it may rank smaller galleries of its own.
+    lik_size = int(r.get("likelihood_gallery_size", 0))
+    own_lik = lik_size > 0 and "caption_likelihood" in sims and len(sims) > 1
+    main_sims = tuple(x for x in sims if not (own_lik and x == "caption_likelihood"))
+
+    def likelihood(members: list[int], texts: list[str]) -> np.ndarray:
+        if len(members) * len(texts) > int(r.max_pairs):
+            raise ValueError(
+                f"retrieval caption_likelihood needs one LLM pass per pair: "
+                f"{len(members)} x {len(texts)} exceeds "
+                f"config.eval.retrieval.max_pairs={r.max_pairs}; use galleries "
+                "(eval.retrieval.gallery_size or likelihood_gallery_size) or drop it from "
+                "config.eval.retrieval.similarities")
+        return ctx.likelihood_sim(prefixes[members], texts)
+
+    recalls: dict[str, list[dict]] = {x: [] for x in main_sims}
     chances = []
     shown = None  # (members, texts, gt, sim) of the first gallery by the first similarity
     for members, (texts, gt) in zip(groups, columns):
         chances.append(retrieval_lib.chance_recall(gt, len(texts), ks))
-        t = ctx.text_reprs(texts) if set(sims) - {"caption_likelihood"} else None
-        for name in sims:
+        t = ctx.text_reprs(texts) if set(main_sims) - {"caption_likelihood"} else None
+        for name in main_sims:
             if name == "caption_likelihood":
-                if len(members) * len(texts) > int(r.max_pairs):
-                    raise ValueError(
-                        f"retrieval caption_likelihood needs one LLM pass per pair: "
-                        f"{len(members)} x {len(texts)} exceeds "
-                        f"config.eval.retrieval.max_pairs={r.max_pairs}; use galleries "
-                        "(eval.retrieval.gallery_size) or drop it from "
-                        "config.eval.retrieval.similarities")
-                sim = ctx.likelihood_sim(prefixes[members], texts)
+                sim = likelihood(members, texts)
             elif name == "word_scores":
                 sim = (unit_rows(retrieval_lib.word_score_embedding(v[members], words))
                        @ unit_rows(retrieval_lib.word_score_embedding(t, words)).T)
@@ -423,19 +431,43 @@ def retrieval(ctx: Evaluator, step: int, workdir: str) -> tuple[dict[str, Any], 
     where = (f"{len(groups)} galleries of {len(groups[0])} images" if len(groups) > 1
              else f"{len(groups[0])} images x {num_captions} captions")
     rows = []
-    for name in sims:
+    for name in main_sims:
         result[name] = {k: float(np.mean([x[k] for x in recalls[name]]))
                         for k in recalls[name][0]}
     for d, arrow in (("i2t", "image->text"), ("t2i", "text->image")):
         for k in ks:
-            value = "  ".join(f"{name} {pct(result[name][f'{d}_R@{k}']):>6}" for name in sims)
+            value = "  ".join(f"{name} {pct(result[name][f'{d}_R@{k}']):>6}"
+                              for name in main_sims)
             rows.append(Row(f"{arrow} R@{k}", value, f"chance {pct(chance[f'{d}_R@{k}'])}"))
+    if own_lik:
+        count = int(r.get("likelihood_galleries", 0))
+        lik = retrieval_lib.galleries(caption_lists, lik_size)[:count or None]
+        if not lik:
+            raise ValueError(f"retrieval: no gallery of {lik_size} images with distinct captions "
+                             f"among the {n} evaluated images; lower "
+                             "config.eval.retrieval.likelihood_gallery_size")
+        got, lik_chances = [], []
+        for members in lik:
+            texts, gt = retrieval_lib.gallery_captions(caption_lists, members)
+            lik_chances.append(retrieval_lib.chance_recall(gt, len(texts), ks))
+            got.append(retrieval_lib.recall_at_k(likelihood(members, texts), gt, ks))
+        result["caption_likelihood"] = {k: float(np.mean([x[k] for x in got])) for k in got[0]}
+        result["caption_likelihood_chance"] = {k: float(np.mean([x[k] for x in lik_chances]))
+                                               for k in lik_chances[0]}
+        result["protocol"]["likelihood_galleries"] = {"galleries": len(lik),
+                                                      "gallery_images": lik_size}
+        for d, arrow in (("i2t", "image->text"), ("t2i", "text->image")):
+            for k in ks:
+                rows.append(Row(f"{arrow} R@{k} caption_likelihood ({len(lik)} galleries of "
+                                f"{lik_size})", pct(result["caption_likelihood"][f"{d}_R@{k}"]),
+                                f"chance {pct(result['caption_likelihood_chance'][f'{d}_R@{k}'])}"))
     notes = [f"over {where} of {dataset} {split}".rstrip()]
     if dataset_source is not None and int(r.gallery_size):
         notes.append(f"(config.eval.retrieval.gallery_size={r.gallery_size} applies to "
                      f"source ''; {dataset} is ranked as one gallery)")
     if jax.process_index() == 0:
-        notes += _retrieval_pictures(source, *shown, int(r.num_show), sims[0], step, workdir)
+        notes += _retrieval_pictures(source, *shown, int(r.num_show), main_sims[0], step,
+                                     workdir)
     return result, rows + notes
 
 

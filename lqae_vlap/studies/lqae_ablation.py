@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +48,8 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+
+from lqae_vlap.studies import common
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "lqae_demo.py")
@@ -95,28 +94,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 EVALS = ("reconstruction", "fewshot", "fewshot_frozen", "linear_probe")
 
 
-class StudyError(ValueError):
-    """Bad input to the study: the message names the flag or file and the fix."""
-
-
 def load_config(path: str, steps: int) -> ml_collections.ConfigDict:
     """``get_config(steps)`` of the config file at ``path`` (configs/lqae_demo.py)."""
-    if not os.path.isfile(path):
-        raise StudyError(f"--config={path}: no such file; pass the path of configs/lqae_demo.py")
-    spec = importlib.util.spec_from_file_location("_lqae_study_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(str(steps))
-
-
-def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-        node = node[p]
-    if last not in node:
-        raise StudyError(f"the study sets config key {key!r}, which the config lacks")
-    node[last] = value
+    return common.load_config(path, str(steps), "configs/lqae_demo.py")
 
 
 def run_config(base: ml_collections.ConfigDict, variant: Variant, seed: int,
@@ -146,7 +126,7 @@ def run_config(base: ml_collections.ConfigDict, variant: Variant, seed: int,
         **variant.overrides,
     }
     for key, value in overrides.items():
-        _set(c, key, value)
+        common.set_key(c, key, value)
     return c
 
 
@@ -212,11 +192,6 @@ def mean_image_psnr(config: ml_collections.ConfigDict) -> float:
 # Running
 
 
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def read_results(workdir: str, steps: int) -> dict[str, Any] | None:
     """{eval name: its JSON} of a finished run at ``steps``, or None if any is missing."""
     out = {}
@@ -240,37 +215,9 @@ def train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         trainer.train_and_evaluate(config, workdir, lqae.build)
         done = read_results(workdir, steps)
     if done is None:
-        raise StudyError(f"{workdir} finished training but lacks eval_*_{steps:06d}.json; "
-                         "delete that folder and run the study again")
+        raise common.StudyError(f"{workdir} finished training but lacks eval_*_{steps:06d}"
+                                ".json; delete that folder and run the study again")
     return done
-
-
-def summarize(values: Sequence[float | None]) -> dict[str, Any]:
-    """mean, ci95 (Student-t half-width; NaN for one seed) and n of the non-None values."""
-    from lqae_vlap.evals import stats  # noqa: PLC0415
-
-    got = [float(v) for v in values if v is not None]
-    if not got:
-        return {"mean": None, "ci95": None, "n": 0, "values": list(values)}
-    mean, half = stats.mean_confidence_interval(got)
-    return {"mean": mean, "ci95": None if math.isnan(half) else half, "n": len(got),
-            "values": list(values)}
-
-
-def _fmt(x: float | None, unit: str) -> str:
-    if x is None:
-        return "n/a"
-    return f"{100 * x:.1f}" if unit == "%" else (f"{x:.2f}" if unit == "dB" else f"{x:.1f}")
-
-
-def cell_text(cell: dict[str, Any], unit: str) -> str:
-    """'45.2 ± 3.1%' (mean ± 95% CI half-width), '45.2% (n=1)' or 'n/a'."""
-    if cell["mean"] is None:
-        return "n/a"
-    suffix = "%" if unit == "%" else (" dB" if unit == "dB" else "")
-    if cell["ci95"] is None:
-        return f"{_fmt(cell['mean'], unit)}{suffix} (n={cell['n']})"
-    return f"{_fmt(cell['mean'], unit)} ± {_fmt(cell['ci95'], unit)}{suffix}"
 
 
 def markdown_table(study: dict[str, Any]) -> str:
@@ -280,20 +227,19 @@ def markdown_table(study: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in study["variants"]:
         row = [f"{study['variants'][name]['title']} (`{name}`)"]
-        row += [cell_text(study["summary"][name][m["key"]], m["unit"]) for m in metrics]
+        row += [common.cell_text(study["summary"][name][m["key"]], m["unit"]) for m in metrics]
         lines.append("| " + " | ".join(row) + " |")
     control = ["chance / control"]
     for m in metrics:
         c = study["chance"].get(m["key"])
-        suffix = {"%": "%", "dB": " dB"}.get(m["unit"], "")
-        text = "—" if c is None else f"{_fmt(c, m['unit'])}{suffix}"
+        text = "—" if c is None else f"{common.fmt(c, m['unit'])}{common.suffix(m['unit'])}"
         if m["key"] == "probe_top1" and c is not None:
             text = f"majority {text}"
         elif m["unit"] == "dB" and c is not None:
             text = f"mean image {text}"
         shuffled = study["shuffled"].get(m["key"])
         if shuffled is not None:
-            text += f" (shuffled words {_fmt(shuffled, '%')}%)"
+            text += f" (shuffled words {common.fmt(shuffled, '%')}%)"
         control.append(text)
     lines.append("| " + " | ".join(control) + " |")
     return "\n".join(lines)
@@ -301,8 +247,6 @@ def markdown_table(study: dict[str, Any]) -> str:
 
 def write_outputs(study: dict[str, Any], workdir: str) -> str:
     """study.json, study.md and study.png in workdir; returns the markdown."""
-    from lqae_vlap.studies import chart  # noqa: PLC0415
-
     s = study["settings"]
     table = markdown_table(study)
     md = [f"# LQAE ablation ({study['mode']})", "",
@@ -321,20 +265,7 @@ def write_outputs(study: dict[str, Any], workdir: str) -> str:
         f.write(text)
     with open(os.path.join(workdir, "study.json"), "w") as f:
         json.dump(study, f, indent=1)
-    labels = list(study["variants"])  # the short names fit under the bars
-    panels = []
-    for m in study["metrics"]:
-        scale = 100.0 if m["unit"] == "%" else 1.0
-        cells = [study["summary"][n][m["key"]] for n in study["variants"]]
-        chance = study["chance"].get(m["key"])
-        panels.append(dict(
-            title=m["title"] + (" (%)" if m["unit"] == "%" else f" ({m['unit']})" if m["unit"]
-                                else ""),
-            means=[math.nan if c["mean"] is None else scale * c["mean"] for c in cells],
-            halfwidths=[math.nan if c["ci95"] is None else scale * c["ci95"] for c in cells],
-            chance=None if chance is None else scale * chance))
-    chart.bar_chart(os.path.join(workdir, "study.png"), labels, panels,
-                    note=f"mean and 95% CI over seeds {study['seeds']}; dashed: chance / control")
+    common.write_chart(study, os.path.join(workdir, "study.png"))
     return text
 
 
@@ -343,27 +274,11 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
     """Every (variant, seed) run, then the table; returns the study record (study.json)."""
     s = settings
     base = load_config(config_path, int(s["steps"]))
-    for key in ("model.lm_path", "eval.llm_path"):
-        node = base
-        for p in key.split("."):
-            node = node[p]
-        if str(node).startswith("MISSING"):
-            raise StudyError(f"config.{key}: {node[len('MISSING: '):]}")
-    os.makedirs(workdir, exist_ok=True)
-    record = os.path.join(workdir, "study_settings.json")
-    mine = json.loads(json.dumps({"settings": s, "config": config_path}))
-    if os.path.isfile(record):
-        with open(record) as f:
-            theirs = json.load(f)
-        if theirs != mine:
-            raise StudyError(f"--workdir={workdir} holds a study with other settings "
-                             f"({theirs}); use a new --workdir or the same flags")
-    else:
-        with open(record, "w") as f:
-            json.dump(mine, f, indent=1)
+    common.check_missing(base, ("model.lm_path", "eval.llm_path"))
+    common.claim_workdir(workdir, {"settings": s, "config": config_path})
     metrics = metrics_for(s)
     seeds = list(range(int(s["seeds"])))
-    runs, t0, c0 = [], time.time(), _cpu_seconds()
+    runs, t0, c0 = [], time.time(), common.cpu_seconds()
     chance: dict[str, float] = {}
     shuffled: dict[str, list[float]] = {}
     for name in variants:
@@ -371,7 +286,7 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
             config = run_config(base, VARIANTS[name], seed, s)
             run_dir = os.path.join(workdir, name, f"seed{seed}")
             log(f"=== study: {name} seed {seed} -> {run_dir}")
-            t1, c1 = time.time(), _cpu_seconds()
+            t1, c1 = time.time(), common.cpu_seconds()
             results = train_one(config, run_dir)
             if "psnr_mean_image" not in chance:
                 chance["psnr_mean_image"] = mean_image_psnr(config)
@@ -385,7 +300,7 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
                     shuffled.setdefault(m.key, []).append(
                         results["fewshot"][f"{cell}_shuffled_accuracy"])
             runs.append(dict(variant=name, seed=seed, workdir=run_dir, values=values,
-                             wall_s=time.time() - t1, cpu_s=_cpu_seconds() - c1))
+                             wall_s=time.time() - t1, cpu_s=common.cpu_seconds() - c1))
     chance.pop("psnr_mean_image")
     study = dict(
         mode=mode, config=config_path, settings=s, seeds=seeds,
@@ -396,10 +311,11 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
                   for n in variants},
         metrics=[dict(key=m.key, title=m.title, unit=m.unit) for m in metrics],
         runs=runs,
-        summary={n: {m.key: summarize([r["values"][m.key] for r in runs if r["variant"] == n])
+        summary={n: {m.key: common.summarize([r["values"][m.key] for r in runs
+                                              if r["variant"] == n])
                      for m in metrics} for n in variants},
         chance=chance, shuffled={k: float(np.mean(v)) for k, v in shuffled.items()},
-        timing=dict(wall_s=time.time() - t0, cpu_s=_cpu_seconds() - c0))
+        timing=dict(wall_s=time.time() - t0, cpu_s=common.cpu_seconds() - c0))
     text = write_outputs(study, workdir)
     log("")
     log(text)
@@ -429,12 +345,13 @@ def settings_from(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[s
         v = getattr(args, key)
         if v is not None:
             if v < (0 if key == "max_images" else 1):
-                raise StudyError(f"--{key}={v}: must be >= {0 if key == 'max_images' else 1}")
+                least = 0 if key == "max_images" else 1
+                raise common.StudyError(f"--{key}={v}: must be >= {least}")
             s[key] = v
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
-        raise StudyError(f"--variants={args.variants}: unknown {unknown}; choose from "
+        raise common.StudyError(f"--variants={args.variants}: unknown {unknown}; choose from "
                          f"{', '.join(VARIANTS)}")
     return mode, s, variants
 

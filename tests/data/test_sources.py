@@ -36,6 +36,24 @@ def test_names_are_checked_against_the_dict_and_the_method():
         sources.open_sources(data("cc3m"), 16)
 
 
+def test_evaluation_source_can_be_a_held_out_split_of_the_training_data():
+    """eval.source named as config.data (digit scenes' test split) is that split of the
+    training data's own splits, not the validation images; unknown splits are one clear error."""
+    d = ml_collections.ConfigDict(dict(name="digit_scenes", scenes=dict(
+        num_train=40, num_validation=20, num_test=30, seed=0, two_digit_fraction=0.75)))
+    own = sources.open_sources(d, 32)
+    test = sources.eval_images(ml_collections.ConfigDict(dict(name="digit_scenes", split="test")),
+                               d, own)
+    assert test is own["test"] and len(test) == 30 and own["images"] is own["validation"]
+    assert not np.array_equal(test[3]["image"], own["validation"][3]["image"])
+    assert sources.eval_images(ml_collections.ConfigDict(dict(name="digit_scenes", split="")),
+                               d, own) is own["validation"]
+    for bad in ("train", "val"):
+        with pytest.raises(ValueError, match=f"split='{bad}'.*use one of"):
+            sources.eval_images(ml_collections.ConfigDict(dict(name="digit_scenes", split=bad)),
+                                d, own)
+
+
 def test_evaluation_sources():
     none = ml_collections.ConfigDict(dict(name="", split="", path=""))
     assert sources.eval_images(none, data()) is None

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lqae_vlap.data import captions as captions_lib
-from lqae_vlap.methods import vlap, vlap_llm
+from lqae_vlap.evals import retrieval as retrieval_lib
+from lqae_vlap.methods import vlap, vlap_evals, vlap_llm
 from lqae_vlap.ops import losses
 from lqae_vlap.core import sharding
 from tests.helpers import (ALLOWED_AXES, SMALL_EVAL, assert_sharded_step_matches_one_device,
@@ -282,6 +283,43 @@ def test_caption_likelihood_similarity_is_the_per_pair_caption_loss(built):
             want = llm.caption_loss(method.frozen["llm"], prefixes[i:i + 1],
                                     method.frozen["prompt_ids"], ids[j:j + 1], mask[j:j + 1])
             np.testing.assert_allclose(sim[i, j], -float(want), rtol=1e-5, atol=1e-5)
+
+
+def test_caption_likelihood_can_rank_smaller_galleries_of_its_own(built, tmp_path):
+    """likelihood_gallery_size: caption_likelihood (one LLM pass per pair) ranks the first
+    likelihood_galleries galleries of that size; the cosine similarities keep gallery_size."""
+    config, method, params, _ = built
+    evaluator = method.evaluate.__self__
+    r = evaluator.cfg.eval.retrieval
+    saved = (r.similarities, r.likelihood_gallery_size, r.likelihood_galleries)
+    r.similarities, r.likelihood_gallery_size, r.likelihood_galleries = (
+        ("word_scores", "caption_likelihood"), 4, 2)
+    evaluator.params, evaluator.frozen, evaluator.cache = params, method.frozen, {}
+    try:
+        result, _ = vlap_evals.retrieval(evaluator, 0, str(tmp_path))
+        source = evaluator.sources["images"]
+        _, examples, prefixes = evaluator.visual_reprs(source, evaluator.limit(source),
+                                                       keep_prefix=True)
+        caption_lists = [[ex["caption"]] for ex in examples]
+        groups = retrieval_lib.galleries(caption_lists, 4)[:2]
+        want, chance = [], []
+        for members in groups:
+            texts, gt = retrieval_lib.gallery_captions(caption_lists, members)
+            want.append(retrieval_lib.recall_at_k(
+                evaluator.likelihood_sim(prefixes[members], texts), gt, (1, 5)))
+            chance.append(retrieval_lib.chance_recall(gt, len(texts), (1, 5)))
+    finally:
+        r.similarities, r.likelihood_gallery_size, r.likelihood_galleries = saved
+        evaluator.params = evaluator.frozen = evaluator.cache = None
+    assert len(groups) == 2 and result["protocol"]["likelihood_galleries"] == {
+        "galleries": 2, "gallery_images": 4}
+    for key in ("i2t_R@1", "t2i_R@1", "i2t_R@5"):
+        assert result["caption_likelihood"][key] == pytest.approx(np.mean([w[key] for w in want]))
+    assert result["caption_likelihood_chance"]["t2i_R@1"] == pytest.approx(1 / 4)
+    assert result["caption_likelihood_chance"] == {
+        k: pytest.approx(np.mean([c[k] for c in chance])) for k in chance[0]}
+    assert result["chance"]["t2i_R@1"] == pytest.approx(1 / 10)  # word_scores: galleries of 10
+    assert "word_scores" in result and result["gallery_images"] == 10
 
 
 def test_sharded_step_matches_one_device(tiny_llama_dir):
