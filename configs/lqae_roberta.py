@@ -127,11 +127,12 @@ def get_config(arg=None):
                    batch_size=1024, weight_decay=1e-4, momentum=0.9, cache_dtype="float16"),
     )
     # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
-    # memory per device, and the peak used to turn FLOPs into a step time (H100 bf16 dense).
+    # memory per device, and the peak that turns FLOPs into a step time (TFLOP/s per device;
+    # 0 = the target's chip: an H100's bf16 dense 989 for 'cpu', a v5e's 197 for 'tpu:v5e:..').
     # flops_overrides: the quantizer searches the vocabulary in a loop whose body XLA's cost
     # analysis counts once; plan counts FLOPs on a second compile with a single chunk.
     # target / libtpu: 'cpu', or a TPU topology compiled ahead of time (configs/vlap_opt.py).
-    c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0,
+    c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=0.0,
                   flops_overrides=dict(quantizer=dict(chunk_size=1 << 20)),
                   target="cpu", libtpu="")
     return c

@@ -242,7 +242,8 @@ def get_config(arg=None):
                         top_k=5, num_show=5),
     )
     # --config.mode=plan: devices to plan for when no accelerator is present (fake CPU devices),
-    # memory per device, and the peak that turns FLOPs into a step time (H100 bf16 dense).
+    # memory per device, and the peak that turns FLOPs into a step time (TFLOP/s per device;
+    # 0 = the target's chip: an H100's bf16 dense 989 for 'cpu', a v5e's 197 for 'tpu:v5e:..').
     # Sinkhorn is not corrected: XLA counts the body of its 3-iteration loop once (checked:
     # num_iters 3 and 30 report the same FLOPs), but the uncounted iterations are ~7 FLOPs
     # per (sample, word) each, ~1e8 per step at batch 256, under 1e-6 of the frozen LLM's
@@ -253,7 +254,7 @@ def get_config(arg=None):
     # ahead of time by libtpu on this machine, e.g. 'tpu:v5e:2x4' (8 chips of 16 GiB; then
     # --config.mesh.* must use 8 devices); libtpu: libtpu.so or a pip --target folder holding it
     # ('' : the installed jax[tpu], or $TPU_LIBRARY_PATH).
-    c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=989.0,
+    c.plan = dict(num_devices=8, device_memory_gib=16.0, peak_tflops=0.0,
                   flops_overrides={"model": {"caption_loss_chunk": 4096}},
                   cpu_memory_scheduler=True, target="cpu", libtpu="")
     return c

@@ -3,7 +3,8 @@
 Builds the method abstractly (no weights read, ``jax.eval_shape``), lowers and compiles the real
 train step for the configured mesh, and reports parameter counts, bytes per device (parameters,
 optimizer state, frozen weights, and XLA's temporaries from the compiled memory analysis), FLOPs
-per step from the compiled cost analysis, and the step time those FLOPs imply at a stated peak.
+per step from the compiled cost analysis, and the step time those FLOPs imply at a stated peak
+(``plan.peak_tflops``; 0 = the target chip's bf16 peak, PEAK_TFLOPS).
 
 Without an accelerator, main.py gives JAX ``plan.num_devices`` fake CPU devices so a pod's mesh
 can be compiled on a laptop; XLA's CPU memory figures then stand in for the accelerator's. The
@@ -46,6 +47,9 @@ REMAT_ORDER = ("none", "dots", "full")
 CPU_MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 # plan.target 'tpu:GENERATION:CHIPS' -> HBM per chip in GiB (what device_memory_gib should say).
 TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# Dense bf16 peak per chip in TFLOP/s (published figures): what turns FLOPs into a step time
+# when plan.peak_tflops is 0; 'cpu' (fake devices standing in for GPUs) assumes an H100 SXM.
+PEAK_TFLOPS = {"cpu": 989.0, "v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 TARGET_HELP = ("'cpu' (default: fake CPU devices) or 'tpu:GEN:AxB[xC]' with GEN one of "
                + ", ".join(TPU_HBM_GIB) + " (e.g. 'tpu:v5e:2x4' = 8 v5e chips of 16 GiB)")
 
@@ -59,6 +63,17 @@ def parse_target(target: str) -> tuple[str, str]:
     if m is None or m.group(1) not in TPU_HBM_GIB:
         raise ValueError(f"config.plan.target={target!r} is not a plan target; use {TARGET_HELP}")
     return "tpu", f"{m.group(1)}:{m.group(2)}"
+
+
+def peak_tflops(plan_config: ml_collections.ConfigDict) -> float:
+    """plan.peak_tflops, or with 0 the bf16 peak of plan.target's chip (PEAK_TFLOPS)."""
+    given = float(plan_config.get("peak_tflops", 0.0) or 0.0)
+    if given < 0:
+        raise ValueError(f"config.plan.peak_tflops={given:g} must be >= 0 (0: the target's peak)")
+    if given:
+        return given
+    kind, topology = parse_target(plan_config.get("target", ""))
+    return PEAK_TFLOPS["cpu" if kind == "cpu" else topology.split(":")[0]]
 
 
 def _libtpu_file(libtpu: str) -> str:
@@ -264,7 +279,9 @@ def _plan_one(config: ml_collections.ConfigDict, build_method: Callable[..., Met
     report["total_bytes_per_device"] = total
     report["device_memory_bytes"] = int(p.device_memory_gib * GIB)
     report["fits"] = float(total <= report["device_memory_bytes"])
-    report["step_seconds_at_peak"] = flops / (p.peak_tflops * 1e12) if p.peak_tflops else 0.0
+    peak = peak_tflops(p)
+    report["peak_tflops"] = peak
+    report["step_seconds_at_peak"] = flops / (peak * 1e12)
     _print(report, mesh, p)
     return report
 
@@ -293,6 +310,6 @@ def _print(r: dict[str, float], mesh, p) -> None:
         f"{verdict}",
         f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device_per_step']:.4g} per "
         "device, compiled cost analysis)",
-        f"  step time at {p.peak_tflops:g} TFLOP/s per device (100% of peak): "
+        f"  step time at {r['peak_tflops']:g} TFLOP/s per device (100% of peak): "
         f"{r['step_seconds_at_peak'] * 1e3:.4g} ms",
     ]), flush=True)

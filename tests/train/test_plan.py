@@ -3,6 +3,7 @@
 import os
 
 import jax
+import ml_collections
 import pytest
 
 from lqae_vlap.core import sharding
@@ -62,8 +63,22 @@ def test_counts_and_bytes_match_hand_count(tiny):
     # The nearest-word search alone is 2 * tokens * vocab * width FLOPs per image.
     search = 2 * tiny.data.batch_size * tokens * 30522 * 32
     assert r["flops_per_step"] >= search
+    assert tiny.plan.peak_tflops == 0 and r["peak_tflops"] == 989.0  # 0: the target's (an H100)
     assert r["step_seconds_at_peak"] == pytest.approx(
-        r["flops_per_device_per_step"] / (tiny.plan.peak_tflops * 1e12))
+        r["flops_per_device_per_step"] / (989.0 * 1e12))
+
+
+def test_peak_tflops_is_the_given_one_or_the_target_chips():
+    def peak(**kw):
+        return plan.peak_tflops(ml_collections.ConfigDict({"peak_tflops": 0.0, "target": "cpu",
+                                                           **kw}))
+    assert peak() == 989.0  # fake CPU devices stand in for H100s
+    assert peak(target="tpu:v5e:2x4") == 197.0 and peak(target="tpu:v4:2x2x1") == 275.0
+    assert peak(target="tpu:v5e:2x4", peak_tflops=150.0) == 150.0  # a given peak wins
+    with pytest.raises(ValueError, match="peak_tflops=-1 must be >= 0"):
+        peak(peak_tflops=-1.0)
+    with pytest.raises(ValueError, match="is not a plan target"):
+        peak(target="gpu:h100")
 
 
 def test_fsdp_divides_bytes_and_batch_scales_flops(tiny):
