@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -274,6 +274,30 @@ def run_frozen_fewshot(labels: Sequence[int] | np.ndarray, class_names: Sequence
                prompt_tokens_max=float(max(lengths)), prompt_tokens_mean=float(np.mean(lengths)),
                examples=examples)
     return out
+
+
+def check_protocol(fz: Mapping[str, Any]) -> None:
+    """One clear ValueError for a bad ``config.eval.fewshot_frozen`` knob, at build time (before
+    training, not after it)."""
+    def ints(key: str, least: int, many: bool = False) -> None:
+        values = list(fz[key]) if many else [fz[key]]
+        if (many and not values) or any(isinstance(v, bool) or int(v) != v or v < least
+                                        for v in values):
+            raise ValueError(f"config.eval.fewshot_frozen.{key}={fz[key]!r}: must be "
+                             f"{'a non-empty tuple of integers' if many else 'an integer'} >= "
+                             f"{least}" + (" (extra copies of the support block, 0 = shown once)"
+                                           if key == "repeats" else ""))
+    if fz["names"] not in NAMES_MODES:
+        raise ValueError(f"config.eval.fewshot_frozen.names={fz['names']!r} is not one of "
+                         f"{NAMES_MODES}")
+    if fz["prompt_policy"] not in PROMPT_POLICIES:
+        raise ValueError(f"config.eval.fewshot_frozen.prompt_policy={fz['prompt_policy']!r} is not "
+                         f"one of {PROMPT_POLICIES}")
+    ints("ways", 2, many=True)
+    ints("inner_shots", 1, many=True)
+    ints("repeats", 0)
+    for key in ("queries", "episodes", "max_new_tokens"):
+        ints(key, 1)
 
 
 def protocol(*, names: str, ways: Sequence[int], inner_shots: Sequence[int], repeats: int,

@@ -126,6 +126,8 @@ class Evaluator:
                               out_shardings=replicated)
         if "linear_probe" in cfg.eval.evals:
             probe_lib.check_protocol(cfg.eval.probe)
+        if "fewshot_frozen" in cfg.eval.evals:
+            frozen_lib.check_protocol(cfg.eval.fewshot_frozen)
         self._probe_features = jax.jit(
             functools.partial(released_probe_features, model=model, lm=lm, cfg=cfg),
             out_shardings=replicated)

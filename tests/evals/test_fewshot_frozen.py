@@ -197,3 +197,24 @@ def test_protocol_record():
                                                 "max_new_tokens", "prompt_policy",
                                                 "context_length", "split")},
                           "names": "real", "queries": 1})["name"] == "frozen_real_name"
+
+
+GOOD = dict(names="nonsense", ways=(2, 5), inner_shots=(1, 3, 5), repeats=0, queries=1,
+            episodes=20, max_new_tokens=8, prompt_policy="truncate_words")
+
+
+def test_check_protocol_names_the_bad_knob():
+    ff.check_protocol(GOOD)
+    ff.check_protocol({**GOOD, "repeats": 2, "names": "real", "prompt_policy": "error"})
+    for key, value, match in [
+            ("repeats", -1, r"repeats=-1: must be an integer >= 0 \(extra copies"),
+            ("repeats", 1.5, "repeats=1.5: must be an integer"),
+            ("ways", (1, 5), r"ways=\(1, 5\): must be a non-empty tuple of integers >= 2"),
+            ("ways", (), "ways=()"),
+            ("inner_shots", (0,), "inner_shots=\\(0,\\)"),
+            ("episodes", 0, "episodes=0: must be an integer >= 1"),
+            ("queries", True, "queries=True"),
+            ("names", "made_up", "names='made_up' is not one of"),
+            ("prompt_policy", "drop", "prompt_policy='drop' is not one of")]:
+        with pytest.raises(ValueError, match=f"config.eval.fewshot_frozen.{match}"):
+            ff.check_protocol({**GOOD, key: value})

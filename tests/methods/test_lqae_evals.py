@@ -164,6 +164,13 @@ def test_unknown_probe_features_are_named(tiny_mlm_dir):
         lqae.build(config, sharding.make_mesh({"data": -1}, jax.devices()[:1]))
 
 
+def test_bad_fewshot_frozen_knob_stops_the_build_not_the_end_of_training(tiny_mlm_dir):
+    config = tiny_config(tiny_mlm_dir, **{"eval.evals": ("fewshot_frozen",),
+                                          "eval.fewshot_frozen.repeats": -1})
+    with pytest.raises(ValueError, match=r"config.eval.fewshot_frozen.repeats=-1"):
+        lqae.build(config, sharding.make_mesh({"data": -1}, jax.devices()[:1]))
+
+
 def test_fewshot_frozen_writes_protocol_and_fits_the_context(tmp_path, tiny_mlm_dir,
                                                              tiny_llama_dir, capsys):
     """Frozen's protocol end to end on the tiny LQAE and a tiny Llama of 64 positions: 2-way
