@@ -125,7 +125,24 @@ def _flag_error_line(error: Exception, argv: list[str]) -> str:
     return lines[0] if len(lines) == 1 else " ".join(lines)
 
 
+def _config_file_first(argv: list[str]) -> list[str]:
+    """argv with ``--config=FILE`` (or ``--config FILE``) moved before every other flag:
+    ml_collections defines the ``--config.KEY`` overrides only once the file flag is parsed, so
+    an override written before it would otherwise be an unknown flag."""
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "--":
+            break
+        if arg.startswith("--config="):
+            return [argv[0], arg, *argv[1:i], *argv[i + 1:]]
+        if arg == "--config" and i + 1 < len(argv):
+            return [argv[0], arg, argv[i + 1], *argv[1:i], *argv[i + 2:]]
+    return argv
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+    given, argv = argv, _config_file_first(argv)
+    if list(sys.argv) == list(given):
+        sys.argv[:] = argv  # the config flag reads its overrides from sys.argv itself
     try:
         rest = flags.FLAGS(argv)
         config = _CONFIG.value

@@ -33,6 +33,17 @@ def test_bad_config_keys_and_types(tmp_path, flag, needles):
     assert_one_line_error(proc, *needles)
 
 
+def test_overrides_may_come_before_the_config_file(tmp_path):
+    """--config.KEY before --config=FILE is applied (the same one-line checks as after it)."""
+    proc = run_cli("--config.train.steps=0", "--config=configs/lqae_tiny.py",
+                   f"--workdir={tmp_path / 'w'}")
+    assert_one_line_error(proc, "--config.train.steps=0", ">= 1")
+    proc = run_cli("--config.train.stepz=3", "--config", "configs/lqae_tiny.py",
+                   f"--workdir={tmp_path / 'w'}")
+    assert_one_line_error(proc, "--config.train.stepz", "stepz")
+    assert not (tmp_path / "w").exists()
+
+
 def test_missing_config_file(tmp_path):
     proc = run_cli("--config=configs/does_not_exist.py", f"--workdir={tmp_path}")
     assert_one_line_error(proc, "configs/does_not_exist.py")
