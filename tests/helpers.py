@@ -348,11 +348,13 @@ def train_subprocess(workdir, steps: int) -> subprocess.Popen:
                             text=True)
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """python -m lqae_vlap.main ARGS from the repository root, on one CPU device, offline."""
+def run_cli(*args: str, timeout: int = 300, module: str = "lqae_vlap.main"
+            ) -> subprocess.CompletedProcess:
+    """python -m MODULE ARGS (the trainer's CLI, or a study's) from the repository root, on one
+    CPU device as a user runs it, offline."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "lqae_vlap.main", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

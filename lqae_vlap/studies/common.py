@@ -3,12 +3,14 @@ seeds) and their text, and the bar chart of a study record."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
 import resource
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -16,6 +18,14 @@ import ml_collections
 
 class StudyError(ValueError):
     """Bad input to a study: the message names the flag or file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of a study: its title, what it is, and the config keys it sets."""
+    title: str
+    about: str
+    overrides: dict[str, Any]
 
 
 def load_config(path: str, arg: str | None, what: str) -> ml_collections.ConfigDict:
@@ -131,3 +141,61 @@ def write_chart(study: dict[str, Any], path: str, dashed: dict[str, float] | Non
             chance=None if chance is None else scale * chance))
     chart.bar_chart(path, list(study["variants"]), panels,  # short names fit under the bars
                     note=f"mean and 95% CI over seeds {study['seeds']}; dashed: chance / control")
+
+
+def read_results(workdir: str, steps: int, evals: Sequence[str]) -> dict[str, Any] | None:
+    """{eval name: its JSON} of a run finished at ``steps``, or None if any is missing."""
+    out = {}
+    for name in evals:
+        path = os.path.join(workdir, f"eval_{name}_{steps:06d}.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            out[name] = json.load(f)
+    return out
+
+
+def train_one(config: ml_collections.ConfigDict, workdir: str, build: Callable,
+              evals: Sequence[str]) -> dict[str, Any]:
+    """Trains (or resumes) one run with the project's trainer; returns its eval JSONs (a run
+    that finished before is read back, not retrained)."""
+    from lqae_vlap.train import trainer  # noqa: PLC0415
+
+    steps = int(config.train.steps)
+    done = read_results(workdir, steps, evals)
+    if done is None:
+        trainer.train_and_evaluate(config, workdir, build)
+        done = read_results(workdir, steps, evals)
+    if done is None:
+        raise StudyError(f"{workdir} finished training but lacks eval_*_{steps:06d}.json; "
+                         "delete that folder and run the study again")
+    return done
+
+
+def variants_from(text: str, known: Mapping[str, Any]) -> list[str]:
+    """'a,b' -> ['a', 'b'], each one of ``known``."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in known]
+    if unknown or not variants:
+        raise StudyError(f"--variants={text}: unknown {unknown}; choose from "
+                         f"{', '.join(known)}")
+    return variants
+
+
+def guarded_main(body: Callable[[], None]) -> int:
+    """Runs a study's ``body`` with orbax's INFO logs off; bad input, a broken checkpoint or
+    workdir and a run that diverged end in one line on stderr and exit status 2."""
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    from lqae_vlap.train.checkpoint import CheckpointError  # noqa: PLC0415
+    from lqae_vlap.train.trainer import TrainingDiverged  # noqa: PLC0415
+    from lqae_vlap.train.workdir import WorkdirError  # noqa: PLC0415
+
+    try:
+        body()
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError, WorkdirError,
+            TrainingDiverged) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -55,11 +55,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "lqae_demo.py")
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    title: str
-    about: str
-    overrides: dict[str, Any]
+Variant = common.Variant
 
 
 # No masking and no LM in the training step (the loss skips the LM when no term reads it).
@@ -192,34 +188,6 @@ def mean_image_psnr(config: ml_collections.ConfigDict) -> float:
 # Running
 
 
-def read_results(workdir: str, steps: int) -> dict[str, Any] | None:
-    """{eval name: its JSON} of a finished run at ``steps``, or None if any is missing."""
-    out = {}
-    for name in EVALS:
-        path = os.path.join(workdir, f"eval_{name}_{steps:06d}.json")
-        if not os.path.isfile(path):
-            return None
-        with open(path) as f:
-            out[name] = json.load(f)
-    return out
-
-
-def train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) one run with the project's trainer and returns its eval JSONs."""
-    from lqae_vlap.methods import lqae  # noqa: PLC0415
-    from lqae_vlap.train import trainer  # noqa: PLC0415
-
-    steps = int(config.train.steps)
-    done = read_results(workdir, steps)
-    if done is None:
-        trainer.train_and_evaluate(config, workdir, lqae.build)
-        done = read_results(workdir, steps)
-    if done is None:
-        raise common.StudyError(f"{workdir} finished training but lacks eval_*_{steps:06d}"
-                                ".json; delete that folder and run the study again")
-    return done
-
-
 def markdown_table(study: dict[str, Any]) -> str:
     """The variant x metric table, then the chance / control row."""
     metrics = study["metrics"]
@@ -272,6 +240,8 @@ def write_outputs(study: dict[str, Any], workdir: str) -> str:
 def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Sequence[str],
               config_path: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every (variant, seed) run, then the table; returns the study record (study.json)."""
+    from lqae_vlap.methods import lqae  # noqa: PLC0415
+
     s = settings
     base = load_config(config_path, int(s["steps"]))
     common.check_missing(base, ("model.lm_path", "eval.llm_path"))
@@ -287,7 +257,7 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
             run_dir = os.path.join(workdir, name, f"seed{seed}")
             log(f"=== study: {name} seed {seed} -> {run_dir}")
             t1, c1 = time.time(), common.cpu_seconds()
-            results = train_one(config, run_dir)
+            results = common.train_one(config, run_dir, lqae.build, EVALS)
             if "psnr_mean_image" not in chance:
                 chance["psnr_mean_image"] = mean_image_psnr(config)
             results["psnr_mean_image"] = chance["psnr_mean_image"]
@@ -348,32 +318,18 @@ def settings_from(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[s
                 least = 0 if key == "max_images" else 1
                 raise common.StudyError(f"--{key}={v}: must be >= {least}")
             s[key] = v
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise common.StudyError(f"--variants={args.variants}: unknown {unknown}; choose from "
-                         f"{', '.join(VARIANTS)}")
+    variants = common.variants_from(args.variants, VARIANTS)
     return mode, s, variants
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from absl import logging as absl_logging  # noqa: PLC0415
 
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    from lqae_vlap.train.checkpoint import CheckpointError  # noqa: PLC0415
-    from lqae_vlap.train.trainer import TrainingDiverged  # noqa: PLC0415
-    from lqae_vlap.train.workdir import WorkdirError  # noqa: PLC0415
-
-    try:
+    def body() -> None:
         mode, s, variants = settings_from(args)
         run_study(os.path.abspath(args.workdir), mode=mode, settings=s, variants=variants,
                   config_path=os.path.abspath(args.config))
-    except (ValueError, FileNotFoundError, KeyError, CheckpointError, WorkdirError,
-            TrainingDiverged) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return common.guarded_main(body)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,7 @@ DEFAULT_CONFIG = os.path.join(_CONFIGS, "vlap_scenes.py")
 DEFAULT_ENCODER_CONFIG = os.path.join(_CONFIGS, "lqae_scenes.py")
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    title: str
-    about: str
-    overrides: dict[str, Any]
+Variant = common.Variant
 
 
 VARIANTS: dict[str, Variant] = {
@@ -196,18 +192,6 @@ METRICS: tuple[Metric, ...] = (
 )
 
 
-def read_results(workdir: str, steps: int) -> dict[str, Any] | None:
-    """{eval name: its JSON} of a finished run at ``steps``, or None if any is missing."""
-    out = {}
-    for name in EVALS:
-        path = os.path.join(workdir, f"eval_{name}_{steps:06d}.json")
-        if not os.path.isfile(path):
-            return None
-        with open(path) as f:
-            out[name] = json.load(f)
-    return out
-
-
 def pick_lr(validation_cap: dict[float, float | None]) -> float:
     """The learning rate of the lowest validation L_cap; a diverged (None) or non-finite loss
     never wins; ties go to the smaller rate."""
@@ -216,21 +200,6 @@ def pick_lr(validation_cap: dict[float, float | None]) -> float:
         bad = v is None or not math.isfinite(v)
         return bad, math.inf if bad else v, lr
     return min(validation_cap, key=key)
-
-
-def train_one(config: ml_collections.ConfigDict, workdir: str, build: Callable) -> dict[str, Any]:
-    """Trains (or resumes) one run with the project's trainer; returns its eval JSONs."""
-    from lqae_vlap.train import trainer  # noqa: PLC0415
-
-    steps = int(config.train.steps)
-    done = read_results(workdir, steps)
-    if done is None:
-        trainer.train_and_evaluate(config, workdir, build)
-        done = read_results(workdir, steps)
-    if done is None:
-        raise common.StudyError(f"{workdir} finished training but lacks eval_*_{steps:06d}"
-                                ".json; delete that folder and run the study again")
-    return done
 
 
 def constant_caption_control(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -373,7 +342,7 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
             raise common.StudyError("the untrained-map control needs optim.weight_decay=0 in "
                                     f"{config_path} (decay would move the Dense at lr 0)")
         try:
-            results = train_one(config, run_dir, vlap.build)
+            results = common.train_one(config, run_dir, vlap.build, EVALS)
         except trainer.TrainingDiverged as e:
             if not grid_run:
                 raise
@@ -480,24 +449,14 @@ def settings_from(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[s
             raise common.StudyError(f"--lrs={args.lrs}: give positive learning rates separated "
                                     "by commas, e.g. --lrs=3e-3,1e-2")
         s["lrs"] = lrs
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise common.StudyError(f"--variants={args.variants}: unknown {unknown}; choose from "
-                                f"{', '.join(VARIANTS)}")
+    variants = common.variants_from(args.variants, VARIANTS)
     return mode, s, variants
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from absl import logging as absl_logging  # noqa: PLC0415
 
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    from lqae_vlap.train.checkpoint import CheckpointError  # noqa: PLC0415
-    from lqae_vlap.train.trainer import TrainingDiverged  # noqa: PLC0415
-    from lqae_vlap.train.workdir import WorkdirError  # noqa: PLC0415
-
-    try:
+    def body() -> None:
         mode, s, variants = settings_from(args)
         cache = args.compilation_cache or os.path.join(os.path.abspath(args.workdir), "jax_cache")
         if cache != "none":
@@ -509,13 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_study(os.path.abspath(args.workdir), mode=mode, settings=s, variants=variants,
                   config_path=os.path.abspath(args.config),
                   encoder_config_path=os.path.abspath(args.encoder_config),
-                  encoder_workdir=os.path.abspath(args.encoder_workdir) if args.encoder_workdir
-                  else "")
-    except (ValueError, FileNotFoundError, KeyError, CheckpointError, WorkdirError,
-            TrainingDiverged) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+                  encoder_workdir=(os.path.abspath(args.encoder_workdir) if args.encoder_workdir
+                                   else ""))
+    return common.guarded_main(body)
 
 
 if __name__ == "__main__":

@@ -3,22 +3,17 @@ MiniLM codebook and SmolLM2; checks the table's shape, not the outcome."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lqae_vlap.studies import lqae_ablation
-from tests.helpers import REPO, minilm_dir, smollm2_dir
+from tests.helpers import minilm_dir, run_cli, smollm2_dir
 
 
-def _run(*args, timeout=900):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
-    return subprocess.run([sys.executable, "-m", "lqae_vlap.studies.lqae_ablation", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(*args):
+    return run_cli(*args, timeout=900, module="lqae_vlap.studies.lqae_ablation")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ scenes, the real SmolLM2 and MiniLM; checks the tables' shape and the protocol, 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +14,11 @@ from PIL import Image
 
 from lqae_vlap.studies import vlap_ablation
 from lqae_vlap.train import trainer
-from tests.helpers import REPO, minilm_dir, smollm2_dir
+from tests.helpers import minilm_dir, run_cli, smollm2_dir
 
 
-def _run(*args, timeout=900):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
-    return subprocess.run([sys.executable, "-m", "lqae_vlap.studies.vlap_ablation", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(*args):
+    return run_cli(*args, timeout=900, module="lqae_vlap.studies.vlap_ablation")
 
 
 @pytest.fixture(scope="module")
