@@ -108,6 +108,54 @@ def _dwconv_bwd(grid, res, g):
 _dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
 
 
+def _glu(z: jax.Array) -> jax.Array:
+    """z: [..., 2 * c] (gate | linear) -> gelu(gate) * linear [..., c]."""
+    c = z.shape[-1] // 2
+    return jax.nn.gelu(z[..., :c], approximate=True) * z[..., c:]  # flax nn.gelu's default
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _glu_dwconv(z: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    return _shifted_sum(_glu(z), kernel, grid)
+
+
+def _glu_dwconv_fwd(z, kernel, grid):
+    return _shifted_sum(_glu(z), kernel, grid), (z, kernel)
+
+
+def _glu_dwconv_bwd(grid, res, g):
+    # The gradient w.r.t. z is built as ONE concatenation [d gate | d linear]. Autodiff of the
+    # two slices of z instead pads each half's gradient to the full [.., 2c] width and adds the
+    # two: XLA:CPU then fuses the conv's input gradient (and the LayerNorm backward feeding it)
+    # into both padded halves, computing it twice at twice the width (measured: the costliest
+    # fusions of the whole train step). gelu(gate) * linear is recomputed from z (elementwise)
+    # rather than stored, so this holds no more than autodiff of the conv alone did.
+    z, kernel = res
+    c = z.shape[-1] // 2
+    act, gelu_vjp = jax.vjp(lambda t: jax.nn.gelu(t, approximate=True), z[..., :c])
+    lin = z[..., c:]
+    dy, dk = _dwconv_bwd(grid, (act * lin, kernel), g)
+    dgate, = gelu_vjp(dy * lin)
+    return jnp.concatenate([dgate, dy * act], axis=-1), dk
+
+
+_glu_dwconv.defvjp(_glu_dwconv_fwd, _glu_dwconv_bwd)
+
+
+def glu_depthwise_conv3x3(z: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """``depthwise_conv3x3(gelu(gate) * linear)`` for z = [gate | linear] (the GLU's fused fc1|fc2
+    matmul output), gelu the tanh approximation, with a hand-written VJP (see ``_glu_dwconv_bwd``).
+
+    z: [batch, h*w, 2 * channels], kernel: [3, 3, channels] -> [batch, h*w, channels].
+    """
+    h, w = grid
+    b, n, c2 = z.shape
+    if n != h * w or c2 % 2 or kernel.shape != (3, 3, c2 // 2):
+        raise ValueError(f"glu_depthwise_conv3x3: z {z.shape} and kernel {kernel.shape} do not "
+                         f"form [batch, {h}*{w}, 2c] and [3, 3, c]")
+    return _glu_dwconv(z, kernel.astype(z.dtype), tuple(grid))
+
+
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """A 3x3 depthwise convolution over the patch grid, SAME (zero) padding, no bias.
 
@@ -185,11 +233,9 @@ class GLUConvMLP(nn.Module):
         kernels = [_Kernel(x.shape[-1], self.mlp_dim, ("embed", "mlp"), self.param_dtype,
                            name=name)() for name in ("fc1", "fc2")]
         z = jnp.dot(y.astype(self.dtype), jnp.concatenate(kernels, axis=1).astype(self.dtype))
-        gate, lin = z[..., :self.mlp_dim], z[..., self.mlp_dim:]
-        y = jax.nn.gelu(gate, approximate=True) * lin  # flax nn.gelu's default, as released
         kernel = self.param("dwconv", logical_init((None, None, "mlp"), _init),
                             (3, 3, self.mlp_dim), self.param_dtype)
-        y = depthwise_conv3x3(y, kernel, self.grid)
+        y = glu_depthwise_conv3x3(z, kernel, self.grid)  # dwconv(gelu(z @ fc1) * (z @ fc2))
         y = _layer_norm(name="ln_mid", **kw)(y)
         return _dense(x.shape[-1], ("mlp", "embed"), name="fc_out", **kw)(y)
 
