@@ -38,6 +38,10 @@ depthwise conv on an 8x8 grid compiles to 73x the FLOPs of 3 x its forward; the 
 1.1x; a whole ViT-B block (16x16 grid, width 768, GLU 3072) compiles to 3.66x of its true training
 count with the grouped conv and 1.02x with the shifted one; tests/models/test_vit_released.py holds
 the check on a small block).
+The GLU's product and the conv share one custom VJP (``glu_depthwise_conv3x3``) so that the
+gradient reaching the fused fc1|fc2 matmul is one concatenation, and on XLA:CPU their passes run
+over two batch halves in a loop so that the conv's output and input gradient are computed once
+(see ``_batch_chunks``; bench/RESULTS.md "Run 5" has the profile and the figures).
 
 Per-layer states are sown into ``intermediates`` (``embeddings``, ``block_outputs``) as in
 models/vit.py; ``vit.hidden_states`` orders them.
@@ -131,7 +135,9 @@ def _batch_chunks(batch: int) -> int:
     A loop's outputs are always materialised, so computing those values in a ``lax.map`` over
     two batch halves computes each once (measured at LQAE's tiny sizes, B 32, 8x8 grid, mlp
     1024: the GLU MLP's forward + backward 15% less CPU time and 30% less temporary memory,
-    the same values bit for bit). Other backends' fusion costs differ; they run one chunk.
+    the same values, bit for bit in that measurement). XLA's cost analysis counts a loop body
+    once, so the conv's elementwise FLOPs are half-counted there. Other backends' fusion costs
+    differ; they run one chunk.
     """
     return 2 if batch % 2 == 0 and jax.default_backend() == "cpu" else 1
 
