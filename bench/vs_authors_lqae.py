@@ -354,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-key", default="model.architecture",
                     help="the config key that selects the released ViT block")
     ap.add_argument("--block-value", default="released")
-    ap.add_argument("--ours-remat", choices=("config", "on", "off"), default="config",
-                    help="our blocks' rematerialisation: as configs/lqae_roberta.py (on, as the "
+    ap.add_argument("--ours-remat", choices=("config", "on", "off", "both"), default="config",
+                    help="our blocks' rematerialisation ('both': one row each, on and off): as "
+                         "configs/lqae_roberta.py (on, as the "
                          "released code), or forced")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=4)
@@ -392,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     size_flags = [f"--{k}={v}" for k, v in sizes.items()]
     env = dict(os.environ)
     blocks = ["plain", "released"] if args.ours_block == "both" else [args.ours_block]
-    specs = [(f"ours-{b}", "ours", [b, args.block_key, args.block_value, args.ours_remat])
-             for b in blocks]
+    remats = ["on", "off"] if args.ours_remat == "both" else [args.ours_remat]
+    specs = [(f"ours-{b}" + (f"-remat-{r}" if len(remats) > 1 else ""), "ours",
+              [b, args.block_key, args.block_value, r]) for b in blocks for r in remats]
     if args.authors:
         site = [s for s in args.authors_site.split(os.pathsep) if s]
         specs.append(("theirs", "theirs", [os.path.abspath(args.authors), site]))

@@ -38,6 +38,10 @@ depthwise conv on an 8x8 grid compiles to 73x the FLOPs of 3 x its forward; the 
 1.1x; a whole ViT-B block (16x16 grid, width 768, GLU 3072) compiles to 3.66x of its true training
 count with the grouped conv and 1.02x with the shifted one; tests/models/test_vit_released.py holds
 the check on a small block).
+The GLU's product and the conv share one custom VJP (``glu_depthwise_conv3x3``) so that the
+gradient reaching the fused fc1|fc2 matmul is one concatenation, and on XLA:CPU their passes run
+over two batch halves in a loop so that the conv's output and input gradient are computed once
+(see ``_batch_chunks``; bench/RESULTS.md "Run 5" has the profile and the figures).
 
 Per-layer states are sown into ``intermediates`` (``embeddings``, ``block_outputs``) as in
 models/vit.py; ``vit.hidden_states`` orders them.
@@ -88,6 +92,19 @@ def _dwconv_fwd(x, kernel, grid):
     return _shifted_sum(x, kernel, grid), (x, kernel)
 
 
+def _kernel_grad(x: jax.Array, g: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """d(sum(g * _shifted_sum(x, kernel)))/d kernel: per tap, a sum over batch and grid.
+
+    x, g: [batch, h*w, channels] -> [3, 3, channels].
+    """
+    h, w = grid
+    b, n, c = x.shape
+    xp = jnp.pad(x.reshape(b, h, w, c), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g4 = g.reshape(b, h, w, c)
+    return jnp.stack([jnp.stack([jnp.sum(xp[:, da:da + h, db:db + w, :] * g4, axis=(0, 1, 2))
+                                 for db in range(3)]) for da in range(3)])
+
+
 def _dwconv_bwd(grid, res, g):
     # Written out because autodiff of the shifted products transposes each slice into a pad of
     # the whole [batch, h+2, w+2, channels] grid (nine padded copies, then summed; measured as
@@ -95,17 +112,94 @@ def _dwconv_bwd(grid, res, g):
     # cross-correlation is the cross-correlation of g with the kernel flipped in both spatial
     # axes (one padded copy of g); the kernel gradient is, per tap, a sum over batch and grid.
     x, kernel = res
-    h, w = grid
-    b, n, c = x.shape
     dx = _shifted_sum(g, kernel[::-1, ::-1], grid)
-    xp = jnp.pad(x.reshape(b, h, w, c), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    g4 = g.reshape(b, h, w, c)
-    dk = jnp.stack([jnp.stack([jnp.sum(xp[:, da:da + h, db:db + w, :] * g4, axis=(0, 1, 2))
-                               for db in range(3)]) for da in range(3)])
-    return dx, dk.astype(kernel.dtype)
+    return dx, _kernel_grad(x, g, grid).astype(kernel.dtype)
 
 
 _dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
+
+
+def _glu(z: jax.Array) -> jax.Array:
+    """z: [..., 2 * c] (gate | linear) -> gelu(gate) * linear [..., c]."""
+    c = z.shape[-1] // 2
+    return jax.nn.gelu(z[..., :c], approximate=True) * z[..., c:]  # flax nn.gelu's default
+
+
+def _batch_chunks(batch: int) -> int:
+    """How many batch chunks ``_in_chunks`` splits the conv's passes into: 2 on XLA:CPU, else 1.
+
+    XLA fuses cheap elementwise producers into every consumer, recomputing them: the conv's
+    nine taps (and the GLU before them) were recomputed in each consumer of the conv's output
+    (the LayerNorm's statistics, its normalisation, its backward) and of its input gradient
+    (both halves of the GLU's gradient), and XLA:CPU's optimization barriers do not stop it.
+    A loop's outputs are always materialised, so computing those values in a ``lax.map`` over
+    two batch halves computes each once (measured at LQAE's tiny sizes, B 32, 8x8 grid, mlp
+    1024: the GLU MLP's forward + backward 15% less CPU time and 30% less temporary memory,
+    the same values, bit for bit in that measurement). XLA's cost analysis counts a loop body
+    once, so the conv's elementwise FLOPs are half-counted there. Other backends' fusion costs
+    differ; they run one chunk.
+    """
+    return 2 if batch % 2 == 0 and jax.default_backend() == "cpu" else 1
+
+
+def _in_chunks(fn, chunks: int, *args: jax.Array):
+    """fn(*args) for args [batch, ...], computed over ``chunks`` equal batch chunks in a
+    ``lax.map`` when chunks > 1 (the same values; see ``_batch_chunks``)."""
+    if chunks == 1:
+        return fn(*args)
+    b = args[0].shape[0]
+    out = jax.lax.map(lambda xs: fn(*xs),
+                      tuple(a.reshape(chunks, b // chunks, *a.shape[1:]) for a in args))
+    return jax.tree.map(lambda o: o.reshape(b, *o.shape[2:]), out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _glu_dwconv(z: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    return _glu_dwconv_fwd(z, kernel, grid)[0]
+
+
+def _glu_dwconv_fwd(z, kernel, grid):
+    out = _in_chunks(lambda zc: _shifted_sum(_glu(zc), kernel, grid), _batch_chunks(z.shape[0]),
+                     z)
+    return out, (z, kernel)
+
+
+def _glu_dwconv_bwd(grid, res, g):
+    # The gradient w.r.t. z is built as ONE concatenation [d gate | d linear]. Autodiff of the
+    # two slices of z instead pads each half's gradient to the full [.., 2c] width and adds the
+    # two: XLA:CPU then fuses the conv's input gradient (and the LayerNorm backward feeding it)
+    # into both padded halves, computing it twice at twice the width (measured: the costliest
+    # fusions of the whole train step). gelu(gate) * linear is recomputed from z (elementwise)
+    # rather than stored, so this holds no more than autodiff of the conv alone did.
+    z, kernel = res
+    c = z.shape[-1] // 2
+
+    def chunk(gc, zc):
+        act, gelu_vjp = jax.vjp(lambda t: jax.nn.gelu(t, approximate=True), zc[..., :c])
+        lin = zc[..., c:]
+        dy = _shifted_sum(gc, kernel[::-1, ::-1], grid)
+        dgate, = gelu_vjp(dy * lin)
+        return jnp.concatenate([dgate, dy * act], axis=-1), act * lin
+
+    dz, y = _in_chunks(chunk, _batch_chunks(z.shape[0]), g, z)
+    return dz, _kernel_grad(y, g, grid)
+
+
+_glu_dwconv.defvjp(_glu_dwconv_fwd, _glu_dwconv_bwd)
+
+
+def glu_depthwise_conv3x3(z: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """``depthwise_conv3x3(gelu(gate) * linear)`` for z = [gate | linear] (the GLU's fused fc1|fc2
+    matmul output), gelu the tanh approximation, with a hand-written VJP (see ``_glu_dwconv_bwd``).
+
+    z: [batch, h*w, 2 * channels], kernel: [3, 3, channels] -> [batch, h*w, channels].
+    """
+    h, w = grid
+    b, n, c2 = z.shape
+    if n != h * w or c2 % 2 or kernel.shape != (3, 3, c2 // 2):
+        raise ValueError(f"glu_depthwise_conv3x3: z {z.shape} and kernel {kernel.shape} do not "
+                         f"form [batch, {h}*{w}, 2c] and [3, 3, c]")
+    return _glu_dwconv(z, kernel.astype(z.dtype), tuple(grid))
 
 
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -185,11 +279,9 @@ class GLUConvMLP(nn.Module):
         kernels = [_Kernel(x.shape[-1], self.mlp_dim, ("embed", "mlp"), self.param_dtype,
                            name=name)() for name in ("fc1", "fc2")]
         z = jnp.dot(y.astype(self.dtype), jnp.concatenate(kernels, axis=1).astype(self.dtype))
-        gate, lin = z[..., :self.mlp_dim], z[..., self.mlp_dim:]
-        y = jax.nn.gelu(gate, approximate=True) * lin  # flax nn.gelu's default, as released
         kernel = self.param("dwconv", logical_init((None, None, "mlp"), _init),
                             (3, 3, self.mlp_dim), self.param_dtype)
-        y = depthwise_conv3x3(y, kernel, self.grid)
+        y = glu_depthwise_conv3x3(z, kernel, self.grid)  # dwconv(gelu(z @ fc1) * (z @ fc2))
         y = _layer_norm(name="ln_mid", **kw)(y)
         return _dense(x.shape[-1], ("mlp", "embed"), name="fc_out", **kw)(y)
 

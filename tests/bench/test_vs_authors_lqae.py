@@ -56,6 +56,19 @@ def test_ours_alone_at_tiny_sizes(tmp_path):
     assert "### LQAE train step vs the authors' code" in md and "ours (plain ViT block, remat " in md
 
 
+def test_remat_both_gives_one_row_per_setting(tmp_path):
+    """--ours-remat=both: the released block twice, remat on and off, each row saying which;
+    remat changes how the backward pass is computed, not the values."""
+    proc = _run([*TINY, "--ours-block=released", "--ours-remat=both"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o.json").read_text())["rows"]}
+    assert set(rows) == {"ours-released-remat-on", "ours-released-remat-off"}, set(rows)
+    on, off = rows["ours-released-remat-on"], rows["ours-released-remat-off"]
+    assert "remat True" in on["label"] and "remat False" in off["label"]
+    assert on["steps"] == off["steps"] == 2
+    assert abs(on["loss"] - off["loss"]) <= 1e-5 * abs(off["loss"])
+
+
 def test_table_ratio_is_theirs_over_ours():
     m = _table_module()
     row = dict(temp_bytes=2.45e9, argument_bytes=1e8, flops=3e11, compile_s=40.0, loss=1.0,

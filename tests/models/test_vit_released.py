@@ -168,6 +168,45 @@ def test_depthwise_conv_equals_grouped_conv():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [2, 3])  # even: two chunks on XLA:CPU; odd: one
+def test_glu_conv_value_and_gradients_equal_autodiff(batch):
+    """glu_depthwise_conv3x3 (custom VJP, batch chunks) equals depthwise_conv3x3(gelu(gate) *
+    linear) and its gradients w.r.t. z and the kernel equal autodiff of the plain expression."""
+    rng = np.random.default_rng(2)
+    c, grid = 6, (3, 4)
+    z = jnp.asarray(rng.standard_normal((batch, 12, 2 * c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, c)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((batch, 12, c)), jnp.float32)
+
+    def plain(z, k):  # autodiff all the way: the nine shifted products, no custom VJP
+        y = jax.nn.gelu(z[..., :c], approximate=True) * z[..., c:]
+        return vr._shifted_sum(y, k, grid)
+
+    got = vr.glu_depthwise_conv3x3(z, k, grid)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(plain(z, k)), rtol=1e-6, atol=1e-6)
+    want_g = jax.grad(lambda z, k: jnp.sum(plain(z, k) * weights), argnums=(0, 1))(z, k)
+    got_g = jax.grad(lambda z, k: jnp.sum(vr.glu_depthwise_conv3x3(z, k, grid) * weights),
+                     argnums=(0, 1))(z, k)
+    for g, w in zip(got_g, want_g):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="glu_depthwise_conv3x3"):
+        vr.glu_depthwise_conv3x3(z[..., :-1], k, grid)
+
+
+def test_batch_chunks_compute_the_same():
+    """_in_chunks over two batch halves (a lax.map) gives fn's values (to float32 rounding: the
+    loop is compiled, fn here runs op by op)."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 12, 5)), jnp.float32)
+    k = jnp.asarray(np.random.default_rng(4).standard_normal((3, 3, 5)), jnp.float32)
+
+    def fn(v):
+        return vr._shifted_sum(v, k, (3, 4)), v * 2.0
+
+    for a, b in zip(vr._in_chunks(fn, 2, x), fn(x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert vr._batch_chunks(3) == 1
+
+
 def test_patch_embedding_is_the_bias_free_conv():
     images = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (2, 16, 16, 3)), jnp.float32)
     enc = vr.ReleasedViTEncoder(**{**ENC, "depth": 0})

@@ -62,6 +62,25 @@ def test_masked_cross_entropy_matches_numpy():
 
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_masked_cross_entropy_gradient_is_softmax_minus_one_hot(dtype):
+    """The hand-written gradient against the textbook one in float64, (softmax - one_hot) *
+    mask / count, and zero at unscored positions; returned in the logits' dtype."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 7)), dtype)
+    targets = rng.integers(0, 7, size=(2, 5))
+    mask = rng.random((2, 5)) < 0.6
+    g = jax.grad(losses.masked_cross_entropy)(logits, jnp.asarray(targets), jnp.asarray(mask))
+    assert g.dtype == dtype
+    x = np.asarray(logits.astype(jnp.float32), np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = (p - np.eye(7)[targets]) * mask[..., None] / mask.sum()
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(g.astype(jnp.float32)), want, rtol=tol, atol=tol)
+    assert not np.any(np.asarray(g.astype(jnp.float32))[~mask])
+
+
 def test_masked_cross_entropy_names_mismatched_shapes():
     with pytest.raises(ValueError, match=r"logits \[B, N, V\], targets \[B, N\] and mask"):
         losses.masked_cross_entropy(jnp.zeros((2, 5, 7)), jnp.zeros((2, 4), jnp.int32),
