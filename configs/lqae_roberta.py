@@ -79,8 +79,10 @@ def get_config(arg=None):
                        codebook="lm", learned_init_std=0.02)
     # As released: the image is reconstructed only through the frozen LM. codebook: the VQ-VAE
     # codebook term's weight (quantizer.codebook='learned' only; the authors' q_latent_loss, 1.0).
+    # spread: weight of the mean squared cosine between the batch's encoder tokens (not in the
+    # released run; against codebook collapse, configs/lqae_scenes.py).
     c.loss = dict(recon_quantized=0.0, recon_lm=1.0, commitment=0.005, mlm=1e-4,
-                  mask_ratio_min=0.5, mask_ratio_max=0.5, codebook=1.0)
+                  mask_ratio_min=0.5, mask_ratio_max=0.5, codebook=1.0, spread=0.0)
 
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.data.batch_size
     c.optim = dict(lr=1.5e-4, lr_scale_batch=256, b1=0.9, b2=0.95, eps=1e-8,

@@ -9,6 +9,8 @@ more straight from the quantized words).
 Loss (weights in ``config.loss``; released-run values in configs/lqae_roberta.py):
   recon_quantized * mse(dec(q), x) + recon_lm * mse(dec(lm(mask(q))), x)
   + commitment * mean((sg(q) - z)^2) + mlm * CE(lm_logits[masked], word ids[masked])
+  + spread * mean_{i,j} cos(z_i, z_j)^2 over the batch's tokens (ops/quantize.spread_penalty;
+    0 in the released run: a regulariser against codebook collapse, configs/lqae_scenes.py)
 The released run (README flags, lqae/main/lqae_main.py get_loss) weighs the first term 0.0
 (``nochannel_image_loss_weight``) and the second 1.0 (``bert_channel_image_loss_weight``), so every
 gradient to the encoder's words passes through the frozen LM; with weight 0 the decoder is not run
@@ -220,6 +222,9 @@ def loss_fn(params, frozen, batch, rng, *, model, lm, cfg):
         target = quantize_lib.straight_through_input(out["z"], cfg.quantizer.straight_through_on)
         aux["codebook_loss"] = quantize_lib.codebook_loss(params["codebook"], q.indices, target)
         loss = loss + w.codebook * aux["codebook_loss"]
+    if w.get("spread", 0.0):
+        aux["spread"] = quantize_lib.spread_penalty(out["z"])
+        loss = loss + w.spread * aux["spread"]
     if with_recon_q:
         aux["recon_quantized"] = jnp.mean(jnp.square(out["recon_q"].astype(jnp.float32) - x))
         loss = loss + w.recon_quantized * aux["recon_quantized"]

@@ -307,6 +307,23 @@ def codebook_loss(codebook: jax.Array, indices: jax.Array, target: jax.Array) ->
     return jnp.mean(jnp.square(rows - lax.stop_gradient(target).astype(jnp.float32)))
 
 
+def spread_penalty(x: jax.Array) -> jax.Array:
+    """Mean squared cosine over all ordered pairs of x's rows: x [..., D] -> scalar float32.
+
+    With M rows u_i = x_i / |x_i| (a zero row stays 0): (1/M^2) sum_{i,j} (u_i . u_j)^2 =
+    |U^T U|_F^2 / M^2, computed through the [D, D] Gram matrix, so the cost is O(M D^2) and no
+    [M, M] matrix is built. 1 when every row is parallel or antiparallel to one direction (a
+    collapsed encoder: every token the same word); its minimum 1/D is reached by rows spread
+    evenly over D orthogonal directions (random isotropic rows give about 1/M + 1/D). A
+    regulariser against codebook collapse with a frozen codebook (configs/lqae_scenes.py): unlike
+    a penalty on the batch mean, two antipodal clusters score 1, not 0.
+    """
+    u = straight_through_input(jnp.asarray(x).reshape(-1, x.shape[-1]), "normalized")
+    u = u.astype(jnp.float32)
+    gram = u.T @ u  # [D, D]
+    return jnp.sum(jnp.square(gram)) / jnp.square(jnp.float32(u.shape[0]))
+
+
 @flax.struct.dataclass
 class QuantizeOutput:
     """Result of ``quantize`` for x: [..., D] (k neighbours searched).

@@ -155,3 +155,29 @@ def test_released_architecture_trains_through_the_method(tiny_mlm_dir):
         params, method.frozen, batch, jax.random.PRNGKey(1))
     norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads["encoder"]))))
     assert np.isfinite(float(value)) and np.isfinite(norm) and norm > 0
+
+
+def test_spread_weight_adds_the_pairwise_cosine_penalty(built):
+    """loss.spread > 0 adds spread * mean_{i,j} cos(z_i, z_j)^2 over the batch's tokens (NumPy
+    on the encoder output); at 0 (the default) the term is absent and the loss unchanged."""
+    config, method, params, batch = built
+    kw = method.loss_fn.keywords
+    rng = jax.random.PRNGKey(3)
+
+    def run(weight):
+        cfg = config.copy_and_resolve_references()
+        cfg.loss.spread = weight
+        loss = functools.partial(lqae.loss_fn, model=kw["model"], lm=kw["lm"], cfg=cfg)
+        return loss(params, method.frozen, batch, rng)
+
+    assert config.loss.spread == 0.0
+    base, base_aux = run(0.0)
+    assert "spread" not in base_aux
+    value, aux = run(2.5)
+    z = np.asarray(lqae.forward(params, method.frozen, batch["image"], rng, model=kw["model"],
+                                lm=kw["lm"], cfg=config, with_mlm=False)["z"], np.float64)
+    u = z.reshape(-1, z.shape[-1])
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    want = np.mean((u @ u.T) ** 2)
+    np.testing.assert_allclose(float(aux["spread"]), want, rtol=1e-4)
+    np.testing.assert_allclose(float(value), float(base) + 2.5 * want, rtol=1e-4)

@@ -15,6 +15,7 @@ from lqae_vlap.ops.quantize import (
     nearest_neighbors_sharded,
     perplexity,
     quantize,
+    spread_penalty,
     straight_through_input,
 )
 from lqae_vlap.core.sharding import make_mesh
@@ -399,3 +400,21 @@ def test_straight_through_input_is_what_quantize_commits_to(mode):
                                rtol=1e-5)
     with pytest.raises(ValueError, match="straight_through_on='unit'"):
         straight_through_input(jnp.asarray(x), "unit")
+
+
+def test_spread_penalty_against_numpy_pairwise_cosines():
+    """Mean over all ordered row pairs (i = j included) of cos^2, by an explicit [M, M] matrix in
+    float64; a zero row counts as cosine 0 with everything."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 8)) + 0.7  # a shared offset: not isotropic
+    x[1, 2] = 0.0
+    flat = x.reshape(-1, 8)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    u = flat / np.maximum(norms, 1e-12)
+    want = np.mean((u @ u.T) ** 2)
+    np.testing.assert_allclose(float(spread_penalty(jnp.asarray(x, jnp.float32))), want,
+                               rtol=1e-5)
+    # Collapsed (all rows on one line, either sign) scores 1; D orthogonal directions 1/D.
+    line = np.outer(np.array([1.0, -2.0, 3.0, 0.5]), rng.normal(size=8))
+    assert float(spread_penalty(jnp.asarray(line))) == pytest.approx(1.0, rel=1e-5)
+    assert float(spread_penalty(jnp.eye(8))) == pytest.approx(1 / 8, rel=1e-6)
