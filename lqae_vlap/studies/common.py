@@ -51,6 +51,12 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     node[last] = value
 
 
+def set_keys(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    """``set_key`` for each 'a.b.c': value of ``values``, in order."""
+    for key, value in values.items():
+        set_key(config, key, value)
+
+
 def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
     node = config
     for p in key.split("."):

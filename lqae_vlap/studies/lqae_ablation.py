@@ -121,8 +121,7 @@ def run_config(base: ml_collections.ConfigDict, variant: Variant, seed: int,
         "eval.probe.epochs": int(s["probe_epochs"]),
         **variant.overrides,
     }
-    for key, value in overrides.items():
-        common.set_key(c, key, value)
+    common.set_keys(c, overrides)
     return c
 
 

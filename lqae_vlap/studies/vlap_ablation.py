@@ -107,11 +107,10 @@ def encoder_config(path: str, s: dict[str, Any]) -> ml_collections.ConfigDict:
     """configs/lqae_scenes.py at the study's encoder steps, checkpointed once at the end."""
     c = common.load_config(path, str(int(s["encoder_steps"])), "configs/lqae_scenes.py")
     steps = int(s["encoder_steps"])
-    for key, value in {"train.checkpoint_every": steps, "train.keep_checkpoints": 1,
-                       "train.log_every": max(1, steps // 6),
-                       "optim.warmup_steps": min(int(c.optim.warmup_steps), max(1, steps // 10)),
-                       "eval.num_batches": 1 if steps < 10 else 4}.items():
-        common.set_key(c, key, value)
+    common.set_keys(c, {"train.checkpoint_every": steps, "train.keep_checkpoints": 1,
+                        "train.log_every": max(1, steps // 6),
+                        "optim.warmup_steps": min(int(c.optim.warmup_steps), max(1, steps // 10)),
+                        "eval.num_batches": 1 if steps < 10 else 4})
     return c
 
 
@@ -145,8 +144,7 @@ def run_config(base: ml_collections.ConfigDict, overrides: dict[str, Any], seed:
         "eval.arithmetic.ks": (1, 5),
         **overrides,
     }
-    for key, value in settings.items():
-        common.set_key(c, key, value)
+    common.set_keys(c, settings)
     return c
 
 
@@ -320,6 +318,9 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
     s = settings
     base = common.load_config(config_path, str(int(s["steps"])), "configs/vlap_scenes.py")
     common.check_missing(base, ("model.llm_path",))
+    if float(base.optim.weight_decay):  # before any run: the control is the last one
+        raise common.StudyError("the untrained-map control needs optim.weight_decay=0 in "
+                                f"{config_path} (decay would move the Dense at lr 0)")
     enc_config = encoder_config(encoder_config_path, s)
     common.check_missing(enc_config, ("model.lm_path",))
     common.claim_workdir(workdir, {"settings": s, "config": config_path,
@@ -340,9 +341,6 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
         run_dir = os.path.join(workdir, name, f"lr{_lr_text(lr)}", f"seed{seed}")
         log(f"=== study: {name} lr {_lr_text(lr)} seed {seed} -> {run_dir}")
         t1, c1 = time.time(), common.cpu_seconds()
-        if float(config.optim.weight_decay) and lr == 0.0:
-            raise common.StudyError("the untrained-map control needs optim.weight_decay=0 in "
-                                    f"{config_path} (decay would move the Dense at lr 0)")
         try:
             results = common.train_one(config, run_dir, vlap.build, EVALS)
         except trainer.TrainingDiverged as e:
@@ -351,9 +349,8 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
             log(f"=== study: {name} lr {_lr_text(lr)} diverged, not a candidate: {e}")
             return None
         runs.append(dict(variant=name, seed=seed, lr=lr, workdir=run_dir,
-                         values=_values(results), grid_loss={k: results["loss"][k]
-                                                             for k in ("cap", "map")},
-                         wall_s=time.time() - t1, cpu_s=common.cpu_seconds() - c1))
+                         values=_values(results), wall_s=time.time() - t1,
+                         cpu_s=common.cpu_seconds() - c1))
         return results
 
     chosen: dict[str, float] = {}
@@ -376,7 +373,8 @@ def run_study(workdir: str, *, mode: str, settings: dict[str, Any], variants: Se
             raise common.StudyError(f"{name}: every learning rate of --lrs diverged; give "
                                     "lower ones")
         log(f"=== study: {name}: lr {_lr_text(chosen[name])} chosen by validation L_cap "
-            "(" + ", ".join(f"{k}: {v['cap']:.4f}" for k, v in grid[name].items()) + ")")
+            "(" + ", ".join(f"{k}: " + ("diverged" if v.get("diverged") else f"{v['cap']:.4f}")
+                            for k, v in grid[name].items()) + ")")
         for seed in range(1, int(s["seeds"])):
             run(name, overrides, seed, chosen[name])
     # One step at learning rate 0 leaves the seed-0 initialisation (AdamW's step is lr times

@@ -127,6 +127,21 @@ def test_bad_flags_are_one_line(tmp_path, capsys, flags, match):
     assert not os.listdir(tmp_path)  # nothing written for bad input
 
 
+def test_weight_decay_is_refused_before_any_run(tmp_path, capsys):
+    """The untrained-map control (lr 0, the last run) needs weight decay 0: a config with decay
+    stops the study at the start, not after the 15 training runs."""
+    config = tmp_path / "decayed.py"
+    config.write_text(
+        "from lqae_vlap import config_files\n\n\ndef get_config(arg=None):\n"
+        f"    c = config_files.load_sibling({str(vlap_ablation.DEFAULT_CONFIG)!r}, "
+        "'vlap_scenes').get_config(arg)\n    c.optim.weight_decay = 0.01\n    return c\n")
+    workdir = tmp_path / "study"
+    assert vlap_ablation.main([f"--workdir={workdir}", f"--config={config}"]) == 2
+    err = capsys.readouterr().err
+    assert "needs optim.weight_decay=0" in err and len(err.strip().splitlines()) == 1
+    assert not workdir.exists()
+
+
 def test_pick_lr_takes_the_lowest_finite_validation_loss():
     assert vlap_ablation.pick_lr({3e-3: 2.5, 1e-2: 2.1, 3e-2: 2.3}) == 1e-2
     assert vlap_ablation.pick_lr({3e-3: 2.5, 1e-2: None, 3e-2: math.nan}) == 3e-3
